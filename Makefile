@@ -1,0 +1,32 @@
+# Each target is self-contained on a fresh machine: it creates .venv, installs, builds, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools wheel
+
+# torch first (pinned CPU wheel), then the package built against it without build isolation.
+$(STAMP): $(PY) requirements-cpu.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PIP) install -q -r requirements-cpu.txt
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastdiff.bench kernels
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds
+
+clean:
+	rm -rf build $(VENV) fastdiff/*.so *.egg-info

@@ -1,0 +1,139 @@
+"""fastdiff.ops: the only door to the kernels. One documented entry point per op.
+
+Each op checks its arguments here (one clear ValueError/TypeError naming the argument), then
+runs on the backend that `_dispatch.select` picks for the tensors' device: Triton for CUDA,
+C++ for CPU, the reference twin (fastdiff.ops.reference) otherwise. Dtypes: fp32 and bf16 on
+every backend, fp16 on GPU; accumulation in fp32.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ._dispatch import BACKENDS, backends, poison_outputs, select, selected_name, use_backend
+
+__all__ = ["attention", "separable_conv2d", "group_norm", "glu", "backends", "use_backend", "poison_outputs", "BACKENDS", "selected_name"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tensor(name, value, rank=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {value.dtype}")
+    if rank is not None and value.dim() != rank:
+        raise ValueError(f"{name}: expected a rank-{rank} tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def _same_kind(reference_name, reference, **others):
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {reference.dtype}")
+        if t.device != reference.device:
+            raise ValueError(f"{name}: device {t.device} differs from {reference_name}'s {reference.device}")
+
+
+def _vector(name, value, length):
+    if value is None:
+        return
+    _tensor(name, value, rank=1)
+    if value.shape[0] != length:
+        raise ValueError(f"{name}: expected shape ({length},), got {tuple(value.shape)}")
+
+
+def attention(q, k, v=None, *, scale=None, kind="softmax"):
+    """Multi-head attention without materialising the (Lq, Lk) score matrix in memory.
+
+    q: (batch, seqlen_q, heads, headdim); k, v: (batch, seqlen_k, heads, headdim), headdim 8..256.
+    v=None: shared K/V (MobileDiffusion's single projection); k is read once for both roles.
+    scale: defaults to 1/sqrt(headdim).
+    kind: "softmax", or "relu" for weights relu(q·kᵀ·scale) / seqlen_k (MobileDiffusion's ReLU attention).
+    Strided views (e.g. slices of a fused projection) are accepted without copies.
+    Returns (batch, seqlen_q, heads, headdim), contiguous.
+    """
+    _tensor("q", q, rank=4)
+    _tensor("k", k, rank=4)
+    if v is not None:
+        _tensor("v", v, rank=4)
+    _same_kind("q", q, k=k, v=v)
+    B, Lq, H, D = q.shape
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k: expected (batch={B}, seqlen_k, heads={H}, headdim={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 8 <= D <= 256:
+        raise ValueError(f"q: head dim must be in 8..256, got {D}")
+    if Lq < 1 or k.shape[1] < 1 or B < 1 or H < 1:
+        raise ValueError(f"q, k: batch, heads and sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if kind not in ("softmax", "relu"):
+        raise ValueError(f"kind: expected 'softmax' or 'relu', got {kind!r}")
+    if scale is None:
+        scale = D**-0.5
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    return select("attention", q.device.type).attention(q, k, v, scale=float(scale), kind=kind)
+
+
+def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
+    """Depthwise 3x3 (stride 1, padding 1) then pointwise 1x1, fused: the depthwise result never
+    reaches memory at full size.
+
+    x: (N, C, H, W), contiguous or channels_last; dw_weight: (C, 1, 3, 3); dw_bias: (C,) or None;
+    pw_weight: (C_out, C, 1, 1) or (C_out, C); pw_bias: (C_out,) or None.
+    Returns (N, C_out, H, W) in channels_last memory format.
+    """
+    _tensor("x", x, rank=4)
+    C = x.shape[1]
+    _tensor("dw_weight", dw_weight, rank=4)
+    if tuple(dw_weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f"dw_weight: expected shape ({C}, 1, 3, 3) for x with {C} channels, got {tuple(dw_weight.shape)}")
+    _tensor("pw_weight", pw_weight)
+    if pw_weight.dim() not in (2, 4) or pw_weight.shape[1] != C or (pw_weight.dim() == 4 and pw_weight.shape[2:] != (1, 1)):
+        raise ValueError(f"pw_weight: expected shape (C_out, {C}, 1, 1) or (C_out, {C}), got {tuple(pw_weight.shape)}")
+    _vector("dw_bias", dw_bias, C)
+    _vector("pw_bias", pw_bias, pw_weight.shape[0])
+    _same_kind("x", x, dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight, pw_bias=pw_bias)
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    return select("separable_conv2d", x.device.type).separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias)
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
+    """GroupNorm with optional fused SiLU; statistics in fp32 whatever the input dtype.
+
+    x: (N, C, H, W), contiguous or channels_last; num_groups divides C; weight, bias: (C,) or None.
+    Returns x's shape, dtype and memory format.
+    """
+    _tensor("x", x, rank=4)
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups: expected a positive int dividing the {C} channels of x, got {num_groups!r}")
+    _vector("weight", weight, C)
+    _vector("bias", bias, C)
+    _same_kind("x", x, weight=weight, bias=bias)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    return select("group_norm", x.device.type).group_norm(x, num_groups, weight, bias, float(eps), silu=bool(silu))
+
+
+def glu(h, *, activation="gelu"):
+    """Gated linear unit in one pass: a, gate = h.chunk(2, -1); a * act(gate).
+
+    h: (..., 2 * F); activation "gelu" (exact; SD's GEGLU) or "silu" (MobileDiffusion's SwiGLU).
+    Returns (..., F), contiguous.
+    """
+    _tensor("h", h)
+    if h.dim() < 1 or h.shape[-1] % 2 or h.shape[-1] == 0:
+        raise ValueError(f"h: expected a last dimension of even, non-zero size, got shape {tuple(h.shape)}")
+    if activation not in ("gelu", "silu"):
+        raise ValueError(f"activation: expected 'gelu' or 'silu', got {activation!r}")
+    return select("glu", h.device.type).glu(h, activation=activation)

@@ -1,0 +1,132 @@
+"""Backend choice: CUDA tensors -> Triton, CPU tensors -> C++, anything else -> reference.
+
+FASTDIFF_BACKEND=reference|cpp|triton or `use_backend(name)` forces one. A backend chosen
+automatically that cannot run falls back to the reference (with one warning); a backend asked
+for by name that cannot run raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+BACKENDS = ("reference", "cpp", "triton")
+
+_local = threading.local()
+_modules: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _import(name: str):
+    """The module implementing backend `name`, or None (reason kept in _load_errors)."""
+    if name in _modules:
+        return _modules[name]
+    if name in _load_errors:
+        return None
+    target = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.kernels"}[name]
+    try:
+        module = importlib.import_module(target)
+    except Exception as exc:  # missing extension, missing triton, broken build
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _modules[name] = module
+    return module
+
+
+def _triton_runs_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, str]:
+    """Every backend with 'available' or the reason it is not."""
+    report = {}
+    for name in BACKENDS:
+        module = _import(name)
+        if module is None:
+            report[name] = f"unavailable ({_load_errors[name]})"
+        elif name == "triton" and not _cuda_available() and not _triton_runs_on_cpu():
+            report[name] = "unavailable (no CUDA device; set TRITON_INTERPRET=1 to run it on the CPU)"
+        else:
+            report[name] = "available"
+    return report
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _forced() -> str | None:
+    name = getattr(_local, "forced", None) or os.environ.get("FASTDIFF_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"FASTDIFF_BACKEND / use_backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force backend `name` for ops called inside the block (this thread only)."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    previous = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = previous
+
+
+def _runnable_on(name: str, device_type: str) -> str | None:
+    """None if backend `name` can run on `device_type`, else why not."""
+    if _import(name) is None:
+        return _load_errors[name]
+    if name == "cpp" and device_type != "cpu":
+        return f"the C++ backend runs on CPU tensors, got {device_type}"
+    if name == "triton" and device_type != "cuda" and not (device_type == "cpu" and _triton_runs_on_cpu()):
+        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device_type}"
+    return None
+
+
+def select(op: str, device_type: str):
+    """The backend module that runs `op` for tensors on `device_type`."""
+    forced = _forced()
+    if forced is not None:
+        why = _runnable_on(forced, device_type)
+        if why is not None:
+            raise RuntimeError(f"fastdiff.ops.{op}: backend {forced!r} was asked for but cannot run: {why}")
+        return _modules[forced]
+    auto = {"cuda": "triton", "cpu": "cpp"}.get(device_type, "reference")
+    why = _runnable_on(auto, device_type)
+    if why is None:
+        return _modules[auto]
+    if auto not in _warned:
+        _warned.add(auto)
+        warnings.warn(f"fastdiff: {auto} backend unavailable ({why}); using the reference backend", RuntimeWarning, stacklevel=3)
+    return _import("reference")
+
+
+def selected_name(device_type: str) -> str:
+    """Name of the backend `select` picks for `device_type` (for reports)."""
+    module = select("backend", device_type)
+    return next(name for name, m in _modules.items() if m is module)
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Inside the block, kernels fill their outputs with NaN before writing (for tests)."""
+    setters = []
+    for name in ("cpp", "triton"):
+        module = _import(name)
+        if module is not None:
+            setters.append(module.set_poison_outputs)
+    for set_poison in setters:
+        set_poison(True)
+    try:
+        yield
+    finally:
+        for set_poison in setters:
+            set_poison(False)

@@ -1,0 +1,41 @@
+"""C++ backend: thin wrappers over fastdiff._C (csrc/), same signatures as the reference twins.
+
+Arguments are already checked by fastdiff.ops; the C++ side checks again (TORCH_CHECK) for
+direct callers. CPU dtypes are fp32 and bf16.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import _C
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_dtype(name, t):
+    if t.dtype not in _CPU_DTYPES:
+        raise TypeError(f"{name}: the C++ backend takes float32 or bfloat16, got {t.dtype}")
+
+
+def attention(q, k, v=None, *, scale=None, kind="softmax"):
+    _check_dtype("q", q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _C.attention(q, k, v, float(scale), kind == "relu")
+
+
+def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
+    _check_dtype("x", x)
+    return _C.separable_conv2d(x, dw_weight, dw_bias, pw_weight.reshape(pw_weight.shape[0], -1), pw_bias)
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
+    _check_dtype("x", x)
+    return _C.group_norm(x, num_groups, weight, bias, float(eps), bool(silu))
+
+
+def glu(h, *, activation="gelu"):
+    _check_dtype("h", h)
+    return _C.glu(h, activation == "gelu")
+
+
+set_poison_outputs = _C.set_poison_outputs

@@ -1,0 +1,30 @@
+"""Builds csrc/ into fastdiff._C and installs kernels/ as fastdiff.kernels.
+
+FASTDIFF_SKIP_EXT=1 installs without the C++ extension (reference and Triton backends still work).
+SIMD paths (AVX-512 + BF16 dot products, AVX2) are compiled into one binary with per-function
+target attributes and picked at run time from the CPU's flags, so no -march flag is needed here.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
+package_dir = {"fastdiff.kernels": "kernels"}
+ext_modules, cmdclass = [], {}
+
+if os.environ.get("FASTDIFF_SKIP_EXT") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            "fastdiff._C",
+            sorted(glob.glob("csrc/*.cpp")),
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
