@@ -1,6 +1,26 @@
-"""fastdiff: a small diffusion inference runtime with its own CPU (C++) and GPU (Triton) kernels."""
+"""fastdiff: a small diffusion inference runtime with its own CPU (C++) and GPU (Triton) kernels.
+
+Layers call only downward: pipelines -> models -> fastdiff.ops -> kernels (csrc/, kernels/).
+Model classes are imported lazily so `import fastdiff` stays cheap.
+"""
+import importlib
+
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 
-__all__ = ["ops", "__version__"]
+_LAZY = {
+    "UNet2DCondition": "fastdiff.models.unet_2d_condition",
+    "MobileDiffusionUNet": "fastdiff.models.mobilediffusion",
+    "MobileDiffusionConfig": "fastdiff.models.mobilediffusion",
+    "EditHead": "fastdiff.models.edit_head",
+    "AutoencoderKL": "fastdiff.models.vae",
+}
+
+__all__ = ["ops", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

@@ -1,0 +1,34 @@
+"""python -m fastdiff.bench {kernels,ablations,unet} [options]: print a benchmark table."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# table name -> module exposing add_arguments(parser) and run(args) -> int
+TABLES = {
+    "kernels": "fastdiff.bench.kernels",
+    "ablations": "fastdiff.bench.ablations",
+    "unet": "fastdiff.bench.unet",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="table", required=True)
+    modules = {}
+    for name, module_name in TABLES.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        table_parser = sub.add_parser(name, help=modules[name].__doc__.strip().splitlines()[0])
+        modules[name].add_arguments(table_parser)
+    args = parser.parse_args(argv)
+    return modules[args.table].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
