@@ -21,7 +21,7 @@ if os.environ.get("FASTDIFF_SKIP_EXT") != "1":
             "fastdiff._C",
             sorted(glob.glob("csrc/*.cpp")),
             include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"],
             extra_link_args=["-fopenmp"],
         )
     )
