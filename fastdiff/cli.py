@@ -1,0 +1,123 @@
+"""The `fastdiff` command: info, validate, bench.
+
+Errors print one line naming what is wrong and exit non-zero; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import fastdiff
+import fastdiff.ops as ops
+
+
+def _info(args) -> int:
+    print(f"fastdiff {fastdiff.__version__}  (torch {torch.__version__}, Python {platform.python_version()})")
+    for name, status in ops.backends().items():
+        print(f"  backend {name:<9} {status}")
+    try:
+        from fastdiff import _C
+
+        print(f"  C++ SIMD level: {_C.simd()}")
+    except ImportError as exc:
+        print(f"  C++ extension: not built ({exc})")
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16"]
+    print(f"  CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"features: {' '.join(w for w in wanted if w in flags) or 'unknown'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  CUDA device {i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("  CUDA: none")
+    return 0
+
+
+def _validation_cases():
+    """(label, op, args (float64), kwargs, cast) at the models' shapes, reduced to run in seconds."""
+    r = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+
+    def channels_last(value, dtype, device):
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2:] != (3, 3):
+            return value.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return value.to(device=device, dtype=dtype) if isinstance(value, torch.Tensor) else value
+
+    return [
+        ("self 2x1024x8x40", "attention", (r(2, 1024, 8, 40), r(2, 1024, 8, 40), r(2, 1024, 8, 40)), {}, None),
+        ("cross 2x1024x8x80, 77 keys", "attention", (r(2, 1024, 8, 80), r(2, 77, 8, 80), r(2, 77, 8, 80)), {}, None),
+        ("shared K/V 1x256x4x64", "attention", (r(1, 256, 4, 64), r(1, 256, 4, 64), None), {}, None),
+        ("relu 1x300x2x72", "attention", (r(1, 300, 2, 72), r(1, 300, 2, 72), r(1, 300, 2, 72)), {"kind": "relu"}, None),
+        ("2x320x32x32 NHWC +silu", "group_norm", (r(2, 320, 32, 32), 32, r(320), r(320)), {"silu": True}, channels_last),
+        ("3x40x7x13 NCHW", "group_norm", (r(3, 40, 7, 13), 8, r(40), r(40)), {}, None),
+        ("2x1024x2560 gelu", "glu", (r(2, 1024, 2560),), {"activation": "gelu"}, None),
+        ("2x256x6144 silu", "glu", (r(2, 256, 6144),), {"activation": "silu"}, None),
+        ("2x320x32x32->320 NHWC", "separable_conv2d", (r(2, 320, 32, 32), r(320, 1, 3, 3), r(320), r(320, 320, 1, 1), r(320)), {}, channels_last),
+        ("3x40x7x13->72 NCHW", "separable_conv2d", (r(3, 40, 7, 13), r(40, 1, 3, 3), None, r(72, 40), r(72)), {}, None),
+    ]
+
+
+def _validate(args) -> int:
+    from fastdiff.bench.timing import format_table
+    from fastdiff.validate import compare
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = [name for name, status in ops.backends().items() if name != "reference" and status == "available"]
+    if device == "cpu":
+        fast = [name for name in fast if name == "cpp"]  # Triton's CPU interpreter is for tests, not validation
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    rows, failures = [], 0
+    for backend in ["reference", *fast]:
+        for dtype in dtypes:
+            if backend == "cpp" and dtype == torch.float16:
+                continue
+            for label, op, op_args, kwargs, cast in _validation_cases():
+                _, result = compare(op, op_args, kwargs, backend, dtype, device=device, cast=cast)
+                failures += not result.passed
+                rows.append([op, label, backend, str(dtype).removeprefix("torch."), f"{result.error:.2e}",
+                             f"{result.bound:.2e}", "PASS" if result.passed else f"FAIL {result.problem or ''}".strip()])
+    print(format_table(["op", "shape", "backend", "dtype", "error", "bound", "result"], rows))
+    print(f"{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def _bench(args) -> int:
+    from fastdiff.bench.__main__ import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdiff", description="fastdiff: diffusion inference on its own kernels")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, backends, CPU features, devices").set_defaults(run=_info)
+    sub.add_parser("validate", help="every kernel against its reference twin on this machine").set_defaults(run=_validate)
+    bench = sub.add_parser("bench", help="benchmark tables (kernels, unet, ablations); see `fastdiff bench -h`", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for users; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
