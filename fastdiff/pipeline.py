@@ -1,0 +1,325 @@
+"""Pipelines: text-to-image `generate` and instruction-based `edit` (InstructPix2Pix / MGIE).
+
+    pipe = fastdiff.Pipeline.from_pretrained("path/to/diffusers-folder", dtype=torch.bfloat16)
+    image = pipe.generate("a red bicycle", steps=25, seed=0)
+    edited = pipe.edit("in.png", "make it snowy", steps=20, seed=0)
+
+Both follow diffusers' StableDiffusionPipeline / StableDiffusionInstructPix2PixPipeline step for
+step (same guidance order, latent scaling and image-latent concatenation), on fastdiff's models.
+Every image is a Job (fastdiff.jobs) with its own generator, so results do not depend on
+batching; the Engine (fastdiff.engine) runs the same jobs for many requests at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastdiff.jobs import Job, edit_guidance, no_guidance, step_jobs, text_guidance
+from fastdiff.samplers import make_sampler, randn
+
+
+class PipelineError(ValueError):
+    """A model folder or argument the pipeline cannot use; the message says what and how to fix it."""
+
+
+@dataclasses.dataclass
+class Defaults:
+    """Per-model sampling defaults (the model's scheduler config and its authors' settings)."""
+
+    steps: int = 50  # StableDiffusionPipeline's default
+    guidance_scale: float = 7.5  # SD's and InstructPix2Pix/MGIE's text scale
+    image_guidance_scale: float = 1.5  # InstructPix2Pix/MGIE's image scale
+    sampler: str | None = None  # None: the scheduler config's class
+
+
+@dataclasses.dataclass
+class _Request:
+    jobs: list[Job]
+    finish_fn: object  # (list of final latents) -> list of outputs
+
+    def finish(self):
+        return self.finish_fn([job.latents for job in self.jobs])
+
+
+def _module_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _module_device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, an HxWxC uint8/float array or a path -> an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"image: cannot read {os.fspath(image)!r} as an image ({exc})") from None
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+            image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array)
+        else:
+            raise PipelineError(f"image: expected an HxW or HxWxC (C = 1, 3, 4) array, got shape {array.shape}")
+    elif not isinstance(image, Image.Image):
+        raise PipelineError(f"image: expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) in [-1, 1], sides rounded down to `multiple` (as diffusers' VaeImageProcessor)."""
+    width, height = (side - side % multiple for side in image.size)
+    if width == 0 or height == 0:
+        raise PipelineError(f"image: {image.size[0]}x{image.size[1]} is smaller than the model's {multiple}-pixel grid")
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2 - 1
+
+
+def tensor_to_images(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [-1, 1] -> PIL images, or a (B, H, W, 3) float array in [0, 1] for output_type='np'."""
+    array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PipelineError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _number(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise PipelineError(f"{name}: expected a number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise PipelineError(f"{name}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+class Pipeline:
+    """A UNet, a VAE, a text encoder (optional when embeddings are given), a sampler config and,
+    for MGIE, the edit head with the [IMG] token embeddings."""
+
+    def __init__(self, *, unet, vae, scheduler_config: dict, text_encoder=None, edit_head=None,
+                 img_token_embeddings: torch.Tensor | None = None, defaults: Defaults | None = None, name: str = ""):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.edit_head, self.img_token_embeddings = edit_head, img_token_embeddings
+        self.name = name
+        self.latent_channels = vae.config.latent_channels
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        in_channels = unet.config.in_channels
+        self.is_editor = in_channels == 2 * self.latent_channels
+        if not self.is_editor and in_channels != self.latent_channels:
+            raise PipelineError(
+                f"unet: in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
+                f"channels) nor editing ({2 * self.latent_channels}); inpainting UNets are not supported"
+            )
+        self.defaults = defaults or Defaults(steps=100 if self.is_editor else 50)
+        make_sampler(self.defaults.sampler, self.scheduler_config)  # fail now on an unusable scheduler config
+
+    def __repr__(self):
+        kind = "editor" if self.is_editor else "text-to-image"
+        return f"Pipeline({self.name or type(self.unet).__name__}, {kind}, {_module_dtype(self.unet)}, {_module_device(self.unet)})"
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder, *, dtype=None, device=None, mgie=None) -> "Pipeline":
+        """Load a diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+
+        The UNet may be SD-style (UNet2DConditionModel; 8 input channels for InstructPix2Pix) or a
+        MobileDiffusion checkpoint (unet/config.json with "_class_name": "MobileDiffusionUNet").
+        mgie: a folder with MGIE's unet.pt (replaces the UNet weights) and mllm.pt (the edit head
+        and the [IMG] token embeddings).
+        """
+        from fastdiff.loading import load_pipeline_parts
+
+        return cls(**load_pipeline_parts(Path(folder), dtype=dtype, device=device, mgie=mgie))
+
+    # -- text conditioning --------------------------------------------------------------------
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise PipelineError("prompt: this pipeline has no text encoder; pass prompt_embeds / instruction_embeds instead")
+        return self.text_encoder.encode(texts)
+
+    def _context(self, name, text, embeds) -> torch.Tensor:
+        """(1, L, D) conditioning from a string or given embeddings."""
+        if embeds is not None:
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() not in (2, 3) or (embeds.dim() == 3 and embeds.shape[0] != 1):
+                raise PipelineError(f"{name}_embeds: expected a (L, D) or (1, L, D) tensor, got {getattr(embeds, 'shape', type(embeds).__name__)}")
+            return embeds.reshape(1, *embeds.shape[-2:]).float()
+        if not isinstance(text, str):
+            raise PipelineError(f"{name}: expected a string, got {type(text).__name__}")
+        return self._encode_text([text]).float()
+
+    # -- request preparation (shared by generate/edit and the Engine) -------------------------
+
+    def _generator(self, seed):
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise PipelineError(f"seed: expected an integer or None, got {seed!r}")
+        return torch.Generator("cpu").manual_seed(seed)
+
+    def _new_job(self, sampler_name, steps, context, combine, generator, shape, latents=None, image_latents=None, progress=None):
+        run = make_sampler(sampler_name or self.defaults.sampler, self.scheduler_config).start(steps)
+        device = _module_device(self.unet)
+        if latents is None:
+            latents = run.initial_latents(shape, generator=generator, device=device)
+        else:
+            if tuple(latents.shape) != tuple(shape):
+                raise PipelineError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=torch.float32) * run.init_noise_sigma
+        return Job(run=run, latents=latents, context=context.to(device), combine=combine, generator=generator,
+                   image_latents=image_latents, on_step=progress)
+
+    def _decode(self, latents_list, output_type):
+        with torch.inference_mode():
+            latents = torch.cat(latents_list).to(_module_dtype(self.vae)) / self.vae.config.scaling_factor
+            return tensor_to_images(self.vae.decode(latents), output_type)
+
+    def _prepare_generate(self, prompt=None, *, negative_prompt=None, steps=None, guidance_scale=None, height=None,
+                          width=None, seed=None, sampler=None, num_images=1, prompt_embeds=None,
+                          negative_prompt_embeds=None, latents=None, output_type="pil", progress=None) -> _Request:
+        if self.is_editor:
+            raise PipelineError("generate: this is an editing model (8-channel UNet); use edit()")
+        steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
+        guidance = _number("guidance_scale", self.defaults.guidance_scale if guidance_scale is None else guidance_scale, 0)
+        num_images = _positive_int("num_images", num_images)
+        size = self.unet.config.sample_size * self.vae_scale
+        height, width = (_positive_int(n, size if v is None else v) for n, v in (("height", height), ("width", width)))
+        for name, value in (("height", height), ("width", width)):
+            if value % self.vae_scale:
+                raise PipelineError(f"{name}: expected a multiple of {self.vae_scale}, got {value}")
+        if output_type not in ("pil", "np"):
+            raise PipelineError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
+        if prompt is None and prompt_embeds is None:
+            raise PipelineError("prompt: give a prompt or prompt_embeds")
+        context = self._context("prompt", prompt, prompt_embeds)
+        if guidance > 1:  # rows [uncond, text], as diffusers orders them
+            negative = self._context("negative_prompt", negative_prompt or "", negative_prompt_embeds)
+            context, combine = torch.cat([negative, context]), text_guidance(guidance)
+        else:
+            combine = no_guidance
+        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != num_images):
+            raise PipelineError(f"latents: expected a tensor of shape {(num_images, *shape[1:])}, got {getattr(latents, 'shape', latents)}")
+        base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        jobs = [
+            self._new_job(sampler, steps, context, combine, self._generator(base_seed + i), shape,
+                          None if latents is None else latents[i : i + 1], progress=progress)
+            for i in range(num_images)
+        ]
+        return _Request(jobs, lambda final: self._decode(final, output_type))
+
+    def _prepare_edit(self, image, instruction=None, *, steps=None, guidance_scale=None, image_guidance_scale=None,
+                      seed=None, sampler=None, instruction_embeds=None, img_hidden_states=None, latents=None,
+                      output_type="pil", progress=None) -> _Request:
+        if not self.is_editor:
+            raise PipelineError("edit: this is a text-to-image model; use generate() (editing needs an 8-channel UNet)")
+        steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
+        text_scale = _number("guidance_scale", self.defaults.guidance_scale if guidance_scale is None else guidance_scale, 0)
+        image_scale = _number("image_guidance_scale", self.defaults.image_guidance_scale if image_guidance_scale is None else image_guidance_scale, 0)
+        if output_type not in ("pil", "np"):
+            raise PipelineError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
+        given = [n for n, v in (("instruction", instruction), ("instruction_embeds", instruction_embeds), ("img_hidden_states", img_hidden_states)) if v is not None]
+        if len(given) != 1:
+            raise PipelineError(f"instruction: give exactly one of instruction, instruction_embeds, img_hidden_states (got {given or 'none'})")
+        if img_hidden_states is not None:
+            context, null = self._mgie_context(img_hidden_states)
+        else:
+            context = self._context("instruction", instruction, instruction_embeds)
+            null = self._encode_text([""]).float()  # InstructPix2Pix's unconditional text: the empty prompt
+        pixels = image_to_tensor(load_image(image), self.vae_scale)
+        device, dtype = _module_device(self.vae), _module_dtype(self.vae)
+        with torch.inference_mode():
+            image_latents = self.vae.encode(pixels.to(device, dtype)).float()  # latent mode, unscaled (as diffusers)
+        guided = text_scale > 1 and image_scale >= 1  # diffusers' do_classifier_free_guidance for InstructPix2Pix
+        if guided:  # rows [text, image, uncond]: the image-only and unconditional rows see the null text
+            context = torch.cat([context, null, null])
+            image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+            combine = edit_guidance(text_scale, image_scale)
+        else:
+            combine = no_guidance
+        shape = (1, self.latent_channels, *image_latents.shape[2:])
+        job = self._new_job(sampler, steps, context, combine, self._generator(seed), shape, latents, image_latents, progress)
+        return _Request([job], lambda final: self._decode(final, output_type))
+
+    def _mgie_context(self, img_hidden_states):
+        """MGIE: the edit head maps the MLLM's 8 [IMG] hidden states (+ the [IMG] token embeddings) to
+        the UNet's context; its null conditioning is the edit head applied to zeros, as MGIE does."""
+        if self.edit_head is None:
+            raise PipelineError("img_hidden_states: this pipeline has no MGIE edit head; load it with from_pretrained(..., mgie=DIR)")
+        hidden = img_hidden_states
+        expected = tuple(self.img_token_embeddings.shape)
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[-2:]) != expected or hidden.dim() not in (2, 3):
+            raise PipelineError(f"img_hidden_states: expected a {expected} or (1, *{expected}) tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        dtype, device = _module_dtype(self.edit_head), _module_device(self.edit_head)
+        hidden = hidden.reshape(1, *expected).to(device, dtype)
+        embeddings = self.img_token_embeddings.reshape(1, *expected).to(device, dtype)
+        with torch.inference_mode():
+            context = self.edit_head(hidden, embeddings).float()
+            null = self.edit_head(torch.zeros_like(hidden), embeddings).float()
+        return context, null
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def _run(self, prepare, args, kwargs, progress):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="denoising", unit="step", disable=not progress, leave=False)
+        request = prepare(*args, progress=lambda _: bar.update(1), **kwargs)
+        bar.total = sum(job.run.num_steps for job in request.jobs)
+        try:
+            while not all(job.done for job in request.jobs):
+                step_jobs(self.unet, [job for job in request.jobs if not job.done])
+        finally:
+            bar.close()
+        return request.finish()
+
+    def generate(self, prompt=None, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
+                 seed=None, sampler=None, num_images=1, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 output_type="pil", progress=True):
+        """Text to image. Returns a list of `num_images` PIL images (or an (N, H, W, 3) array for output_type='np').
+
+        steps, guidance_scale, sampler: default to the model's (`pipe.defaults`; SD: 50 steps,
+        scale 7.5, the scheduler config's sampler). height/width: default the UNet's sample size
+        times the VAE factor (512 for SD1.5). seed: image i uses seed + i, each image its own
+        generator. prompt_embeds (L, D) may replace prompt. latents: (num_images, C, h, w)
+        initial noise (before the sampler's init_noise_sigma), as diffusers' `latents=`.
+        """
+        kwargs = dict(negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                      seed=seed, sampler=sampler, num_images=num_images, prompt_embeds=prompt_embeds,
+                      negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
+        return self._run(self._prepare_generate, (prompt,), kwargs, progress)
+
+    def edit(self, image, instruction=None, *, steps=None, guidance_scale=None, image_guidance_scale=None, seed=None,
+             sampler=None, instruction_embeds=None, img_hidden_states=None, latents=None, output_type="pil", progress=True):
+        """Edit `image` (PIL image, array or path; converted to RGB, sides rounded down to a multiple of 8)
+        following an instruction. Returns one PIL image (or an (H, W, 3) array for output_type='np').
+
+        The instruction is text (CLIP-encoded: InstructPix2Pix), or instruction_embeds (77, 768), or
+        img_hidden_states (8, 4096): an MLLM's [IMG] states mapped by MGIE's edit head. Guidance is
+        InstructPix2Pix's 3-way: uncond + g (text - image) + g_img (image - uncond); defaults
+        g = 7.5, g_img = 1.5 (InstructPix2Pix's and MGIE's), 100 steps of the scheduler config's
+        sampler (Euler ancestral for both), as their pipelines run by default.
+        """
+        kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, seed=seed,
+                      sampler=sampler, instruction_embeds=instruction_embeds, img_hidden_states=img_hidden_states,
+                      latents=latents, output_type=output_type)
+        return self._run(self._prepare_edit, (image, instruction), kwargs, progress)[0]
