@@ -1,0 +1,158 @@
+"""Weight-file I/O for fastdiff models, without diffusers.
+
+Reads diffusers model folders (config.json + diffusion_pytorch_model.{safetensors,bin}, single
+or sharded, or a pipeline folder's model subfolder) and plain state_dict files (.safetensors,
+or pickles such as MGIE's unet.pt, read with torch.load(weights_only=True)); matches a state_dict
+to a model's parameters, stripping wrapper prefixes ("module.", "unet.", ...), and reports every
+mismatch at once in a CheckpointError.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "resolve_model_folder",
+    "read_config",
+    "find_weights",
+    "read_model_folder",
+    "match_state_dict",
+]
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+# Keys that wrap a state_dict inside a checkpoint dict, and prefixes that wrappers add to keys.
+WRAPPER_KEYS = ("state_dict", "model", "module", "unet")
+WRAPPER_PREFIXES = ("module.", "unet.", "model.")
+LISTED = 10  # how many missing / unexpected / mismatched names an error spells out
+
+
+class CheckpointError(ValueError):
+    """A weight file or state_dict that does not fit the model (missing, unexpected or misshapen
+    parameters, unreadable or absent files)."""
+
+
+def _as_state_dict(obj, source: str) -> dict[str, torch.Tensor]:
+    """Unwrap {"state_dict": {...}}-style containers; insist on a flat name -> tensor mapping."""
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(inner) != 1:
+            break
+        obj = obj[inner[0]]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{source}: expected a state_dict (name -> tensor); {len(not_tensors)} entries are not tensors, "
+            f"e.g. {not_tensors[:LISTED]}"
+        )
+    return dict(obj)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file, on the CPU: .safetensors, a sharded *.index.json, or a pickle
+    (.bin / .pt / .pth / .ckpt) read with weights_only=True (no code runs on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"path: no weight file at {path}")
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path}: a shard index needs a 'weight_map' object")
+        state_dict = {}
+        for shard in sorted(set(weight_map.values())):
+            state_dict.update(read_state_dict(path.parent / shard))
+        return state_dict
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpicklable under weights_only, truncated file, not a pickle
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch pickle ({type(exc).__name__}: {exc})") from exc
+    return _as_state_dict(obj, str(path))
+
+
+def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
+    """`folder` if it holds config.json, else `folder/subfolder` (a pipeline folder's component)."""
+    folder = Path(folder)
+    for candidate in (folder, folder / subfolder):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"folder: no config.json in {folder} or {folder / subfolder}")
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the model config ({exc})") from exc
+
+
+def find_weights(folder: str | os.PathLike, name: str = WEIGHTS_NAME) -> Path:
+    """The weight file of a diffusers model folder: safetensors first, then the pickle, single or sharded."""
+    folder = Path(folder)
+    for file_name in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.bin", f"{name}.bin.index.json"):
+        if (folder / file_name).is_file():
+            return folder / file_name
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"folder: no {name}.safetensors / .bin (or sharded index) in {folder}; it holds {present}")
+
+
+def read_model_folder(folder: str | os.PathLike, subfolder: str = "unet") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state_dict) of a diffusers model folder or of `subfolder` in a pipeline folder."""
+    model_folder = resolve_model_folder(folder, subfolder)
+    return read_config(model_folder), read_state_dict(find_weights(model_folder))
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Drop prefixes that every key shares (DataParallel's "module.", a parent's "unet.", ...)
+    while that makes expected names appear."""
+    expected = set(expected)
+    while state_dict and not expected.issubset(state_dict):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _listing(kind: str, names: list[str]) -> str:
+    shown = ", ".join(names[:LISTED]) + (f", ... ({len(names) - LISTED} more)" if len(names) > LISTED else "")
+    return f"{len(names)} {kind}: {shown}"
+
+
+def match_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *,
+                     strict: bool = True, owner: str = "model") -> dict[str, torch.Tensor]:
+    """`state_dict` with wrapper prefixes removed, checked against `expected` (the model's own
+    state_dict: names and shapes). Raises one CheckpointError naming every missing and unexpected
+    key (when strict) and every shape mismatch."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    state_dict = _strip_wrapper_prefixes(_as_state_dict(state_dict, "state_dict"), expected)
+    problems = []
+    if strict:
+        missing = sorted(k for k in expected if k not in state_dict)
+        unexpected = sorted(k for k in state_dict if k not in expected)
+        if missing:
+            problems.append(_listing("missing keys", missing))
+        if unexpected:
+            problems.append(_listing("unexpected keys", unexpected))
+    misshapen = sorted(
+        f"{k} (checkpoint {tuple(v.shape)}, {owner} {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    if misshapen:
+        problems.append(_listing("shape mismatches", misshapen))
+    if problems:
+        raise CheckpointError(f"state_dict does not fit {owner}: " + "; ".join(problems))
+    return state_dict

@@ -1,0 +1,394 @@
+"""The Stable-Diffusion-family conditional UNet (SD1.x, SD2.x, InstructPix2Pix, MGIE's editor) on
+fastdiff.ops, loading diffusers' UNet2DConditionModel weights as they are.
+
+    sample (B, in_ch, h, w), timestep, text (B, L, cross_dim)
+      -> conv_in -> down blocks (resnets [+ transformers], stride-2 conv) -> mid block
+      -> up blocks (concat skips, resnets [+ transformers], nearest x2 + conv) -> GN+SiLU -> conv_out
+      -> noise prediction (B, out_ch, h, w)
+
+Block types: CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn (or none), CrossAttnUpBlock2D,
+UpBlock2D. Activations stay in the model's dtype (fp32 or bf16) and channels_last throughout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint
+from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm
+
+__all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+# Config fields this model does not implement, with the only value it accepts (diffusers' default).
+UNSUPPORTED_FIELDS = {
+    "num_attention_heads": None,  # diffusers itself refuses it: heads come from attention_head_dim
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "class_embeddings_concat": False,
+    "projection_class_embeddings_input_dim": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+}
+# Fields accepted and ignored: bookkeeping, training-only, or unused by the block types above
+# (diffusers passes them only to SimpleCrossAttn / ResnetDownsample / text-embedding variants).
+IGNORED_FIELDS = (
+    "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size", "dropout",
+    "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm", "mid_block_only_cross_attention",
+    "addition_embed_type_num_heads",
+)
+
+
+@dataclass(frozen=True)
+class UNet2DConditionConfig:
+    """The supported part of diffusers' UNet2DConditionModel config, with diffusers' defaults.
+
+    attention_head_dim is, as in diffusers, the NUMBER of heads per block (a historical misnomer);
+    head size = block channels // heads.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple = 1280
+    transformer_layers_per_block: int | tuple = 1
+    reverse_transformer_layers_per_block: tuple | None = None
+    attention_head_dim: int | tuple = 8
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "UNet2DConditionConfig":
+        """From a diffusers config dict (model.config or config.json). A field this model does not
+        implement, set to anything but its default, raises ValueError naming the field."""
+        if not isinstance(config, dict):
+            config = dict(config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in config.items():
+            if key in known:
+                values[key] = tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+            elif key in UNSUPPORTED_FIELDS:
+                if value != UNSUPPORTED_FIELDS[key]:
+                    raise ValueError(
+                        f"config field {key!r}={value!r} is not supported by fastdiff.UNet2DCondition "
+                        f"(only {UNSUPPORTED_FIELDS[key]!r})"
+                    )
+            elif key not in IGNORED_FIELDS:
+                raise ValueError(f"config field {key!r} is unknown to fastdiff.UNet2DCondition")
+        return cls(**values)
+
+    def __post_init__(self):
+        n = len(self.down_block_types)
+        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            bad = [t for t in getattr(self, name) if t not in allowed]
+            if bad:
+                raise ValueError(f"config field {name!r}: block types {bad} are not supported (only {allowed})")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"config field 'mid_block_type'={self.mid_block_type!r} is not supported (only {MID_BLOCK_TYPES})")
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            raise ValueError(
+                f"config fields 'down_block_types', 'up_block_types', 'block_out_channels' need equal lengths, got "
+                f"{n}, {len(self.up_block_types)}, {len(self.block_out_channels)}"
+            )
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"config field 'act_fn'={self.act_fn!r} is not supported (only 'silu')")
+        if self.time_embedding_type != "positional":
+            raise ValueError(f"config field 'time_embedding_type'={self.time_embedding_type!r} is not supported (only 'positional')")
+        if not isinstance(self.norm_num_groups, int):
+            raise ValueError(f"config field 'norm_num_groups'={self.norm_num_groups!r} is not supported (an int is needed)")
+        if len(set(self.per_block("cross_attention_dim"))) != 1:
+            raise ValueError(f"config field 'cross_attention_dim'={self.cross_attention_dim!r}: one value for all blocks is supported")
+        for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.per_block("attention_head_dim"))):
+            if not isinstance(heads, int) or heads < 1 or channels % heads:
+                raise ValueError(
+                    f"config field 'attention_head_dim' (the number of heads): block {i} has {channels} channels, "
+                    f"not divisible into {heads!r} heads"
+                )
+        for kernel in ("conv_in_kernel", "conv_out_kernel"):
+            if getattr(self, kernel) % 2 != 1:
+                raise ValueError(f"config field {kernel!r}: an odd kernel size is needed, got {getattr(self, kernel)}")
+
+    def per_block(self, name: str) -> list:
+        """Field `name` as one value per down block (ints and bools are repeated)."""
+        value = getattr(self, name)
+        n = len(self.down_block_types)
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"config field {name!r}: expected {n} values (one per block), got {value!r}")
+            return list(value)
+        return [value] * n
+
+    @property
+    def cross_dim(self) -> int:
+        return self.per_block("cross_attention_dim")[0]
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _per_layer(name: str, value, num_layers: int) -> list[int]:
+    """transformer_layers_per_block entry for one block: an int, or one int per resnet layer."""
+    if isinstance(value, int):
+        return [value] * num_layers
+    if len(value) != num_layers:
+        raise ValueError(f"config field {name!r}: expected {num_layers} per-layer values for a block, got {value!r}")
+    return list(value)
+
+
+class UNetBlock2D(nn.Module):
+    """Down, mid or up block of the SD UNet: `resnets`, optional `attentions` (Transformer2DModel
+    after each resnet), optional `downsamplers` / `upsamplers`; diffusers' module names."""
+
+    def __init__(self, resnets, attentions=None, downsample=None, upsample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
+        self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
+
+    def attention(self, i: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.attentions[i](x, context) if self.attentions is not None else x
+
+
+class UNet2DCondition(nn.Module):
+    """diffusers' UNet2DConditionModel on fastdiff.ops; state_dict names match it exactly.
+
+    unet(sample, timestep, encoder_hidden_states) -> noise prediction (B, out_channels, H, W),
+    channels_last, in the model's dtype. Build with UNet2DCondition.from_diffusers(model or folder)
+    or UNet2DCondition(UNet2DConditionConfig(...)).
+    """
+
+    def __init__(self, config: UNet2DConditionConfig):
+        super().__init__()
+        self.config = config
+        channels = list(config.block_out_channels)
+        n = len(channels)
+        heads = config.per_block("attention_head_dim")  # number of heads per block (diffusers' naming)
+        layers = config.per_block("layers_per_block")
+        only_cross = config.per_block("only_cross_attention")
+        transformer_layers = config.per_block("transformer_layers_per_block")
+        groups, eps = config.norm_num_groups, config.norm_eps
+        time_embed_dim = config.time_embedding_dim or channels[0] * 4
+
+        def resnet(c_in, c_out, scale=1.0):
+            return ResnetBlock2D(c_in, c_out, temb_channels=time_embed_dim, groups=groups, eps=eps, output_scale_factor=scale)
+
+        def transformer(c, block, num_layers, only_cross_attention=False):
+            return Transformer2DModel(heads[block], c // heads[block], c, num_layers=num_layers,
+                                      cross_attention_dim=config.cross_dim, norm_num_groups=groups,
+                                      use_linear_projection=config.use_linear_projection,
+                                      only_cross_attention=only_cross_attention, upcast_attention=config.upcast_attention)
+
+        # input and time embedding
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], config.conv_in_kernel, padding=config.conv_in_kernel // 2)
+        self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+
+        # down: block i maps channels[i-1] -> channels[i]; all but the last halve the resolution
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.down_block_types):
+            c_in, c_out = channels[max(i - 1, 0)], channels[i]
+            per_layer = _per_layer("transformer_layers_per_block", transformer_layers[i], layers[i])
+            resnets = [resnet(c_in if j == 0 else c_out, c_out) for j in range(layers[i])]
+            attentions = [transformer(c_out, i, per_layer[j], only_cross[i]) for j in range(layers[i])] \
+                if block_type == "CrossAttnDownBlock2D" else None
+            downsample = Downsample2D(c_out, padding=config.downsample_padding) if i < n - 1 else None
+            self.down_blocks.append(UNetBlock2D(resnets, attentions, downsample=downsample))
+
+        # mid: resnet, (transformer, resnet)
+        if config.mid_block_type == "UNetMidBlock2DCrossAttn":
+            c, scale = channels[-1], config.mid_block_scale_factor
+            mid_layers = _per_layer("transformer_layers_per_block", transformer_layers[-1], 1)
+            self.mid_block = UNetBlock2D([resnet(c, c, scale), resnet(c, c, scale)], [transformer(c, n - 1, mid_layers[0])])
+        else:
+            self.mid_block = None
+
+        # up: block i (deepest first) takes one more resnet than its down twin, each eating a skip
+        if config.reverse_transformer_layers_per_block is not None:
+            up_transformer_layers = list(config.reverse_transformer_layers_per_block)
+        else:
+            up_transformer_layers = transformer_layers[::-1]
+        self.up_blocks = nn.ModuleList()
+        rev = channels[::-1]
+        for i, block_type in enumerate(config.up_block_types):
+            block = n - 1 - i  # the down block this one mirrors (heads, layers, cross-only flags)
+            c_prev, c_out, c_skip_in = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)]
+            num_layers = layers[block] + 1
+            per_layer = _per_layer("reverse_transformer_layers_per_block", up_transformer_layers[i], num_layers)
+            resnets = [
+                resnet((c_prev if j == 0 else c_out) + (c_skip_in if j == num_layers - 1 else c_out), c_out)
+                for j in range(num_layers)
+            ]
+            attentions = [transformer(c_out, block, per_layer[j], only_cross[block]) for j in range(num_layers)] \
+                if block_type == "CrossAttnUpBlock2D" else None
+            upsample = Upsample2D(c_out) if i < n - 1 else None
+            self.up_blocks.append(UNetBlock2D(resnets, attentions, upsample=upsample))
+
+        # output
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, config.conv_out_kernel, padding=config.conv_out_kernel // 2)
+
+    # ------------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_diffusers(cls, model_or_folder, dtype: torch.dtype | None = None, device=None) -> "UNet2DCondition":
+        """From an in-memory diffusers UNet2DConditionModel, or from a folder (a diffusers model
+        folder with config.json + diffusion_pytorch_model.safetensors/.bin, or a pipeline folder
+        with it in unet/). Reading a folder does not import diffusers. dtype defaults to float32."""
+        if isinstance(model_or_folder, (str, os.PathLike)):
+            config, state_dict = checkpoint.read_model_folder(model_or_folder, subfolder="unet")
+            copy = False  # fresh tensors from the file: convert in place of copying
+        elif hasattr(model_or_folder, "config") and hasattr(model_or_folder, "state_dict"):
+            config, state_dict = dict(model_or_folder.config), model_or_folder.state_dict()
+            copy = True  # never share storage with the source model
+        else:
+            raise TypeError(
+                f"model_or_folder: expected a diffusers UNet2DConditionModel or a folder path, got {type(model_or_folder).__name__}"
+            )
+        with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
+            model = cls(UNet2DConditionConfig.from_diffusers(config))
+        dtype = dtype or torch.float32
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        state_dict = checkpoint.match_state_dict(state_dict, model.state_dict(), owner="UNet2DCondition")
+        state_dict = {k: v.to(device=device, dtype=dtype, copy=copy) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, assign=True)
+        return model.eval()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict that also takes wrapped / prefixed state_dicts ("module.",
+        "unet.", {"state_dict": ...}; e.g. MGIE's unet.pt) and raises checkpoint.CheckpointError
+        listing missing / unexpected keys and shape mismatches."""
+        state_dict = checkpoint.match_state_dict(state_dict, self.state_dict(), strict=strict, owner="UNet2DCondition")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_weights(self, path: str | os.PathLike) -> "UNet2DCondition":
+        """Load a weight file (.safetensors, or a .pt/.bin/.pth state_dict pickle such as MGIE's unet.pt)."""
+        self.load_state_dict(checkpoint.read_state_dict(path))
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # inference
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def _check_inputs(self, sample, timestep, encoder_hidden_states):
+        """Inputs in the model's dtype, sample channels_last, timesteps as a (B,) tensor."""
+        cfg = self.config
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() != 4:
+            raise TypeError(f"sample: expected a floating-point (B, {cfg.in_channels}, H, W) tensor, got {_describe(sample)}")
+        B, C = sample.shape[:2]
+        if C != cfg.in_channels:
+            raise ValueError(f"sample: expected {cfg.in_channels} channels (config in_channels), got shape {tuple(sample.shape)}")
+        if not isinstance(encoder_hidden_states, torch.Tensor) or not encoder_hidden_states.is_floating_point() \
+                or encoder_hidden_states.dim() != 3:
+            raise TypeError(f"encoder_hidden_states: expected a floating-point (B, L, {cfg.cross_dim}) tensor, "
+                            f"got {_describe(encoder_hidden_states)}")
+        if encoder_hidden_states.shape[0] != B or encoder_hidden_states.shape[2] != cfg.cross_dim:
+            raise ValueError(f"encoder_hidden_states: expected shape ({B}, L, {cfg.cross_dim}) for a batch of {B} "
+                             f"(config cross_attention_dim {cfg.cross_dim}), got {tuple(encoder_hidden_states.shape)}")
+        for name, t in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+            if t.device != self.device:
+                raise ValueError(f"{name}: on {t.device}, the model is on {self.device}")
+
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() == 1 and timestep.dim() <= 1:
+                timestep = timestep.reshape(1).expand(B)
+            elif timestep.shape != (B,):
+                raise ValueError(f"timestep: expected a number, a 0-d tensor or a ({B},) tensor, got shape {tuple(timestep.shape)}")
+            timestep = timestep.to(self.device)
+        elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
+            timestep = torch.full((B,), float(timestep), dtype=torch.float32, device=self.device)
+        else:
+            raise TypeError(f"timestep: expected a number or a tensor, got {type(timestep).__name__}")
+
+        sample = sample.to(dtype=self.dtype, memory_format=torch.channels_last)
+        return sample, timestep, encoder_hidden_states.to(self.dtype)
+
+    @torch.no_grad()
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
+        encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+
+        # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
+        temb = self.time_embedding(self.time_proj(timestep).to(self.dtype))
+
+        # 2. input convolution
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        x = self.conv_in(x)  # (B, C0, H, W) channels_last
+        skips = [x]
+
+        # 3. down: each resnet (+ transformer) output and each downsampled map is a skip
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                x = block.attention(i, resnet(x, temb), context)
+                skips.append(x)
+            if block.downsamplers is not None:
+                x = block.downsamplers[0](x)  # (B, C, ceil(h/2), ceil(w/2))
+                skips.append(x)
+
+        # 4. mid
+        if self.mid_block is not None:
+            x = self.mid_block.resnets[0](x, temb)
+            x = self.mid_block.resnets[1](self.mid_block.attention(0, x, context), temb)
+
+        # 5. up: concat the matching skip on channels before each resnet; upsample to the next
+        #    skip's size (2x, or the odd size the downsampler rounded up from)
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w) channels_last
+                x = block.attention(i, resnet(x, temb), context)
+            if block.upsamplers is not None:
+                x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
+
+        # 6. output: GroupNorm + SiLU (fused), conv
+        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
