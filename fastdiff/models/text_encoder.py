@@ -1,0 +1,66 @@
+"""CLIP text encoder for the SD-family pipelines, through transformers (CLIPTextModel + CLIPTokenizer).
+
+Encodes prompts the way diffusers' StableDiffusion / InstructPix2Pix pipelines do: tokens padded
+(with the tokenizer's pad token) and truncated to max_length (77), no attention mask (CLIP's
+causal mask already keeps padding out of the real tokens), output = last_hidden_state
+(B, 77, hidden): 768 for SD1.5's ViT-L/14.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["CLIPTextEncoder"]
+
+
+def _component(folder: Path, name: str) -> Path:
+    """`folder/name` in a pipeline folder, or `folder` itself when it is that component."""
+    return folder / name if (folder / name).is_dir() else folder
+
+
+class CLIPTextEncoder:
+    """prompts -> (B, max_length, hidden) conditioning. Holds a transformers CLIPTextModel and CLIPTokenizer."""
+
+    def __init__(self, model, tokenizer, max_length: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        # Tokenizers saved without model_max_length report a huge sentinel: use the position table's size.
+        limit = model.config.max_position_embeddings
+        self.max_length = max_length or (tokenizer.model_max_length if tokenizer.model_max_length <= limit else limit)
+        if not 1 <= self.max_length <= limit:
+            raise ValueError(f"max_length: expected 1..{limit} (the model's position embeddings), got {self.max_length}")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, max_length: int | None = None) -> "CLIPTextEncoder":
+        """Load from a pipeline folder (its text_encoder/ and tokenizer/), local files only."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"folder: no directory at {folder}")
+        tokenizer = CLIPTokenizer.from_pretrained(str(_component(folder, "tokenizer")), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(_component(folder, "text_encoder")), local_files_only=True,
+                                              dtype=dtype or torch.float32)
+        return cls(model.to(device), tokenizer, max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """(B, max_length) token ids: <bos> prompt <eos> then padding, truncated to max_length."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a string or a non-empty list of strings, got {prompts!r}")
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        """(B, max_length, hidden) last hidden state, in the model's dtype and device."""
+        ids = self.tokenize(prompts).to(self.model.device)
+        return self.model(ids).last_hidden_state
