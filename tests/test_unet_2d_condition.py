@@ -46,6 +46,7 @@ VARIANTS = {
         dict(attention_head_dim=(4, 8), use_linear_projection=True, cross_attention_dim=64, flip_sin_to_cos=False,
              freq_shift=1, center_input_sample=True, time_embedding_dim=96, mid_block_scale_factor=0.75,
              transformer_layers_per_block=(1, 2)), (24, 40), "float"),
+    "no-mid-block": (dict(mid_block_type=None, layers_per_block=(1, 2)), (8, 12), "int"),
 }
 
 
@@ -73,6 +74,20 @@ def run(unet, backend, *args):
         out = unet(*args)
     assert torch.isfinite(out).all(), f"[{backend}] output has NaN/inf"
     return out
+
+
+def reference_output(unet):
+    sample, timestep, context = make_inputs(unet, (16, 16), "per-sample")
+    with ops.use_backend("reference"):
+        return unet(sample, timestep, context)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(diffusers model, fastdiff model from it, the fastdiff model's output)."""
+    ref = make_diffusers_unet()
+    unet = UNet2DCondition.from_diffusers(ref)
+    return ref, unet, reference_output(unet)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -114,6 +129,25 @@ def test_bf16_within_twice_diffusers_autocast_error(name, backend):
     assert err <= bound, f"{name} [{backend}] bf16: relative error {err:.2e} > {bound:.2e} (diffusers autocast: {autocast_err:.2e})"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activations_stay_channels_last_in_model_dtype(tiny, backend, dtype):
+    ref, unet, _ = tiny
+    unet = UNet2DCondition.from_diffusers(ref, dtype=dtype)
+    seen = []
+
+    def check(module, args, out):
+        seen.append(type(module).__name__)
+        assert out.dtype == dtype, f"{type(module).__name__}: output dtype {out.dtype}"
+        assert out.is_contiguous(memory_format=torch.channels_last), f"{type(module).__name__}: not channels_last"
+
+    for m in unet.modules():
+        if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "Conv2d"):
+            m.register_forward_hook(check)
+    run(unet, backend, *make_inputs(ref, (16, 16), "int"))
+    assert {"ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"} <= set(seen)
+
+
 def test_timestep_forms_agree(tiny):
     ref, unet, _ = tiny
     sample, _, context = make_inputs(ref, (16, 16), "int")
@@ -128,20 +162,6 @@ def test_timestep_forms_agree(tiny):
 
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-def reference_output(unet):
-    sample, timestep, context = make_inputs(unet, (16, 16), "per-sample")
-    with ops.use_backend("reference"):
-        return unet(sample, timestep, context)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """(diffusers model, fastdiff model from it, the fastdiff model's output)."""
-    ref = make_diffusers_unet()
-    unet = UNet2DCondition.from_diffusers(ref)
-    return ref, unet, reference_output(unet)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin", "pipeline-folder"])
@@ -171,10 +191,12 @@ def test_from_folder_does_not_import_diffusers(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_from_diffusers_copies_weights(tiny):
+def test_from_diffusers_shares_or_converts_weights(tiny):
     ref, unet, _ = tiny
-    ours, theirs = unet.conv_in.weight, ref.conv_in.weight
-    assert torch.equal(ours, theirs) and ours.data_ptr() != theirs.data_ptr()
+    assert unet.conv_in.weight.data_ptr() == ref.conv_in.weight.data_ptr()  # same dtype: shared, not copied
+    bf16 = UNet2DCondition.from_diffusers(ref, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert torch.equal(bf16.conv_in.weight, ref.conv_in.weight.bfloat16())
 
 
 @pytest.mark.parametrize("wrapping", ["plain", "module-prefix", "unet-prefix", "state_dict-wrapper"])
