@@ -36,6 +36,7 @@ class Defaults:
     guidance_scale: float = 7.5  # SD's and InstructPix2Pix/MGIE's text scale
     image_guidance_scale: float = 1.5  # InstructPix2Pix/MGIE's image scale
     sampler: str | None = None  # None: the scheduler config's class
+    size: int = 512  # image side in pixels: the UNet's sample_size times the VAE's factor
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ class Pipeline:
         self.edit_head, self.img_token_embeddings = edit_head, img_token_embeddings
         self.name = name
         self.latent_channels = vae.config.latent_channels
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale = vae.config.downscale
         in_channels = unet.config.in_channels
         self.is_editor = in_channels == 2 * self.latent_channels
         if not self.is_editor and in_channels != self.latent_channels:
@@ -190,7 +191,7 @@ class Pipeline:
 
     def _decode(self, latents_list, output_type):
         with torch.inference_mode():
-            latents = torch.cat(latents_list).to(_module_dtype(self.vae)) / self.vae.config.scaling_factor
+            latents = self.vae.unscale_latents(torch.cat(latents_list)).to(_module_dtype(self.vae))
             return tensor_to_images(self.vae.decode(latents), output_type)
 
     def _prepare_generate(self, prompt=None, *, negative_prompt=None, steps=None, guidance_scale=None, height=None,
@@ -201,7 +202,7 @@ class Pipeline:
         steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
         guidance = _number("guidance_scale", self.defaults.guidance_scale if guidance_scale is None else guidance_scale, 0)
         num_images = _positive_int("num_images", num_images)
-        size = self.unet.config.sample_size * self.vae_scale
+        size = self.defaults.size
         height, width = (_positive_int(n, size if v is None else v) for n, v in (("height", height), ("width", width)))
         for name, value in (("height", height), ("width", width)):
             if value % self.vae_scale:

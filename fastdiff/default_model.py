@@ -1,0 +1,119 @@
+"""The embedded default models: UNTRAINED, seeded random weights, so fastdiff runs on a fresh
+machine with nothing downloaded. Their images are noise; they exist for timing and for trying
+the API. Point fastdiff at real weights with FASTDIFF_MODEL=DIR / model=DIR (a diffusers folder).
+
+    "mobilediffusion"   the paper-size MobileDiffusion UNet (386M parameters), one-step x0 mode,
+                        a 3-channel VAE and a CLIP ViT-L/14-sized text encoder: 512x512 images
+    "small"             the same architectures at test size: 128x128 images in milliseconds
+    editor ("edit")     a small InstructPix2Pix-style UNet (6 input channels: noisy latent + image
+                        latent) sharing the VAE and text encoder, Euler ancestral, 3-way guidance
+
+The text encoder's tokenizer is character-level (CLIP's byte alphabet, no merges): real CLIP
+vocabularies come with real weights.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastdiff.pipeline import Defaults, Pipeline
+
+SEED = 0
+LABEL = "UNTRAINED random weights (seed 0): images are noise; load real weights with model=DIR"
+
+# SD1.5's noise schedule (MobileDiffusion and InstructPix2Pix train on the same one).
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+
+_SIZES = {
+    # text encoder (CLIP), VAE, MobileDiffusion preset, editor UNet widths
+    "mobilediffusion": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
+                            vae=(64, 128, 256, 256), unet_preset="mobilediffusion", unet_changes={},
+                            editor=dict(block_out_channels=(128, 256, 256), attention_head_dim=8, norm_num_groups=32)),
+    "small": dict(text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+                  vae=(32, 32, 32, 32), unet_preset="tiny", unet_changes={"text_length": 77},
+                  editor=dict(block_out_channels=(32, 64), attention_head_dim=4, norm_num_groups=8)),
+}
+
+
+def _char_tokenizer():
+    """A CLIPTokenizer over CLIP's 256-symbol byte alphabet with no merges (one token per character)."""
+    from transformers import CLIPTokenizer
+
+    # CLIP's byte alphabet (GPT-2's byte-to-unicode table): printable bytes stand for themselves,
+    # the other 68 map to code points from 256 up.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}))
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), len(tokens)
+
+
+def _text_encoder(sizes, dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastdiff.models.text_encoder import CLIPTextEncoder
+
+    tokenizer, vocab_size = _char_tokenizer()
+    config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, **sizes)
+    return CLIPTextEncoder(CLIPTextModel(config).to(dtype), tokenizer)
+
+
+def _vae(widths, dtype):
+    from fastdiff.models.vae import AutoencoderKL
+
+    n = len(widths)
+    return AutoencoderKL(block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=3, layers_per_block=1,
+                         norm_num_groups=min(32, widths[0]), scaling_factor=0.18215).to(dtype).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtype: torch.dtype = torch.float32) -> Pipeline:
+    """The embedded default pipeline (cached): kind "generate" (MobileDiffusion) or "edit" (the small editor);
+    size "mobilediffusion" (paper size, 512x512) or "small" (128x128, for quick runs)."""
+    if kind not in ("generate", "edit"):
+        raise ValueError(f"kind: expected 'generate' or 'edit', got {kind!r}")
+    if size not in _SIZES:
+        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
+    sizes = _SIZES[size]
+    torch.manual_seed(SEED)
+    text_encoder = _text_encoder(sizes["text"], dtype)
+    vae = _vae(sizes["vae"], dtype)
+    if kind == "generate":
+        from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
+
+        config = MobileDiffusionConfig.from_preset(sizes["unet_preset"], **sizes["unet_changes"])
+        config = config.replace(cross_attention_dim=text_encoder.hidden_size)
+        unet = MobileDiffusionUNet(config).to(dtype).eval()
+        # MobileDiffusion's distilled one-step mode: x0 from pure noise, no guidance.
+        defaults = Defaults(steps=1, guidance_scale=1.0, sampler="x0", size=config.sample_size * vae.config.downscale)
+        scheduler = {"_class_name": "EulerDiscreteScheduler", **SD_SCHEDULE}
+    else:
+        from fastdiff.models.unet_2d_condition import UNet2DCondition, UNet2DConditionConfig
+
+        widths = sizes["editor"]["block_out_channels"]
+        n = len(widths)
+        config = UNet2DConditionConfig(
+            in_channels=6, out_channels=3, block_out_channels=widths, layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+            cross_attention_dim=text_encoder.hidden_size, attention_head_dim=sizes["editor"]["attention_head_dim"],
+            norm_num_groups=sizes["editor"]["norm_num_groups"],
+        )
+        unet = UNet2DCondition(config).to(dtype).eval()
+        # InstructPix2Pix/MGIE's guidance and sampler; fewer steps than their 100 so a CPU demo stays short.
+        defaults = Defaults(steps=20, guidance_scale=7.5, image_guidance_scale=1.5, sampler=None,
+                            size=64 * vae.config.downscale if size == "mobilediffusion" else 128)
+        scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", **SD_SCHEDULE}
+    name = f"fastdiff-default-{'mobilediffusion' if kind == 'generate' else 'editor'}-{size} ({LABEL})"
+    return Pipeline(unet=unet, vae=vae, scheduler_config=scheduler, text_encoder=text_encoder, defaults=defaults, name=name)

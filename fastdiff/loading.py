@@ -1,0 +1,138 @@
+"""Pipeline folders: read and write the diffusers layout, plus MGIE's checkpoints.
+
+    folder/
+      model_index.json             component list (diffusers); an optional "fastdiff" entry holds
+                                   sampling defaults (e.g. MobileDiffusion's one-step mode)
+      unet/config.json + diffusion_pytorch_model.safetensors|.bin
+                                   "_class_name": UNet2DConditionModel or MobileDiffusionUNet
+      vae/  text_encoder/  tokenizer/  scheduler/scheduler_config.json
+
+    mgie/unet.pt                   MGIE's UNet state_dict (replaces unet/'s weights)
+    mgie/mllm.pt                   MGIE's MLLM state_dict: its edit_head.* and embed_tokens (the
+                                   last 8 rows are the [IMG] token embeddings)
+
+Nothing here imports diffusers; pickles are read with weights_only=True.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from fastdiff.models import checkpoint
+from fastdiff.pipeline import Defaults, PipelineError
+
+MGIE_IMG_TOKENS = 8
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"folder: {what} missing: no {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read {what} ({exc})") from None
+
+
+def _require_dir(folder: Path, name: str) -> Path:
+    if not (folder / name).is_dir():
+        raise PipelineError(f"folder: the {name}/ part is missing from {folder} (a diffusers pipeline folder has "
+                            f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    return folder / name
+
+
+def load_unet(folder: Path, *, dtype=None, device=None):
+    """unet/ of a pipeline folder: an SD-family UNet2DConditionModel or a MobileDiffusionUNet."""
+    config = _read_json(folder / "config.json", "the UNet config")
+    if config.get("_class_name") == "MobileDiffusionUNet":
+        from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
+
+        fields = {f.name for f in dataclasses.fields(MobileDiffusionConfig)}
+        unknown = sorted(k for k in config if k not in fields and not k.startswith("_"))
+        if unknown:
+            raise PipelineError(f"{folder / 'config.json'}: fields unknown to MobileDiffusionConfig: {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        with torch.device("meta"):
+            unet = MobileDiffusionUNet(MobileDiffusionConfig(**values))
+        state_dict = checkpoint.read_state_dict(checkpoint.find_weights(folder))
+        state_dict = checkpoint.match_state_dict(state_dict, unet.state_dict(), owner="MobileDiffusionUNet")
+        unet.load_state_dict({k: v.to(device=device, dtype=dtype or torch.float32) for k, v in state_dict.items()}, assign=True)
+        return unet.eval(), config.get("sample_size", unet.config.sample_size)
+    from fastdiff.models.unet_2d_condition import UNet2DCondition
+
+    return UNet2DCondition.from_diffusers(folder, dtype=dtype, device=device), config.get("sample_size", 64)
+
+
+def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> dict:
+    """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring)."""
+    from fastdiff.models.text_encoder import CLIPTextEncoder
+    from fastdiff.models.vae import AutoencoderKL
+
+    if not folder.is_dir():
+        raise PipelineError(f"folder: no directory at {folder}")
+    index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)")
+    scheduler_config = _read_json(_require_dir(folder, "scheduler") / "scheduler_config.json", "the scheduler config")
+    unet, sample_size = load_unet(_require_dir(folder, "unet"), dtype=dtype, device=device)
+    vae = AutoencoderKL.from_diffusers(_require_dir(folder, "vae"), dtype=dtype, device=device)
+    text_encoder = None
+    if (folder / "text_encoder").is_dir():
+        _require_dir(folder, "tokenizer")
+        text_encoder = CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device)
+    parts = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, text_encoder=text_encoder, name=folder.name)
+    stored = index.get("fastdiff", {}).get("defaults", {})
+    editor = unet.config.in_channels == 2 * vae.config.latent_channels
+    parts["defaults"] = Defaults(**{"steps": 100 if editor else 50, "size": sample_size * vae.config.downscale, **stored})
+    if mgie is not None:
+        parts.update(load_mgie(Path(mgie), unet, dtype=dtype, device=device))
+    return parts
+
+
+def load_mgie(folder: Path, unet, *, dtype=None, device=None) -> dict:
+    """MGIE's unet.pt (into `unet`) and mllm.pt (edit head + [IMG] token embeddings)."""
+    from fastdiff.models.edit_head import EditHead
+
+    for name in ("unet.pt", "mllm.pt"):
+        if not (folder / name).is_file():
+            raise PipelineError(f"mgie: {name} missing from {folder} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
+    unet.load_state_dict(checkpoint.read_state_dict(folder / "unet.pt"))
+    mllm = checkpoint.read_state_dict(folder / "mllm.pt")
+    embedding_keys = [k for k in mllm if k.endswith("embed_tokens.weight")]
+    if len(embedding_keys) != 1:
+        raise PipelineError(f"mgie: expected one '...embed_tokens.weight' in mllm.pt (the [IMG] token embeddings are its "
+                            f"last {MGIE_IMG_TOKENS} rows), found {embedding_keys or 'none'}")
+    img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype or torch.float32)
+    edit_head = EditHead.from_mgie(mllm, dtype=dtype, device=device)
+    return dict(edit_head=edit_head, img_token_embeddings=img_embeddings)
+
+
+def _save_model(model, folder: Path, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / f"{checkpoint.WEIGHTS_NAME}.safetensors"))
+
+
+def save_pipeline(pipe, folder) -> None:
+    """Write `pipe` as a diffusers-layout folder that Pipeline.from_pretrained reads back."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet_class = "MobileDiffusionUNet" if type(pipe.unet).__name__ == "MobileDiffusionUNet" else "UNet2DConditionModel"
+    unet_config = {"_class_name": unet_class, **dataclasses.asdict(pipe.unet.config)}
+    unet_config.setdefault("sample_size", pipe.defaults.size // pipe.vae_scale)
+    _save_model(pipe.unet, folder / "unet", unet_config)
+    _save_model(pipe.vae, folder / "vae", {"_class_name": "AutoencoderKL", **dataclasses.asdict(pipe.vae.config)})
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
+    index = {"_class_name": "StableDiffusionInstructPix2PixPipeline" if pipe.is_editor else "StableDiffusionPipeline",
+             "unet": ["fastdiff" if unet_class == "MobileDiffusionUNet" else "diffusers", unet_class],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "")],
+             "fastdiff": {"defaults": dataclasses.asdict(pipe.defaults)}}
+    if pipe.text_encoder is not None:
+        pipe.text_encoder.model.save_pretrained(str(folder / "text_encoder"))
+        pipe.text_encoder.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
