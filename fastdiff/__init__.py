@@ -15,6 +15,10 @@ _LAZY = {
     "MobileDiffusionConfig": "fastdiff.models.mobilediffusion",
     "EditHead": "fastdiff.models.edit_head",
     "AutoencoderKL": "fastdiff.models.vae",
+    "Pipeline": "fastdiff.pipeline",
+    "Engine": "fastdiff.engine",
+    "generate": "fastdiff.api",
+    "edit": "fastdiff.api",
 }
 
 __all__ = ["ops", "__version__", *_LAZY]

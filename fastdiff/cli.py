@@ -1,4 +1,4 @@
-"""The `fastdiff` command: info, validate, bench.
+"""The `fastdiff` command: generate, edit, validate, bench, info.
 
 Errors print one line naming what is wrong and exit non-zero; --debug shows the traceback.
 """
@@ -84,8 +84,89 @@ def _validate(args) -> int:
                 rows.append([op, label, backend, str(dtype).removeprefix("torch."), f"{result.error:.2e}",
                              f"{result.bound:.2e}", "PASS" if result.passed else f"FAIL {result.problem or ''}".strip()])
     print(format_table(["op", "shape", "backend", "dtype", "error", "bound", "result"], rows))
-    print(f"{len(rows) - failures} passed, {failures} failed")
+    model_rows = _validate_models(args.model)
+    failures += sum(not r["passed"] for r in model_rows)
+    total = len(rows) + len(model_rows)
+    print(f"{total - failures} passed, {failures} failed")
     return 1 if failures else 0
+
+
+def _validate_models(folder) -> list[dict]:
+    """The UNet and VAE against diffusers (same weights, same inputs), when diffusers is installed."""
+    from fastdiff.bench.timing import format_table
+    from fastdiff.validate import compare_models
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        if folder is not None:
+            raise RuntimeError("--model: checking a model against diffusers needs diffusers (pip install 'fastdiff[reference]')")
+        print("models: diffusers not installed, model checks not run (pip install 'fastdiff[reference]')")
+        return []
+    rows = compare_models(folder)
+    print()
+    print(format_table(["model", "backend", "dtype", "error", "bound", "result"],
+                       [[r["model"] + (f" ({folder})" if folder else " (small random)"), r["backend"], r["dtype"],
+                         f"{r['error']:.2e}", f"{r['bound']:.2e}", "PASS" if r["passed"] else "FAIL"] for r in rows]))
+    return rows
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _check_output(path: str) -> None:
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"-o/--output: folder {folder} does not exist")
+
+
+def _save(images, output: str) -> list[str]:
+    """Write images to `output`; several images get _0, _1, ... before the extension."""
+    import os
+
+    if len(images) == 1:
+        images[0].save(output)
+        return [output]
+    stem, ext = os.path.splitext(output)
+    paths = [f"{stem}_{i}{ext or '.png'}" for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def _generate(args) -> int:
+    import time
+
+    from fastdiff.api import get_pipeline
+
+    _check_output(args.output)
+    pipe = get_pipeline(args.model, "generate", _dtype(args.dtype))
+    print(f"model: {pipe.name}")
+    start = time.perf_counter()
+    images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                           height=args.height, width=args.width, seed=args.seed, sampler=args.sampler, num_images=args.num_images)
+    paths = _save(images, args.output)
+    print(f"wrote {', '.join(paths)} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _edit(args) -> int:
+    import time
+
+    from fastdiff.api import get_pipeline
+
+    _check_output(args.output)
+    pipe = get_pipeline(args.model, "edit", _dtype(args.dtype))
+    print(f"model: {pipe.name}")
+    start = time.perf_counter()
+    image = pipe.edit(args.image, args.instruction, steps=args.steps, guidance_scale=args.guidance_scale,
+                      image_guidance_scale=args.image_guidance_scale, seed=args.seed, sampler=args.sampler)
+    _save([image], args.output)
+    print(f"wrote {args.output} in {time.perf_counter() - start:.2f} s")
+    return 0
 
 
 def _bench(args) -> int:
@@ -99,8 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backends, CPU features, devices").set_defaults(run=_info)
-    sub.add_parser("validate", help="every kernel against its reference twin on this machine").set_defaults(run=_validate)
-    bench = sub.add_parser("bench", help="benchmark tables (kernels, unet, ablations); see `fastdiff bench -h`", add_help=False)
+    model_help = "a diffusers-format folder, or an embedded default: mobilediffusion (default) or small ($FASTDIFF_MODEL)"
+    gen = sub.add_parser("generate", help="text to image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, ...)")
+    gen.add_argument("--model", help=model_help)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sampler", help="euler_ancestral, euler, ddim, dpmpp_2m or x0 (default: the model's)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    gen.set_defaults(run=_generate)
+    ed = sub.add_parser("edit", help="edit an image following an instruction")
+    ed.add_argument("image", help="input image file")
+    ed.add_argument("instruction")
+    ed.add_argument("-o", "--output", required=True, help="image file to write")
+    ed.add_argument("--model", help=model_help)
+    ed.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    ed.add_argument("--guidance-scale", type=float, help="text guidance (default 7.5)")
+    ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default 1.5)")
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--sampler", help="euler_ancestral (default), euler, ddim, dpmpp_2m")
+    ed.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ed.set_defaults(run=_edit)
+    val = sub.add_parser("validate", help="every kernel against its reference twin, and the models against diffusers")
+    val.add_argument("--model", help="a diffusers pipeline folder whose unet/ and vae/ to check (default: small random models)")
+    val.set_defaults(run=_validate)
+    bench = sub.add_parser("bench", help="benchmark tables: kernels, unet, ablations, engine (see `fastdiff bench -h`)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
     return parser

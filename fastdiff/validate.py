@@ -73,3 +73,68 @@ def compare(op: str, args: tuple, kwargs: dict, backend: str, dtype: torch.dtype
         problem = "output has NaN/inf (unwritten or overflowed elements)"
     error = rel_error(out, truth) if problem is None else float("nan")
     return out, Comparison(op, backend, dtype, error, bound, problem)
+
+
+def _tiny_diffusers_models():
+    """Small random diffusers UNet (8 input channels, InstructPix2Pix-style) and VAE, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    return unet.eval(), vae.eval()
+
+
+def compare_models(folder=None, backends=("reference", "cpp")) -> list[dict]:
+    """fastdiff's UNet and VAE against diffusers' on the same weights and random inputs.
+
+    folder: a diffusers pipeline folder (its unet/ and vae/), or None for small random models.
+    fp32: relative error <= 1e-4; bf16: at most 2x diffusers' own bf16-autocast error against its
+    fp32 output (floor 1e-2). Returns rows (model, backend, dtype, error, bound, passed).
+    """
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+
+    from fastdiff.models.unet_2d_condition import UNet2DCondition
+    from fastdiff.models.vae import AutoencoderKL
+
+    if folder is None:
+        d_unet, d_vae = _tiny_diffusers_models()
+        size = 16
+    else:
+        d_unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet").eval()
+        d_vae = DiffusersVAE.from_pretrained(f"{folder}/vae").eval()
+        size = 32  # latent side: small enough for a CPU check
+    generator = torch.Generator().manual_seed(1)
+    c = d_unet.config
+    sample = torch.randn(1, c.in_channels, size, size, generator=generator)
+    context = torch.randn(1, 77, c.cross_attention_dim, generator=generator)
+    latents = torch.randn(1, d_vae.config.latent_channels, size, size, generator=generator)
+    runs = {
+        "unet": (lambda m, dt: m(sample.to(dt), 500, context.to(dt)), lambda: d_unet(sample, 500, context).sample,
+                 lambda dt: UNet2DCondition.from_diffusers(d_unet, dtype=dt)),
+        "vae decode": (lambda m, dt: m.decode(latents.to(dt)), lambda: d_vae.decode(latents).sample,
+                       lambda dt: AutoencoderKL.from_diffusers(d_vae, dtype=dt)),
+    }
+    rows = []
+    with torch.inference_mode():
+        for name, (run_fast, run_ref, build) in runs.items():
+            ref = run_ref().double()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast_error = rel_error(run_ref(), ref)
+            for dtype in (torch.float32, torch.bfloat16):
+                model = build(dtype)
+                bound = 1e-4 if dtype == torch.float32 else max(2 * autocast_error, 1e-2)
+                for backend in backends:
+                    if ops.backends()[backend] != "available":
+                        continue
+                    with ops.use_backend(backend):
+                        error = rel_error(run_fast(model, dtype), ref)
+                    rows.append({"model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+                                 "error": error, "bound": bound, "passed": error <= bound})
+    return rows

@@ -1,4 +1,4 @@
-"""python -m fastdiff.bench {kernels,ablations,unet} [options]: print a benchmark table."""
+"""python -m fastdiff.bench {kernels,unet,ablations,engine} [options]: print a benchmark table."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ TABLES = {
     "kernels": "fastdiff.bench.kernels",
     "ablations": "fastdiff.bench.ablations",
     "unet": "fastdiff.bench.unet",
+    "engine": "fastdiff.bench.engine",
 }
 
 
