@@ -114,18 +114,21 @@ def _attention_kernel(
 
 
 def _launch_config(block_d: int, seqlen_k: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, single_pass, num_warps, num_stages), sized for H100 shared memory/registers."""
-    wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
+    """(BLOCK_M, BLOCK_N, single_pass, num_warps, num_stages) for H100: each choice compiled for sm_90
+    without register spills (tests/triton_sm90_compile.py). fp32 uses ieee FMA dots, whose operand
+    tiles live in registers, hence its smaller tiles."""
+    wide = dtype == torch.float32
     block_n_all = max(16, triton.next_power_of_2(seqlen_k))
     if seqlen_k <= 256 and block_n_all * block_d * (2 if wide else 1) <= _SINGLE_PASS_ELEMENTS:
-        # The score tile is BLOCK_M × (all keys): keep it ≤ 64 fp32 registers per thread.
-        block_m = 128 if block_n_all <= 64 else 64
-        return block_m, block_n_all, True, 4 if block_m * block_n_all <= 64 * 64 else 8, 1
-    if block_d <= 64:
-        return 128, 64 if not wide else 32, False, 4, 3
+        if wide:
+            return 32, block_n_all, True, 8, 1
+        block_m = 128 if block_n_all <= 64 else 64  # score tile BLOCK_M × all keys ≤ 64 registers/thread
+        return block_m, block_n_all, True, 8 if block_m * block_n_all > 64 * 64 else 4, 1
+    if wide:
+        return (64, 32, False, 8, 2) if block_d <= 128 else (32, 16, False, 4, 2)
     if block_d <= 128:
-        return (128, 64, False, 8, 3) if not wide else (64, 32, False, 4, 2)
-    return (64, 32, False, 4, 2) if not wide else (32, 32, False, 4, 2)
+        return 128, 64, False, 8, 3
+    return 64, 32, False, 8, 2
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

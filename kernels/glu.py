@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ._common import new_output
 
-_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)  # jit code may only read constexpr globals
 
 
 @triton.jit

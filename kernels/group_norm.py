@@ -65,7 +65,7 @@ def _group_norm_apply_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, partial_ptr,
     splits = tl.arange(0, BLOCK_SPLITS)
     partials = partial_ptr + (group_id * num_splits + splits) * 2
     split_ok = splits < num_splits
-    count = (group_channels * pixels).to(tl.float32)
+    count = group_channels * pixels * 1.0  # not .to(): both ints may be specialised to constexpr 1
     mean_shifted = tl.sum(tl.load(partials, mask=split_ok, other=0.0), axis=0) / count
     var = tl.maximum(tl.sum(tl.load(partials + 1, mask=split_ok, other=0.0), axis=0) / count - mean_shifted * mean_shifted, 0.0)
     mean = shift + mean_shifted
