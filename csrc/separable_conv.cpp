@@ -1,0 +1,432 @@
+// Separable conv, fused: out = pointwise_1x1(depthwise_3x3(x) + dw_bias) + pw_bias.
+// x (N, C, H, W) in either memory format; depthwise 3x3, stride 1, padding 1; pointwise (C_out, C).
+// Output (N, C_out, H, W) channels_last, x's dtype.
+//
+// Pixels (n, h, w) are flattened and split evenly over threads; each thread walks its pixels in
+// tiles of kTilePixels. Per tile: the depthwise result is written to a per-thread buffer
+// A (pixels x C, L2-resident), then A times the packed pointwise weight B (C x C_out, in panels
+// of 32 output channels) is computed by a register-blocked microkernel (12 pixels x 32 channels
+// of fp32 accumulators) and stored with the bias. The depthwise result never reaches memory at
+// full size. Memory traffic: x read ~once (3 rows per tile from cache), out written once, B
+// streamed from L2/L3 once per tile.
+//
+// Precision: fp32 in, fp32 everywhere. bf16 in: the depthwise is computed in fp32 and rounded
+// to bf16 (as torch's bf16 depthwise conv does), the pointwise GEMM uses vdpbf16ps (bf16
+// products, fp32 accumulation); without AVX512-BF16 the bf16 path runs the fp32 GEMM instead.
+#include "common.h"
+#include "cpu_features.h"
+#include "glu_vecmath.h"
+#include "registry.h"
+
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fastdiff {
+namespace {
+
+using c10::BFloat16;
+
+constexpr int64_t kPanel = 32;        // output channels per packed weight panel (two zmm)
+constexpr int64_t kMicroRows = 12;    // pixels per AVX-512 microkernel call: 24 zmm accumulators
+constexpr int64_t kTilePixels = 96;   // pixels per tile: A = 96 x C stays in L2 up to C ~ 2048
+
+struct Geometry {
+  int64_t N, C, H, W, Cout;
+  int64_t sN, sC, sH, sW;  // x strides, in elements
+  int64_t Kp;              // row length of A: C rounded up to even (bf16 pairs) / 16
+};
+
+// ------------------------------------------------------------------------------------------
+// Depthwise 3x3 of pixels [q0, q0 + rows) into A (rows x Kp). dw_k is (9, Kp) fp32 (tap-major,
+// zero beyond C) and dw_b (Kp) fp32, so the padded channels of A come out as zeros.
+
+// Neighbour taps that fall inside the image, as a 9-bit mask (bit 3 * (dh + 1) + (dw + 1)).
+inline unsigned valid_taps(int64_t h, int64_t w, int64_t H, int64_t W) {
+  unsigned rows = (h > 0 ? 1u : 0u) | 2u | (h + 1 < H ? 4u : 0u);
+  unsigned cols = (w > 0 ? 1u : 0u) | 2u | (w + 1 < W ? 4u : 0u);
+  unsigned mask = 0;
+  for (int r = 0; r < 3; ++r)
+    if (rows >> r & 1) mask |= cols << (3 * r);
+  return mask;
+}
+
+template <class T, class AT>
+FASTDIFF_AVX512 void depthwise_nhwc_avx512(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
+                                           int64_t q0, int64_t rows, AT* A) {
+  using namespace vec::avx512;
+  int64_t offsets[kTilePixels];
+  unsigned taps[kTilePixels];
+  for (int64_t p = 0; p < rows; ++p) {
+    const int64_t q = q0 + p, w = q % g.W, h = (q / g.W) % g.H, n = q / (g.W * g.H);
+    offsets[p] = n * g.sN + h * g.sH + w * g.sW;
+    taps[p] = valid_taps(h, w, g.H, g.W);
+  }
+  int64_t tap_offset[9];
+  for (int t = 0; t < 9; ++t) tap_offset[t] = (t / 3 - 1) * g.sH + (t % 3 - 1) * g.sW;
+  for (int64_t c = 0; c < g.Kp; c += kWidth) {
+    const __mmask16 in_x = tail_mask(g.C - c);  // channels that exist in x
+    const __mmask16 in_a = tail_mask(g.Kp - c);  // columns of A to write (padding included)
+    V k[9];
+    for (int t = 0; t < 9; ++t) k[t] = _mm512_loadu_ps(dw_k + t * g.Kp + c);
+    const V bias = _mm512_loadu_ps(dw_b + c);
+    for (int64_t p = 0; p < rows; ++p) {
+      const T* centre = x + offsets[p] + c;
+      V acc = bias;
+      if (taps[p] == 0x1FF) {
+        for (int t = 0; t < 9; ++t) acc = _mm512_fmadd_ps(load(centre + tap_offset[t], in_x), k[t], acc);
+      } else {
+        for (int t = 0; t < 9; ++t)
+          if (taps[p] >> t & 1) acc = _mm512_fmadd_ps(load(centre + tap_offset[t], in_x), k[t], acc);
+      }
+      store(A + p * g.Kp + c, acc, in_a);
+    }
+  }
+}
+
+template <class T>
+FASTDIFF_AVX2 void depthwise_nhwc_avx2(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
+                                       int64_t q0, int64_t rows, float* A) {
+  using namespace vec::avx2;
+  int64_t tap_offset[9];
+  for (int t = 0; t < 9; ++t) tap_offset[t] = (t / 3 - 1) * g.sH + (t % 3 - 1) * g.sW;
+  for (int64_t p = 0; p < rows; ++p) {
+    const int64_t q = q0 + p, w = q % g.W, h = (q / g.W) % g.H, n = q / (g.W * g.H);
+    const unsigned taps = valid_taps(h, w, g.H, g.W);
+    const T* centre = x + n * g.sN + h * g.sH + w * g.sW;
+    float* a_row = A + p * g.Kp;
+    int64_t c = 0;
+    for (; c + kWidth <= g.C; c += kWidth) {
+      V acc = _mm256_loadu_ps(dw_b + c);
+      for (int t = 0; t < 9; ++t)
+        if (taps >> t & 1) acc = _mm256_fmadd_ps(load(centre + tap_offset[t] + c), _mm256_loadu_ps(dw_k + t * g.Kp + c), acc);
+      _mm256_storeu_ps(a_row + c, acc);
+    }
+    for (; c < g.Kp; ++c) {  // channel tail and zero padding
+      float acc = dw_b[c];
+      if (c < g.C)
+        for (int t = 0; t < 9; ++t)
+          if (taps >> t & 1) acc += vec::to_float(centre[tap_offset[t] + c]) * dw_k[t * g.Kp + c];
+      a_row[c] = acc;
+    }
+  }
+}
+
+// Any strides (NCHW input, or the scalar path): one channel at a time along the pixel run.
+template <class T, class AT>
+__attribute__((always_inline)) inline void depthwise_strided_body(const T* x, const Geometry& g, const float* dw_k,
+                                                                  const float* dw_b, int64_t q0, int64_t rows, AT* A) {
+  for (int64_t p0 = 0; p0 < rows;) {  // runs of pixels within one image row
+    const int64_t q = q0 + p0, w0 = q % g.W, h = (q / g.W) % g.H, n = q / (g.W * g.H);
+    const int64_t run = std::min(rows - p0, g.W - w0);
+    for (int64_t c = 0; c < g.Kp; ++c) {
+      AT* a_col = A + p0 * g.Kp + c;
+      if (c >= g.C) {
+        for (int64_t i = 0; i < run; ++i) a_col[i * g.Kp] = vec::from_float<AT>(0.0f);
+        continue;
+      }
+      const T* plane = x + n * g.sN + c * g.sC;
+      for (int64_t i = 0; i < run; ++i) {
+        const int64_t w = w0 + i;
+        float acc = dw_b[c];
+        for (int64_t dh = -1; dh <= 1; ++dh) {
+          if (h + dh < 0 || h + dh >= g.H) continue;
+          for (int64_t dw = -1; dw <= 1; ++dw) {
+            if (w + dw < 0 || w + dw >= g.W) continue;
+            acc += vec::to_float(plane[(h + dh) * g.sH + (w + dw) * g.sW]) * dw_k[((dh + 1) * 3 + dw + 1) * g.Kp + c];
+          }
+        }
+        a_col[i * g.Kp] = vec::from_float<AT>(acc);
+      }
+    }
+    p0 += run;
+  }
+}
+
+template <class T, class AT>
+FASTDIFF_AVX512 void depthwise_strided_avx512(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
+                                              int64_t q0, int64_t rows, AT* A) {
+  depthwise_strided_body(x, g, dw_k, dw_b, q0, rows, A);
+}
+template <class T>
+FASTDIFF_AVX2 void depthwise_strided_avx2(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
+                                          int64_t q0, int64_t rows, float* A) {
+  depthwise_strided_body(x, g, dw_k, dw_b, q0, rows, A);
+}
+template <class T>
+void depthwise_strided_scalar(const T* x, const Geometry& g, const float* dw_k, const float* dw_b, int64_t q0,
+                              int64_t rows, float* A) {
+  depthwise_strided_body(x, g, dw_k, dw_b, q0, rows, A);
+}
+
+// ------------------------------------------------------------------------------------------
+// Pointwise GEMM of one tile: out[p, o] = sum_k A[p, k] B[k, o] + bias[o] for rows pixels.
+// B panels: fp32 [Cout/32][Kp][32]; bf16 (VNNI pairs) [Cout/32][Kp/2][32][2].
+
+// Stores one 16-channel vector of a result row with the bias, masked past C_out.
+template <class T>
+FASTDIFF_INLINE_AVX512 void store_out(T* out, __m512 acc, const float* bias, __mmask16 m) {
+  vec::avx512::store(out, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias)), m);
+}
+
+template <int MR, class T>
+FASTDIFF_AVX512 void micro_f32_avx512(const float* A, int64_t lda, int64_t K, const float* B, const float* bias,
+                                      T* out, int64_t ldo, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B + k * kPanel), b1 = _mm512_loadu_ps(B + k * kPanel + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    store_out(out + i * ldo, acc[i][0], bias, m0);
+    store_out(out + i * ldo + 16, acc[i][1], bias + 16, m1);
+  }
+}
+
+template <int MR, class T>
+FASTDIFF_AVX512BF16 void micro_bf16_avx512(const BFloat16* A, int64_t lda, int64_t K, const BFloat16* B,
+                                           const float* bias, T* out, int64_t ldo, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+#pragma GCC unroll 4
+  for (int64_t k2 = 0; k2 < pairs; ++k2) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k2 * 2 * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + k2 * 2 * kPanel + 32);
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, A + i * lda + 2 * k2, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    store_out(out + i * ldo, acc[i][0], bias, m0);
+    store_out(out + i * ldo + 16, acc[i][1], bias + 16, m1);
+  }
+}
+
+template <class AT, class T>
+using MicroFn = void (*)(const AT*, int64_t, int64_t, const AT*, const float*, T*, int64_t, __mmask16, __mmask16);
+
+template <class AT, class T, int... MR>
+constexpr std::array<MicroFn<AT, T>, sizeof...(MR)> micro_table(std::integer_sequence<int, MR...>) {
+  if constexpr (std::is_same_v<AT, float>) return {micro_f32_avx512<MR + 1, T>...};
+  else return {micro_bf16_avx512<MR + 1, T>...};
+}
+
+template <class AT, class T>
+void gemm_tile_avx512(const AT* A, int64_t rows, const Geometry& g, const AT* B, const float* bias, T* out) {
+  static constexpr auto micro = micro_table<AT, T>(std::make_integer_sequence<int, kMicroRows>{});
+  const int64_t panel_stride = g.Kp * kPanel;
+  for (int64_t o = 0; o < g.Cout; o += kPanel) {
+    const int64_t left = g.Cout - o;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : (1u << left) - 1;
+    const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1;
+    const AT* panel = B + (o / kPanel) * panel_stride;
+    for (int64_t p = 0; p < rows; p += kMicroRows) {
+      const int64_t mr = std::min(kMicroRows, rows - p);
+      micro[mr - 1](A + p * g.Kp, g.Kp, g.Kp, panel, bias + o, out + p * g.Cout + o, g.Cout, m0, m1);
+    }
+  }
+}
+
+// AVX2: 6 pixels x 16 channels (12 ymm accumulators), each 32-wide panel in two halves.
+template <class T>
+FASTDIFF_AVX2 void gemm_tile_avx2(const float* A, int64_t rows, const Geometry& g, const float* B,
+                                  const float* bias, T* out) {
+  constexpr int kRows = 6;
+  const int64_t panel_stride = g.Kp * kPanel;
+  for (int64_t o = 0; o < g.Cout; o += 16) {
+    const float* panel = B + (o / kPanel) * panel_stride + (o % kPanel);
+    const int64_t cols = std::min<int64_t>(16, g.Cout - o);
+    for (int64_t p = 0; p < rows; p += kRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - p));
+      __m256 acc[kRows][2];
+      for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      const float* a = A + p * g.Kp;
+      for (int64_t k = 0; k < g.Kp; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel), b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+        for (int i = 0; i < kRows; ++i) {
+          if (i >= mr) break;
+          const __m256 ai = _mm256_broadcast_ss(a + i * g.Kp + k);
+          acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < mr; ++i) {
+        float row[16];
+        _mm256_storeu_ps(row, acc[i][0]);
+        _mm256_storeu_ps(row + 8, acc[i][1]);
+        T* dst = out + (p + i) * g.Cout + o;
+        for (int64_t j = 0; j < cols; ++j) dst[j] = vec::from_float<T>(row[j] + bias[o + j]);
+      }
+    }
+  }
+}
+
+template <class T>
+void gemm_tile_scalar(const float* A, int64_t rows, const Geometry& g, const float* B, const float* bias, T* out) {
+  std::vector<float> row(g.Cout);
+  for (int64_t p = 0; p < rows; ++p) {
+    for (int64_t o = 0; o < g.Cout; ++o) row[o] = bias[o];
+    for (int64_t k = 0; k < g.Kp; ++k) {
+      const float a = A[p * g.Kp + k];
+      for (int64_t o = 0; o < g.Cout; ++o) row[o] += a * B[(o / kPanel) * g.Kp * kPanel + k * kPanel + o % kPanel];
+    }
+    for (int64_t o = 0; o < g.Cout; ++o) out[p * g.Cout + o] = vec::from_float<T>(row[o]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Weight preparation (per call; O(C * C_out), small next to the O(N H W C C_out) GEMM).
+
+// pw (Cout, C) -> panels [Cout/32][Kp][32] fp32, zero-padded.
+template <class T>
+std::vector<float> pack_pointwise_f32(const T* pw, const Geometry& g) {
+  const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
+  std::vector<float> B(panels * g.Kp * kPanel, 0.0f);
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t n = 0; n < kPanel && j * kPanel + n < g.Cout; ++n) {
+        const T* src = pw + (j * kPanel + n) * g.C;
+        float* dst = B.data() + j * g.Kp * kPanel + n;
+        for (int64_t k = 0; k < g.C; ++k) dst[k * kPanel] = vec::to_float(src[k]);
+      }
+  });
+  return B;
+}
+
+// pw (Cout, C) bf16 -> VNNI panels [Cout/32][Kp/2][32][2], zero-padded.
+std::vector<BFloat16> pack_pointwise_vnni(const BFloat16* pw, const Geometry& g) {
+  const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
+  std::vector<BFloat16> B(panels * g.Kp * kPanel, BFloat16(0.0f));
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t n = 0; n < kPanel && j * kPanel + n < g.Cout; ++n) {
+        const BFloat16* src = pw + (j * kPanel + n) * g.C;
+        BFloat16* dst = B.data() + j * g.Kp * kPanel + 2 * n;
+        for (int64_t k = 0; k < g.C; ++k) dst[(k / 2) * 2 * kPanel + (k % 2)] = src[k];
+      }
+  });
+  return B;
+}
+
+// ------------------------------------------------------------------------------------------
+
+template <class T, class AT>
+void separable_conv_impl(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                         const at::Tensor& pw_weight, const at::Tensor& pw_bias, at::Tensor& out, Simd level) {
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), pw_weight.size(0),
+             x.stride(0), x.stride(1), x.stride(2), x.stride(3), 0};
+  const bool vnni = std::is_same_v<AT, BFloat16>;
+  g.Kp = level >= Simd::kAvx512 ? (g.C + 15) / 16 * 16 : g.C;  // whole zmm columns on AVX-512
+  const bool nhwc = g.sC == 1 && level >= Simd::kAvx2;
+
+  // Depthwise taps (9, Kp) and bias (Kp) in fp32, zero beyond C.
+  std::vector<float> dw_k(9 * g.Kp, 0.0f), dw_b(g.Kp, 0.0f);
+  const at::Tensor dwk = dw_weight.reshape({g.C, 9}).to(at::kFloat).contiguous();
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int t = 0; t < 9; ++t) dw_k[t * g.Kp + c] = dwk.const_data_ptr<float>()[c * 9 + t];
+  if (dw_bias.defined()) {
+    const at::Tensor b = dw_bias.to(at::kFloat).contiguous();
+    std::copy_n(b.const_data_ptr<float>(), g.C, dw_b.begin());
+  }
+  std::vector<float> pw_b(g.Cout + kPanel, 0.0f);  // padded so masked panel loads stay in bounds
+  if (pw_bias.defined()) {
+    const at::Tensor b = pw_bias.to(at::kFloat).contiguous();
+    std::copy_n(b.const_data_ptr<float>(), g.Cout, pw_b.begin());
+  }
+  const at::Tensor pw = pw_weight.contiguous();
+  std::vector<float> B_f32;
+  std::vector<BFloat16> B_vnni;
+  if constexpr (std::is_same_v<AT, BFloat16>) B_vnni = pack_pointwise_vnni(pw.const_data_ptr<BFloat16>(), g);
+  else B_f32 = pack_pointwise_f32(pw.const_data_ptr<T>(), g);
+
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t pixels = g.N * g.H * g.W;
+  at::parallel_for(0, pixels, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<AT> tile;
+    tile.resize(kTilePixels * g.Kp);
+    AT* A = tile.data();
+    for (int64_t q0 = begin; q0 < end; q0 += kTilePixels) {
+      const int64_t rows = std::min(kTilePixels, end - q0);
+      T* dst = op + q0 * g.Cout;
+      if (level >= Simd::kAvx512) {
+        if (nhwc) depthwise_nhwc_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
+        else depthwise_strided_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
+        if constexpr (vnni) gemm_tile_avx512(A, rows, g, B_vnni.data(), pw_b.data(), dst);
+        else gemm_tile_avx512(A, rows, g, B_f32.data(), pw_b.data(), dst);
+      } else if constexpr (!vnni) {
+        if (level == Simd::kAvx2) {
+          if (nhwc) depthwise_nhwc_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
+          else depthwise_strided_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
+          gemm_tile_avx2(A, rows, g, B_f32.data(), pw_b.data(), dst);
+        } else {
+          depthwise_strided_scalar(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
+          gemm_tile_scalar(A, rows, g, B_f32.data(), pw_b.data(), dst);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor separable_conv2d(const at::Tensor& x, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                            const at::Tensor& pw_weight, const std::optional<at::Tensor>& pw_bias) {
+  FASTDIFF_CHECK_CPU_FLOAT(x);
+  TORCH_CHECK(x.dim() == 4, "x: expected (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.numel() > 0, "x: expected a non-empty tensor, got shape ", x.sizes());
+  const int64_t C = x.size(1);
+  auto same_kind = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": dtype ", t.scalar_type(), " differs from x's ",
+                x.scalar_type());
+  };
+  same_kind(dw_weight, "dw_weight");
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == C && dw_weight.size(1) == 1 && dw_weight.size(2) == 3 &&
+                  dw_weight.size(3) == 3,
+              "dw_weight: expected shape (", C, ", 1, 3, 3), got ", dw_weight.sizes());
+  same_kind(pw_weight, "pw_weight");
+  TORCH_CHECK(pw_weight.dim() == 2 && pw_weight.size(1) == C && pw_weight.size(0) > 0,
+              "pw_weight: expected shape (C_out, ", C, "), got ", pw_weight.sizes());
+  const int64_t Cout = pw_weight.size(0);
+  auto optional_vector = [&](const std::optional<at::Tensor>& t, int64_t length, const char* name) -> at::Tensor {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    same_kind(*t, name);
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == length, name, ": expected shape (", length, "), got ", t->sizes());
+    return *t;
+  };
+  const at::Tensor dwb = optional_vector(dw_bias, C, "dw_bias"), pwb = optional_vector(pw_bias, Cout, "pw_bias");
+
+  at::Tensor out = new_output({x.size(0), Cout, x.size(2), x.size(3)}, x.options(), at::MemoryFormat::ChannelsLast);
+  const Simd level = simd();
+  if (x.scalar_type() == at::kFloat) {
+    separable_conv_impl<float, float>(x, dw_weight, dwb, pw_weight, pwb, out, level);
+  } else if (level == Simd::kAvx512Bf16) {
+    separable_conv_impl<BFloat16, BFloat16>(x, dw_weight, dwb, pw_weight, pwb, out, level);
+  } else {
+    separable_conv_impl<BFloat16, float>(x, dw_weight, dwb, pw_weight, pwb, out, level);
+  }
+  return out;
+}
+
+FASTDIFF_BIND([](pybind11::module_& m) {
+  m.def("separable_conv2d", &separable_conv2d, pybind11::arg("x"), pybind11::arg("dw_weight"),
+        pybind11::arg("dw_bias"), pybind11::arg("pw_weight"), pybind11::arg("pw_bias"),
+        "Fused depthwise 3x3 (stride 1, padding 1) + pointwise 1x1. x (N, C, H, W) fp32/bf16, either layout; "
+        "dw_weight (C, 1, 3, 3); pw_weight (C_out, C). Returns (N, C_out, H, W) channels_last.");
+});
+
+}  // namespace
+}  // namespace fastdiff
