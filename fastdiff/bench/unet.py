@@ -1,0 +1,146 @@
+"""UNet table: one denoising step of fastdiff's UNet beside diffusers (and OpenVINO) in the same run.
+
+--model sd15 / ip2p: fastdiff.UNet2DCondition against diffusers' UNet2DConditionModel on the
+same random weights (SD1.5's config; ip2p = InstructPix2Pix/MGIE's 8 input channels): diffusers
+eager fp32, diffusers bf16 autocast channels_last, and OpenVINO (fp32 and bf16) when the `bench`
+extra is installed. --model mobilediffusion: fastdiff.MobileDiffusionUNet against itself on the
+reference backend (plain PyTorch ops), and OpenVINO running the same module when installed.
+Speedup = baseline ms / fastdiff ms. Latent = res / 8, text context 77 x 768.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import fastdiff.ops as ops
+from fastdiff.bench.timing import format_table, median_ms
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+SD15_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+
+
+def _fill_random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Small random weights without nn.init's cost on ~1e9 parameters (build on meta, then fill)."""
+    module = module.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "conv_norm_out.weight")):
+                tensor.fill_(1.0)
+            else:
+                tensor.normal_(0, 0.02, generator=generator)
+    return module.eval()
+
+
+def _openvino_runner(module, example: tuple, dtype_name: str):
+    """A callable running `module` through OpenVINO on the CPU, or None when openvino is missing."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.compile_model(ov.convert_model(module, example_input=example), "CPU",
+                                {"INFERENCE_PRECISION_HINT": "bf16" if dtype_name == "bf16" else "f32"})
+    inputs = [t.numpy() for t in example]
+    return lambda: compiled(inputs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=["sd15", "ip2p", "mobilediffusion"], default="sd15")
+    parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent side = res / 8)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="fastdiff's weights and activations")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row (median reported)")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this long (>= 3 runs kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when installed")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+
+def _sd_rows(args, dtype):
+    from diffusers import UNet2DConditionModel
+
+    from fastdiff.models.unet_2d_condition import UNet2DCondition
+
+    config = dict(SD15_CONFIG, in_channels=8 if args.model == "ip2p" else 4)
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    reference = _fill_random(reference)
+    side = args.res // 8
+    sample = torch.randn(args.batch, config["in_channels"], side, side)
+    timestep = torch.full((args.batch,), 500)
+    context = torch.randn(args.batch, 77, 768)
+    time = lambda fn: median_ms(fn, repeats=args.repeats, budget_s=args.budget_s)  # noqa: E731
+
+    fast = UNet2DCondition.from_diffusers(reference, dtype=dtype)  # fp32: shares the reference's weights
+    sample_cl = sample.contiguous(memory_format=torch.channels_last)
+    fast_sample, fast_context = sample_cl.to(dtype), context.to(dtype)
+    results = [(f"fastdiff {args.dtype}", time(lambda: fast(fast_sample, timestep, fast_context)))]
+    del fast
+    results.append(("diffusers eager fp32", time(lambda: reference(sample, timestep, context))))
+
+    reference_cl = reference.to(memory_format=torch.channels_last)
+
+    def autocast_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return reference_cl(sample_cl, timestep, context)
+
+    results.append(("diffusers bf16 autocast channels_last", time(autocast_bf16)))
+    if not args.no_openvino:
+        for ov_dtype in ("fp32", "bf16"):
+            runner = _openvino_runner(reference, (sample, timestep, context), ov_dtype)
+            if runner is None:
+                break
+            results.append((f"OpenVINO {ov_dtype}", time(runner)))
+    return results
+
+
+def _mobilediffusion_rows(args, dtype):
+    from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
+
+    config = MobileDiffusionConfig.from_preset("mobilediffusion", sample_size=args.res // 8)
+    with torch.device("meta"):
+        model = MobileDiffusionUNet(config)
+    model = _fill_random(model).to(dtype)
+    side = args.res // 8
+    sample = torch.randn(args.batch, config.in_channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    timestep = torch.full((args.batch,), 500)
+    context = torch.randn(args.batch, 77, config.cross_attention_dim).to(dtype)
+    step = lambda: model(sample, timestep, context)  # noqa: E731
+    results = [(f"fastdiff {args.dtype}", median_ms(step, repeats=args.repeats, budget_s=args.budget_s))]
+    with ops.use_backend("reference"):
+        results.append((f"fastdiff {args.dtype}, reference backend", median_ms(step, repeats=args.repeats, budget_s=args.budget_s)))
+    if not args.no_openvino:
+        with ops.use_backend("reference"):  # OpenVINO traces plain PyTorch ops
+            runner = _openvino_runner(model.float(), (sample.float(), timestep, context.float()), args.dtype)
+        if runner is not None:
+            results.append((f"OpenVINO {args.dtype} (same module)", median_ms(runner, repeats=args.repeats, budget_s=args.budget_s)))
+    return results
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.res % 64:
+        raise ValueError(f"--res: expected a multiple of 64, got {args.res}")
+    dtype = _DTYPES[args.dtype]
+    backend = ops.selected_name("cpu")
+    print(f"UNet step: {args.model} at {args.res}x{args.res}, batch {args.batch}, fastdiff {args.dtype} on the {backend} "
+          f"backend, {torch.get_num_threads()} threads; median of {args.repeats}; speedup = baseline / fastdiff")
+    with torch.inference_mode():
+        results = (_mobilediffusion_rows if args.model == "mobilediffusion" else _sd_rows)(args, dtype)
+    fast_ms = results[0][1]
+    rows = [[name, f"{ms:.0f}", "-" if i == 0 else f"{ms / fast_ms:.2f}x"] for i, (name, ms) in enumerate(results)]
+    print(format_table(["run", "ms / step", "fastdiff speedup"], rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "res": args.res, "batch": args.batch, "dtype": args.dtype, "backend": backend,
+                       "threads": torch.get_num_threads(), "rows": [{"run": n, "ms": ms} for n, ms in results]}, f, indent=2)
+    return 0
