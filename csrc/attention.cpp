@@ -1,0 +1,438 @@
+// attention(q, k, v, scale, relu): multi-head attention on the CPU, flash style.
+//
+//   out[b, i, h] = Σ_j w(q_i · k_j) v_j  with  w = softmax_j(scale · q_i · k_j)
+//                                          or  w = relu(scale · q_i · k_j) / Lk   (relu=true)
+//
+// q: (B, Lq, H, D), k, v: (B, Lk, H, D), any strides with a unit last one (slices of a fused QKV
+// projection are read in place); v absent = shared K/V. Output (B, Lq, H, D) contiguous.
+//
+// Work items are (batch, head, block of BQ queries), split over threads with at::parallel_for.
+// A block keeps its queries' running max / sum and a D x BQ fp32 accumulator in L1 and streams
+// K and V in blocks of BK keys (online softmax; no Lq x Lk matrix anywhere). Lk <= 256 (e.g. 77
+// text tokens) is a single block: the exact softmax in one pass, no rescaling. Memory traffic:
+// Q and out once, K and V once per query block (L2-resident for the SD / MobileDiffusion sizes).
+//
+// Paths, chosen at run time (fastdiff::simd()):
+//   AVX-512 + BF16, bf16 inputs: S = Q·Kᵀ and O += P·V with vdpbf16ps (fp32 accumulation); Q and
+//     V are packed into VNNI pairs (Q per block, V once per head), K is read in place because its
+//     pairs run along D; P is rounded to bf16 for the second product, like FlashAttention.
+//   AVX-512 / AVX2, fp32 (and bf16 inputs converted to fp32 up front): attention_flash.h.
+//   Scalar: one query row at a time (no SIMD at all on this CPU).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+#include "cpu_features.h"
+#include "registry.h"
+
+namespace fastdiff {
+namespace {
+
+using bf16 = at::BFloat16;
+
+// Shapes, strides (in elements) and the scalars the kernels need; shared by every path.
+struct Problem {
+  int64_t B, Lq, Lk, H, D;
+  const void* q;
+  int64_t q_sb, q_sl, q_sh;
+  void* out;           // (B, Lq, H, D), contiguous
+  float exp2_scale;    // |scale|·log2(e): softmax weights are 2^((s - max s)·exp2_scale)
+  float relu_scale;    // |scale| / Lk
+  bool negate_q;       // scale < 0: Q is negated while packed (exact), so kernels see |scale|
+  bool relu;
+  int64_t block_k;     // keys per block: Lk when Lk <= kSinglePassKeys (one exact pass), else even
+  int64_t q_blocks;    // ceil(Lq / BQ) for the path's BQ
+};
+
+constexpr int64_t kSinglePassKeys = 256;
+constexpr int64_t kFlashBlockKeys = 128;
+
+// 64-byte aligned scratch, one per thread chunk.
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : ptr_(static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64))) {
+    TORCH_CHECK(ptr_ != nullptr, "attention: out of memory for ", n * sizeof(T), " bytes of scratch");
+  }
+  T* data() { return ptr_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr_;
+};
+using ScratchF32 = Scratch<float>;
+
+// 2^f on [-0.5, 0.5], relative error 1.1e-7 (least squares on Chebyshev nodes).
+constexpr float kExp2C1 = 0.6931468844f, kExp2C2 = 0.2402223796f, kExp2C3 = 0.0555089302f,
+                kExp2C4 = 0.0096717076f, kExp2C5 = 0.0013218677f;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+namespace {
+
+struct Vec {
+  using Reg = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr int kMaxRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast of 32 zmm
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+  static Reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
+  // 2^x for x <= ~0: split x = n + f, polynomial for 2^f, vscalefps for the 2^n.
+  static Reg exp2(Reg x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+    const Reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Reg f = _mm512_sub_ps(x, n);
+    Reg poly = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C5), f, _mm512_set1_ps(kExp2C4));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C3));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C2));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C1));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(poly, n);
+  }
+};
+
+#include "attention_flash.h"
+
+}  // namespace
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// bf16 x bf16 -> fp32 dot products (vdpbf16ps). Reuses the AVX-512 softmax / store helpers.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+namespace avx512 {
+namespace {
+
+inline __m512bh as_pairs(__m512i x) { return (__m512bh)x; }
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return bits;
+}
+
+// Like tile_f32, with B in VNNI pairs (B2[t][i] = {B[2t][i], B[2t+1][i]}, kBlockQ pairs a row)
+// and A(r, pair t) = the two bf16 at a[r·a_row + t·a_step]. odd_tail: one more step that uses
+// only the first element of A's pair (head dim D odd; the packed Q has a zero there).
+template <int R, bool kAccumulate>
+inline void tile_bf16(const uint16_t* a, int64_t a_row, int64_t a_step, const uint16_t* b, int64_t pairs,
+                      bool odd_tail, float* c, const Reg* alpha) {
+  Reg acc[R][kQueryVecs];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < kQueryVecs; ++q) acc[r][q] = Vec::zero();
+  auto step = [&](int64_t t, auto load_a) {
+    __m512i bv[kQueryVecs];
+    for (int q = 0; q < kQueryVecs; ++q) bv[q] = _mm512_loadu_si512(b + (t * kBlockQ + q * Vec::kWidth) * 2);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(load_a(a + r * a_row + t * a_step)));
+      for (int q = 0; q < kQueryVecs; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], as_pairs(av), as_pairs(bv[q]));
+    }
+  };
+  for (int64_t t = 0; t < pairs; ++t) step(t, load_pair);
+  if (odd_tail) step(pairs, [](const uint16_t* p) { return uint32_t{*p}; });
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < kQueryVecs; ++q) {
+      float* dst = c + r * kBlockQ + q * Vec::kWidth;
+      Vec::store(dst, kAccumulate ? Vec::fma(Vec::load(dst), alpha[q], acc[r][q]) : acc[r][q]);
+    }
+}
+
+template <bool kAccumulate, int R = Vec::kMaxRows>
+inline void tile_bf16_rows(int rows, const uint16_t* a, int64_t a_row, int64_t a_step, const uint16_t* b,
+                           int64_t pairs, bool odd_tail, float* c, const Reg* alpha) {
+  if constexpr (R > 1)
+    if (rows < R)
+      return tile_bf16_rows<kAccumulate, R - 1>(rows, a, a_row, a_step, b, pairs, odd_tail, c, alpha);
+  tile_bf16<R, kAccumulate>(a, a_row, a_step, b, pairs, odd_tail, c, alpha);
+}
+
+// Qt2[d / 2][i][d % 2] = ±q_i[d]; zeros for padding queries and the odd-D tail.
+inline void pack_q_bf16(const Problem& p, const uint16_t* q, int64_t valid, uint16_t* qt) {
+  const int64_t pairs = (p.D + 1) / 2;
+  const uint16_t sign = p.negate_q ? 0x8000 : 0;
+  if (valid < kBlockQ || (p.D & 1)) std::memset(qt, 0, pairs * kBlockQ * 2 * sizeof(uint16_t));
+  for (int64_t i = 0; i < valid; ++i)
+    for (int64_t d = 0; d < p.D; ++d) qt[((d >> 1) * kBlockQ + i) * 2 + (d & 1)] = q[i * p.q_sl + d] ^ sign;
+}
+
+// Two P rows (fp32, kWidth queries each) -> one row of kWidth bf16 pairs.
+inline void store_p_pairs(uint16_t* dst, Reg p0, Reg p1) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 in the low 16, p1 in the high 16
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, halves));
+}
+
+// k: bf16 in place (strides of the Problem's k); vp: V of every (b, h) in VNNI pairs,
+// vp[bh][j / 2][d][j % 2], keys padded to an even count with zeros.
+void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl, int64_t k_sh,
+                const uint16_t* vp, int64_t begin, int64_t end) {
+  const int64_t d_pairs = (p.D + 1) / 2, k_pairs = (p.Lk + 1) / 2;
+  Scratch<uint16_t> qt(d_pairs * kBlockQ * 2), pw((p.block_k + 1) / 2 * kBlockQ * 2);
+  ScratchF32 s(p.block_k * kBlockQ), o(p.D * kBlockQ), m(kBlockQ), l(kBlockQ);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t qb = item % p.q_blocks, bh = item / p.q_blocks, b = bh / p.H, h = bh % p.H;
+    const int64_t q0 = qb * kBlockQ, valid = std::min<int64_t>(kBlockQ, p.Lq - q0);
+    pack_q_bf16(p, static_cast<const uint16_t*>(p.q) + b * p.q_sb + q0 * p.q_sl + h * p.q_sh, valid, qt.data());
+    const uint16_t* kbh = k + b * k_sb + h * k_sh;
+    const uint16_t* vbh = vp + bh * k_pairs * p.D * 2;
+    for (int64_t j0 = 0; j0 < p.Lk; j0 += p.block_k) {
+      const int64_t nk = std::min(p.block_k, p.Lk - j0);
+      const bool first = j0 == 0;
+      for_each_row_tile(nk, Vec::kMaxRows, [&](int64_t r0, int rows) {
+        tile_bf16_rows<false>(rows, kbh + (j0 + r0) * k_sl, k_sl, 2, qt.data(), p.D / 2, p.D & 1,
+                              s.data() + r0 * kBlockQ, nullptr);
+      });
+      Reg alpha[kQueryVecs];
+      auto store_p = [&](int64_t j, int q, Reg p0, Reg p1) {
+        store_p_pairs(pw.data() + ((j / 2) * kBlockQ + q * Vec::kWidth) * 2, p0, p1);
+      };
+      if (p.relu) {
+        relu_block(s.data(), nk, p.relu_scale, store_p);
+        for (int q = 0; q < kQueryVecs; ++q) alpha[q] = Vec::set1(1.f);
+      } else {
+        softmax_block(s.data(), nk, m.data(), l.data(), alpha, first, p.exp2_scale, store_p);
+      }
+      for_each_row_tile(p.D, Vec::kMaxRows, [&](int64_t d0, int rows) {
+        const uint16_t* va = vbh + ((j0 / 2) * p.D + d0) * 2;
+        const int64_t pairs = (nk + 1) / 2;
+        if (first) tile_bf16_rows<false>(rows, va, 2, 2 * p.D, pw.data(), pairs, false, o.data() + d0 * kBlockQ, nullptr);
+        else tile_bf16_rows<true>(rows, va, 2, 2 * p.D, pw.data(), pairs, false, o.data() + d0 * kBlockQ, alpha);
+      });
+    }
+    store_output(p, o.data(), l.data(), valid, static_cast<bf16*>(p.out) + ((b * p.Lq + q0) * p.H + h) * p.D);
+  }
+}
+
+}  // namespace
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+namespace {
+
+struct Vec {
+  using Reg = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 B vectors + 1 broadcast of 16 ymm
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg set1(float x) { return _mm256_set1_ps(x); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
+  static Reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
+  // 2^x for x <= ~0: polynomial for the fraction, exponent bits built from the integer part.
+  static Reg exp2(Reg x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
+    const Reg n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Reg f = _mm256_sub_ps(x, n);
+    Reg poly = _mm256_fmadd_ps(_mm256_set1_ps(kExp2C5), f, _mm256_set1_ps(kExp2C4));
+    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C3));
+    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C2));
+    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C1));
+    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+  }
+};
+
+#include "attention_flash.h"
+
+}  // namespace
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// No SIMD: one query row at a time, exact softmax over a row of Lk scores.
+template <class T>
+void attention_scalar(const Problem& p, const T* k, int64_t k_sb, int64_t k_sl, int64_t k_sh, const T* v,
+                      int64_t v_sb, int64_t v_sl, int64_t v_sh, int64_t begin, int64_t end) {
+  std::vector<float> scores(p.Lk), acc(p.D), qrow(p.D);
+  const float sign = p.negate_q ? -1.f : 1.f;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t i = row % p.Lq, bh = row / p.Lq, b = bh / p.H, h = bh % p.H;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + i * p.q_sl + h * p.q_sh;
+    for (int64_t d = 0; d < p.D; ++d) qrow[d] = sign * static_cast<float>(q[d]);
+    float max_score = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < p.Lk; ++j) {
+      const T* kj = k + b * k_sb + j * k_sl + h * k_sh;
+      float dot = 0.f;
+      for (int64_t d = 0; d < p.D; ++d) dot += qrow[d] * static_cast<float>(kj[d]);
+      scores[j] = dot;
+      max_score = std::max(max_score, dot);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < p.Lk; ++j) {
+      scores[j] = p.relu ? std::max(scores[j], 0.f) * p.relu_scale : std::exp2((scores[j] - max_score) * p.exp2_scale);
+      sum += scores[j];
+    }
+    const float norm = p.relu ? 1.f : 1.f / sum;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < p.Lk; ++j) {
+      const T* vj = v + b * v_sb + j * v_sl + h * v_sh;
+      for (int64_t d = 0; d < p.D; ++d) acc[d] += scores[j] * static_cast<float>(vj[d]);
+    }
+    T* out = static_cast<T*>(p.out) + ((b * p.Lq + i) * p.H + h) * p.D;
+    for (int64_t d = 0; d < p.D; ++d) out[d] = static_cast<T>(acc[d] * norm);
+  }
+}
+
+// bf16 (B, Lk, H, D) with strides -> fp32 (B, H, Lk, D) contiguous, for the fp32 SIMD paths.
+at::Tensor keys_to_f32(const at::Tensor& x) { return x.to(at::kFloat).permute({0, 2, 1, 3}).contiguous(); }
+
+// V of every (b, h) in VNNI pairs: out[bh][j / 2][d][j % 2], an odd Lk padded with a zero key.
+at::Tensor pack_v_pairs(const at::Tensor& v) {
+  const int64_t B = v.size(0), Lk = v.size(1), H = v.size(2), D = v.size(3), pairs = (Lk + 1) / 2;
+  at::Tensor packed = at::empty({B * H, pairs, D, 2}, v.options().dtype(at::kBFloat16));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<bf16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<bf16>());
+  const int64_t sb = v.stride(0), sl = v.stride(1), sh = v.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const uint16_t* vbh = src + (bh / H) * sb + (bh % H) * sh;
+      uint16_t* out = dst + bh * pairs * D * 2;
+      for (int64_t j = 0; j < pairs * 2; ++j)
+        for (int64_t d = 0; d < D; ++d)
+          out[((j >> 1) * D + d) * 2 + (j & 1)] = j < Lk ? vbh[j * sl + d] : uint16_t{0};
+    }
+  });
+  return packed;
+}
+
+void check_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (batch, seqlen, heads, headdim) tensor, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              ": expected float32 or bfloat16, got ", t.scalar_type());
+}
+
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const std::optional<at::Tensor>& v_opt,
+                     double scale, bool relu) {
+  check_operand(q_in, "q");
+  check_operand(k_in, "k");
+  const bool shared_kv = !v_opt.has_value() || !v_opt->defined();
+  if (!shared_kv) check_operand(*v_opt, "v");
+  const int64_t B = q_in.size(0), Lq = q_in.size(1), H = q_in.size(2), D = q_in.size(3), Lk = k_in.size(1);
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k: dtype ", k_in.scalar_type(), " differs from q's ",
+              q_in.scalar_type());
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(2) == H && k_in.size(3) == D, "k: expected (batch=", B,
+              ", seqlen_k, heads=", H, ", headdim=", D, ") to match q ", q_in.sizes(), ", got ", k_in.sizes());
+  if (!shared_kv) {
+    TORCH_CHECK(v_opt->scalar_type() == q_in.scalar_type(), "v: dtype ", v_opt->scalar_type(), " differs from q's ",
+                q_in.scalar_type());
+    TORCH_CHECK(v_opt->sizes() == k_in.sizes(), "v: expected the shape of k ", k_in.sizes(), ", got ", v_opt->sizes());
+  }
+  TORCH_CHECK(D >= 8 && D <= 256, "q: head dim must be in 8..256, got ", D);
+  TORCH_CHECK(B >= 1 && H >= 1 && Lq >= 1 && Lk >= 1, "q, k: batch, heads and sequence lengths must be >= 1, got q ",
+              q_in.sizes(), ", k ", k_in.sizes());
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
+  const at::Tensor v = shared_kv ? k : unit_last_stride(*v_opt);
+  at::Tensor out = new_output({B, Lq, H, D}, q.options());
+  const bool is_bf16 = q.scalar_type() == at::kBFloat16;
+
+  Problem p{};
+  p.B = B, p.Lq = Lq, p.Lk = Lk, p.H = H, p.D = D;
+  p.q = q.data_ptr(), p.q_sb = q.stride(0), p.q_sl = q.stride(1), p.q_sh = q.stride(2);
+  p.out = out.data_ptr();
+  p.exp2_scale = static_cast<float>(std::fabs(scale) * M_LOG2E);
+  p.relu_scale = static_cast<float>(std::fabs(scale) / static_cast<double>(Lk));
+  p.negate_q = scale < 0;
+  p.relu = relu;
+  p.block_k = Lk <= kSinglePassKeys ? Lk : kFlashBlockKeys;
+
+  const Simd level = simd();
+  if (level == Simd::kScalar) {
+    at::parallel_for(0, B * H * Lq, 1, [&](int64_t begin, int64_t end) {
+      if (is_bf16)
+        attention_scalar(p, k.data_ptr<bf16>(), k.stride(0), k.stride(1), k.stride(2), v.data_ptr<bf16>(),
+                         v.stride(0), v.stride(1), v.stride(2), begin, end);
+      else
+        attention_scalar(p, k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.data_ptr<float>(),
+                         v.stride(0), v.stride(1), v.stride(2), begin, end);
+    });
+    return out;
+  }
+
+  if (is_bf16 && level == Simd::kAvx512Bf16) {
+    const at::Tensor vp = pack_v_pairs(v);
+    p.q_blocks = (Lq + avx512::kBlockQ - 1) / avx512::kBlockQ;
+    const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<bf16>());
+    const auto* vpp = reinterpret_cast<const uint16_t*>(vp.data_ptr<bf16>());
+    at::parallel_for(0, B * H * p.q_blocks, 1, [&](int64_t begin, int64_t end) {
+      avx512::flash_bf16(p, kp, k.stride(0), k.stride(1), k.stride(2), vpp, begin, end);
+    });
+    return out;
+  }
+
+  // fp32 SIMD paths; bf16 inputs without BF16 dot products are converted to fp32 first.
+  const at::Tensor kf = is_bf16 ? keys_to_f32(k) : k;
+  const at::Tensor vf = !is_bf16 ? v : (shared_kv ? kf : keys_to_f32(v));
+  // keys_to_f32 gives (B, H, Lk, D); the inputs are (B, Lk, H, D): strides say which.
+  const int64_t k_sb = kf.stride(0), k_sl = is_bf16 ? kf.stride(2) : kf.stride(1), k_sh = is_bf16 ? kf.stride(1) : kf.stride(2);
+  const int64_t v_sb = vf.stride(0), v_sl = is_bf16 ? vf.stride(2) : vf.stride(1), v_sh = is_bf16 ? vf.stride(1) : vf.stride(2);
+  const float* kd = kf.data_ptr<float>();
+  const float* vd = vf.data_ptr<float>();
+  const bool wide = level >= Simd::kAvx512;
+  p.q_blocks = wide ? (Lq + avx512::kBlockQ - 1) / avx512::kBlockQ : (Lq + avx2::kBlockQ - 1) / avx2::kBlockQ;
+  at::parallel_for(0, B * H * p.q_blocks, 1, [&](int64_t begin, int64_t end) {
+    if (wide && is_bf16) avx512::flash_f32<bf16>(p, kd, vd, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, begin, end);
+    else if (wide) avx512::flash_f32<float>(p, kd, vd, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, begin, end);
+    else if (is_bf16) avx2::flash_f32<bf16>(p, kd, vd, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, begin, end);
+    else avx2::flash_f32<float>(p, kd, vd, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, begin, end);
+  });
+  return out;
+}
+
+void bind(pybind11::module_& m) {
+  m.def("attention", &attention,
+        "attention(q, k, v_or_None, scale, relu) -> (B, Lq, H, D): softmax(scale·q·kᵀ)·v, or "
+        "relu(scale·q·kᵀ)·v / Lk; q (B, Lq, H, D), k and v (B, Lk, H, D), v=None for shared K/V.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("scale"), pybind11::arg("relu"));
+}
+FASTDIFF_BIND(bind);
+
+}  // namespace
+}  // namespace fastdiff
