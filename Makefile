@@ -20,7 +20,7 @@ $(STAMP): $(PY) requirements-cpu.txt pyproject.toml setup.py $(wildcard csrc/*.c
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fastdiff.bench kernels
+	$(PY) -m fastdiff.demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
