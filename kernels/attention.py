@@ -72,8 +72,7 @@ def _attention_kernel(
         s = _scores(q, k_tile, DOT_PRECISION) * score_scale
         if RELU:
             # Padded keys are zero rows, so their scores are 0 and relu keeps them 0.
-            p = tl.maximum(s, 0.0) * inv_seqlen_k
-            acc = tl.dot(p.to(p_dtype), v_tile, input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.maximum(s, 0.0).to(p_dtype), v_tile, input_precision=DOT_PRECISION)
         else:
             s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, axis=1)[:, None])
@@ -94,8 +93,7 @@ def _attention_kernel(
                 v_tile = tl.load(v_base + n_idx[:, None] * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
             s = _scores(q, k_tile, DOT_PRECISION) * score_scale
             if RELU:
-                p = tl.maximum(s, 0.0) * inv_seqlen_k
-                acc = tl.dot(p.to(p_dtype), v_tile, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(tl.maximum(s, 0.0).to(p_dtype), v_tile, acc, input_precision=DOT_PRECISION)
             else:
                 s = tl.where(key_ok[None, :], s, float("-inf"))
                 # Every tile holds at least one real key, so m_new is finite and alpha well defined.
@@ -107,6 +105,9 @@ def _attention_kernel(
                 m_i = m_new
         if not RELU:
             acc = acc / l_i[:, None]
+    if RELU:
+        # 1/Lk applied once at the end: scaling the weights first would push fp16 ones toward subnormals.
+        acc = acc * inv_seqlen_k
 
     out_base = out_ptr + batch * stride_ob + head * stride_oh
     tl.store(out_base + rows[:, None] * stride_om + dims[None, :], acc.to(out_ptr.dtype.element_ty),
