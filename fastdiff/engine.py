@@ -104,7 +104,7 @@ class Engine:
                     continue  # cancelled by its owner while queued
                 try:
                     prepare = self.pipe._prepare_generate if kind == "generate" else self.pipe._prepare_edit
-                    request = prepare(*args, progress=False, **kwargs)
+                    request = prepare(*args, **kwargs)
                     if kind == "generate" and len(request.jobs) != 1:
                         raise ValueError("num_images: the engine takes one image per request; submit several requests")
                 except Exception as exc:

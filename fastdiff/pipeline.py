@@ -177,7 +177,7 @@ class Pipeline:
             raise PipelineError(f"seed: expected an integer or None, got {seed!r}")
         return torch.Generator("cpu").manual_seed(seed)
 
-    def _new_job(self, sampler_name, steps, context, combine, generator, shape, latents=None, image_latents=None, progress=None):
+    def _new_job(self, sampler_name, steps, context, combine, generator, shape, latents=None, image_latents=None):
         run = make_sampler(sampler_name or self.defaults.sampler, self.scheduler_config).start(steps)
         device = _module_device(self.unet)
         if latents is None:
@@ -187,7 +187,7 @@ class Pipeline:
                 raise PipelineError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=torch.float32) * run.init_noise_sigma
         return Job(run=run, latents=latents, context=context.to(device), combine=combine, generator=generator,
-                   image_latents=image_latents, on_step=progress)
+                   image_latents=image_latents)
 
     def _decode(self, latents_list, output_type):
         with torch.inference_mode():
@@ -196,7 +196,7 @@ class Pipeline:
 
     def _prepare_generate(self, prompt=None, *, negative_prompt=None, steps=None, guidance_scale=None, height=None,
                           width=None, seed=None, sampler=None, num_images=1, prompt_embeds=None,
-                          negative_prompt_embeds=None, latents=None, output_type="pil", progress=None) -> _Request:
+                          negative_prompt_embeds=None, latents=None, output_type="pil") -> _Request:
         if self.is_editor:
             raise PipelineError("generate: this is an editing model (8-channel UNet); use edit()")
         steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
@@ -223,14 +223,14 @@ class Pipeline:
         base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         jobs = [
             self._new_job(sampler, steps, context, combine, self._generator(base_seed + i), shape,
-                          None if latents is None else latents[i : i + 1], progress=progress)
+                          None if latents is None else latents[i : i + 1])
             for i in range(num_images)
         ]
         return _Request(jobs, lambda final: self._decode(final, output_type))
 
     def _prepare_edit(self, image, instruction=None, *, steps=None, guidance_scale=None, image_guidance_scale=None,
                       seed=None, sampler=None, instruction_embeds=None, img_hidden_states=None, latents=None,
-                      output_type="pil", progress=None) -> _Request:
+                      output_type="pil") -> _Request:
         if not self.is_editor:
             raise PipelineError("edit: this is a text-to-image model; use generate() (editing needs an 8-channel UNet)")
         steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
@@ -258,7 +258,7 @@ class Pipeline:
         else:
             combine = no_guidance
         shape = (1, self.latent_channels, *image_latents.shape[2:])
-        job = self._new_job(sampler, steps, context, combine, self._generator(seed), shape, latents, image_latents, progress)
+        job = self._new_job(sampler, steps, context, combine, self._generator(seed), shape, latents, image_latents)
         return _Request([job], lambda final: self._decode(final, output_type))
 
     def _mgie_context(self, img_hidden_states):
@@ -283,9 +283,11 @@ class Pipeline:
     def _run(self, prepare, args, kwargs, progress):
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="denoising", unit="step", disable=not progress, leave=False)
-        request = prepare(*args, progress=lambda _: bar.update(1), **kwargs)
-        bar.total = sum(job.run.num_steps for job in request.jobs)
+        request = prepare(*args, **kwargs)
+        bar = tqdm(total=sum(job.run.num_steps for job in request.jobs), desc="denoising", unit="step",
+                   disable=not progress, leave=False)
+        for job in request.jobs:
+            job.on_step = lambda _: bar.update(1)
         try:
             while not all(job.done for job in request.jobs):
                 step_jobs(self.unet, [job for job in request.jobs if not job.done])

@@ -1,0 +1,78 @@
+"""The `fastdiff` command: generate/edit write images, validate reports PASS/FAIL, errors are one line."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdiff import cli
+from fastdiff.default_model import default_pipeline
+
+
+def test_info_lists_backends_and_cpu(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("reference", "cpp", "triton"):
+        assert f"backend {name}" in out
+    assert "CPU:" in out
+
+
+def test_console_entry_point_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "fastdiff 0.1.0" in result.stdout
+
+
+def test_generate_writes_an_image_of_the_model_size(tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert cli.main(["generate", "a cat", "-o", str(out), "--model", "small", "--seed", "3"]) == 0
+    image = Image.open(out)
+    size = default_pipeline("generate", "small").defaults.size
+    assert image.size == (size, size) and image.mode == "RGB"
+    assert "UNTRAINED" in capsys.readouterr().out  # the embedded model says what it is
+
+
+def test_generate_is_deterministic_for_a_seed(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path, seed in zip(paths, (5, 5, 6)):
+        assert cli.main(["generate", "a cat", "-o", str(path), "--model", "small", "--seed", str(seed), "--sampler", "euler",
+                         "--steps", "2"]) == 0
+    a, b, c = (np.asarray(Image.open(p)) for p in paths)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_edit_keeps_the_input_size_rounded_to_8(tmp_path):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 61, 3), dtype=np.uint8)).convert("L").save(source)
+    out = tmp_path / "out.png"
+    assert cli.main(["edit", str(source), "make it snowy", "-o", str(out), "--model", "small", "--steps", "2"]) == 0
+    assert Image.open(out).size == (56, 64)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["edit", "/no/such/image.png", "snow", "-o", "{tmp}/o.png", "--model", "small"], "image: cannot read"),
+        (["generate", "a cat", "-o", "/no/such/folder/o.png", "--model", "small"], "-o/--output: folder"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--steps", "0"], "steps: expected a positive integer"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "{tmp}/missing"], "folder: no directory"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--sampler", "plms"], "name: expected one of"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="steps"):
+        cli.main(["--debug", "generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", "small", "--steps", "0"])
+
+
+def test_validate_passes_on_this_machine(capsys):
+    assert cli.main(["validate"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and " 0 failed" in out
+    assert "unet (small random)" in out and "vae decode" in out
