@@ -1,0 +1,130 @@
+"""Ablation table: MobileDiffusion's UNet with each design choice reverted in turn (params, MACs, CPU latency vs the paper).
+
+Each row builds the default "mobilediffusion" preset with one change undone and reports its
+parameters, MACs (counted on the meta device: conv + linear + attention matmuls) and, with
+--latency, the median CPU time of a forward pass at --res (batch 1, 77 text tokens) on random
+weights. The "default vs row" columns give what the design choice buys, in the paper's sign
+convention: default / row - 1 for parameters and MACs (negative = the default is smaller), and
+row latency / default latency - 1 for speed (positive = the default is faster). The last column
+is the figure MobileDiffusion reports for that choice.
+
+Reverting a choice does not always recreate the paper's exact baseline (it ablated while
+designing); e.g. "transformers at 64x64" adds SD-style full blocks there on top of the core.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import fastdiff.ops as ops
+from fastdiff.bench.timing import format_table, median_ms
+from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet, summarize
+
+DEFAULT = MobileDiffusionConfig.from_preset("mobilediffusion")
+
+# (row name, config with the choice reverted, what the paper reports for the choice)
+VARIANTS = [
+    ("MobileDiffusion (default)", DEFAULT, ""),
+    ("transformers at 64x64", DEFAULT.replace(transformer_depth=(1,) + DEFAULT.transformer_depth[1:],
+                                              cross_attention_only=(False,) + DEFAULT.cross_attention_only[1:]),
+     "cost -26%"),
+    ("self-attention at 32x32", DEFAULT.replace(cross_attention_only=(True, False, True)), "cost -15%"),
+    ("separate K and V", DEFAULT.replace(shared_kv=False), "params -5%"),
+    ("FF expansion 8", DEFAULT.replace(ff_expansion=8), "-10%"),
+    ("dense 3x3 convs", DEFAULT.replace(separable_conv=(False, False, False)), "-10%"),
+    ("22 residual blocks", DEFAULT.replace(down_layers=(2, 2, 2), up_layers=(3, 3, 3), mid_layers=7),
+     "speed +19%, params -15%"),
+    ("ReLU attention (on)", DEFAULT.replace(relu_attention=True), "(a switch, not reverted)"),
+]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure CPU forward latency (slow at 512: tens of seconds per row)")
+    parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent = res / 8); 256 is 4x quicker")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights and activations for latency")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per row (median reported)")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this long (>= 3 runs kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--backend", choices=["auto", *ops.BACKENDS], default="auto", help="fastdiff.ops backend for latency")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+
+def _random_model(config: MobileDiffusionConfig, dtype: torch.dtype) -> MobileDiffusionUNet:
+    """Random weights without the cost of nn.init on ~400M parameters: build on meta, allocate, fill."""
+    with torch.device("meta"):
+        model = MobileDiffusionUNet(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2]:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.02))
+    return model.eval()
+
+
+def _latency_ms(config: MobileDiffusionConfig, args) -> float:
+    dtype = _DTYPES[args.dtype]
+    model = _random_model(config, dtype)
+    side = config.sample_size
+    sample = torch.randn(1, config.in_channels, side, side).to(dtype)
+    context = torch.randn(1, config.text_length, config.cross_attention_dim).to(dtype)
+    return median_ms(lambda: model(sample, 500, context), warmup=1, repeats=args.repeats, budget_s=args.budget_s)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{100 * (value / base - 1):+.0f}%"
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.res % 8 or args.res < 8 * 4:
+        raise SystemExit(f"--res: expected a multiple of 8 that is at least 32, got {args.res}")
+    latent = args.res // 8
+    backend = args.backend if args.backend != "auto" else ops.selected_name("cpu")
+    results = []
+    for name, config, paper in VARIANTS:
+        config = config.replace(sample_size=latent)
+        s = summarize(config)
+        row = {"variant": name, "params": s.params, "macs": s.total_macs, "module_macs": s.module_macs,
+               "resnets": config.num_resnets, "paper": paper}
+        if args.latency:
+            start = time.perf_counter()
+            with ops.use_backend(backend):
+                row["latency_ms"] = _latency_ms(config, args)
+            print(f"  {name}: {row['latency_ms']:.0f} ms (row took {time.perf_counter() - start:.0f} s)", flush=True)
+        results.append(row)
+
+    base = results[0]
+    headers = ["variant", "resnets", "params (M)", "GMACs", "default vs row: params", "MACs"]
+    if args.latency:
+        headers += ["latency (ms)", "default speed-up"]
+    headers += ["paper"]
+    rows = []
+    for r in results:
+        is_base = r is base
+        cells = [r["variant"], str(r["resnets"]), f"{r['params'] / 1e6:.1f}", f"{r['macs'] / 1e9:.1f}",
+                 "" if is_base else _ratio(base["params"], r["params"]), "" if is_base else _ratio(base["macs"], r["macs"])]
+        if args.latency:
+            cells += [f"{r['latency_ms']:.0f}", "" if is_base else _ratio(r["latency_ms"], base["latency_ms"])]
+        cells.append(r["paper"])
+        rows.append(cells)
+    where = f"{args.res}x{args.res} (latent {latent}x{latent}), batch 1, 77 text tokens"
+    print(f"MobileDiffusion ablations at {where}; MACs include attention matmuls")
+    if args.latency:
+        print(f"latency: median of up to {args.repeats} forward passes, {args.dtype}, backend {backend}, "
+              f"{torch.get_num_threads()} threads, random weights")
+    print(format_table(headers, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"resolution": args.res, "dtype": args.dtype, "backend": backend if args.latency else None,
+                       "threads": torch.get_num_threads(), "rows": results}, f, indent=2)
+    return 0
