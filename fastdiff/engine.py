@@ -4,13 +4,18 @@
         futures = [engine.submit_edit(image, "make it snowy", seed=i) for i in range(8)]
         images = [f.result() for f in futures]
 
-One worker thread owns the models. At every denoising step it admits queued requests (up to
-max_batch running at once), then advances all running jobs by one step with `step_jobs`: the
-guidance branches of every request (3 per edit, 2 per guided generation, 1 unguided) go into one
-UNet call with per-row timesteps, and each request applies its own guidance and takes its own
-sampler step, with its own generator. A request that arrives mid-way starts at the next step;
-one that finishes is decoded and leaves. A request whose preparation fails (bad image, bad
-number) fails its own future; the others go on.
+One worker thread owns the models. Before every denoising step it admits queued requests (up to
+max_batch running at once), then advances all running jobs by one step: the guidance branches
+of every request (3 per guided edit, 2 per guided generation, 1 unguided) go into one UNet call
+with per-row timesteps (one call per latent size / context length when requests differ), and
+each request applies its own guidance and takes its own sampler step with its own generator, so
+requests with different step counts, samplers, scales and seeds share calls and each gets the
+image it would get alone. A request that arrives mid-way starts at the next step; one that
+finishes is decoded and leaves.
+
+Failures stay with their request: a bad argument fails that request's future when it is
+prepared; a UNet call that raises is retried request by request, so only the request that
+makes it fail gets the exception.
 """
 from __future__ import annotations
 
@@ -19,24 +24,37 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
-from fastdiff.jobs import step_jobs
+from fastdiff.jobs import group_jobs, predict
+from fastdiff.ops import _dispatch
 
 
 class EngineClosed(RuntimeError):
     """submit_* called after close()."""
 
 
+class _Running:
+    """A prepared request being denoised."""
+
+    def __init__(self, future: Future, request):
+        self.future, self.request = future, request
+
+    def active_jobs(self):
+        return [job for job in self.request.jobs if not job.done]
+
+
 class Engine:
     def __init__(self, pipe, *, max_batch: int = 8, max_wait_ms: float = 10.0):
         """pipe: a fastdiff.Pipeline. max_batch: requests denoised together at most.
-        max_wait_ms: when idle, how long the first request waits for company before starting."""
-        if not isinstance(max_batch, int) or max_batch < 1:
+        max_wait_ms: when idle, how long the first request waits for company before starting.
+        The backend forced in the creating thread (ops.use_backend) is used by the worker too."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive int, got {max_batch!r}")
-        if not max_wait_ms >= 0:
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms: expected a number >= 0, got {max_wait_ms!r}")
         self.pipe = pipe
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self._backend = _dispatch._forced()
         self._queue: deque[tuple[Future, str, tuple, dict]] = deque()
         self._wakeup = threading.Condition()
         self._closing = False
@@ -47,20 +65,23 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------
 
     def submit_generate(self, prompt=None, **kwargs) -> Future:
-        """Queue pipe.generate(prompt, **kwargs) (num_images must be 1). Future -> PIL image."""
+        """Queue pipe.generate(prompt, **kwargs) for one image (num_images must be 1). Future -> the PIL
+        image (or array for output_type='np'); a bad argument sets the future's PipelineError."""
         return self._submit("generate", (prompt,), kwargs)
 
     def submit_edit(self, image, instruction=None, **kwargs) -> Future:
-        """Queue pipe.edit(image, instruction, **kwargs). Future -> PIL image."""
+        """Queue pipe.edit(image, instruction, **kwargs). Future -> the PIL image (or array)."""
         return self._submit("edit", (image, instruction), kwargs)
 
     def close(self, *, cancel_queued: bool = False) -> None:
-        """Finish the running requests and, unless cancel_queued, the queued ones; join the worker."""
+        """Stop taking requests; finish the running ones and, unless cancel_queued, the queued ones
+        (cancel_queued: their futures are cancelled); then join the worker. Safe to call twice."""
         with self._wakeup:
             self._closing = True
-            self._cancel_queued = cancel_queued
+            self._cancel_queued = self._cancel_queued or cancel_queued
             self._wakeup.notify_all()
-        self._worker.join()
+        if threading.current_thread() is not self._worker:  # a future's callback may call close()
+            self._worker.join()
 
     def __enter__(self):
         return self
@@ -96,40 +117,95 @@ class Engine:
                 taken.append(self._queue.popleft())
             return taken
 
+    def _prepare(self, future, kind, args, kwargs):
+        """A _Running for a queued request, or None when it was cancelled or its arguments are bad."""
+        if not future.set_running_or_notify_cancel():
+            return None  # cancelled by its owner while queued
+        try:
+            if kind == "generate":
+                if kwargs.get("num_images", 1) != 1:
+                    raise ValueError(f"num_images: the engine takes one image per request (got {kwargs['num_images']!r}); "
+                                     "submit several requests")
+                request = self.pipe._prepare_generate(*args, **kwargs)
+            else:
+                request = self.pipe._prepare_edit(*args, **kwargs)
+        except Exception as exc:
+            future.set_exception(exc)
+            return None
+        return _Running(future, request)
+
+    def _step(self, running: list[_Running]) -> list[_Running]:
+        """One denoising step of every running request; returns those that have not failed."""
+        failed: dict[_Running, BaseException] = {}
+        owner = {job: item for item in running for job in item.active_jobs()}
+        for group in group_jobs(list(owner)):
+            members = list(dict.fromkeys(owner[job] for job in group))
+            rows_of = {}
+            try:
+                rows_of.update(zip(group, predict(self.pipe.unet, group)))
+            except Exception as exc:
+                if len(members) == 1:
+                    failed[members[0]] = exc
+                    continue
+                # find the culprit: each request alone (nothing was advanced, so the retry is exact)
+                for item in members:
+                    jobs = [job for job in group if owner[job] is item]
+                    try:
+                        rows_of.update(zip(jobs, predict(self.pipe.unet, jobs)))
+                    except Exception as alone_exc:
+                        failed[item] = alone_exc
+            for job in group:
+                if owner[job] in failed:
+                    continue
+                try:
+                    job.advance(rows_of[job])
+                except Exception as exc:
+                    failed[owner[job]] = exc
+        for item, exc in failed.items():
+            item.future.set_exception(exc)
+        return [item for item in running if item not in failed]
+
+    def _finish(self, running: list[_Running]) -> list[_Running]:
+        """Decode and resolve the requests whose jobs are all done; returns the others."""
+        still_running = []
+        for item in running:
+            if item.active_jobs():
+                still_running.append(item)
+                continue
+            try:
+                item.future.set_result(item.request.finish()[0])
+            except Exception as exc:
+                item.future.set_exception(exc)
+        return still_running
+
     def _serve(self) -> None:
-        running = []  # (future, request)
+        running: list[_Running] = []
+        try:
+            if self._backend is not None:
+                with _dispatch.use_backend(self._backend):
+                    self._loop(running)
+            else:
+                self._loop(running)
+        except BaseException as exc:  # a bug in the loop itself: fail everything rather than hang callers
+            with self._wakeup:
+                self._closing = True
+                pending = [item.future for item in running] + [entry[0] for entry in self._queue]
+                self._queue.clear()
+            for future in pending:
+                if not future.done():
+                    if future.running() or future.set_running_or_notify_cancel():
+                        future.set_exception(RuntimeError(f"engine: worker failed ({type(exc).__name__}: {exc})"))
+            raise
+
+    def _loop(self, running: list[_Running]) -> None:
         while True:
             for future, kind, args, kwargs in self._take_queued(self.max_batch - len(running), idle=not running):
-                if not future.set_running_or_notify_cancel():
-                    continue  # cancelled by its owner while queued
-                try:
-                    prepare = self.pipe._prepare_generate if kind == "generate" else self.pipe._prepare_edit
-                    request = prepare(*args, **kwargs)
-                    if kind == "generate" and len(request.jobs) != 1:
-                        raise ValueError("num_images: the engine takes one image per request; submit several requests")
-                except Exception as exc:
-                    future.set_exception(exc)
-                    continue
-                running.append((future, request))
+                item = self._prepare(future, kind, args, kwargs)
+                if item is not None:
+                    running.append(item)
             if not running:
                 with self._wakeup:
                     if self._closing and not self._queue:
                         return
                 continue
-            try:
-                step_jobs(self.pipe.unet, [job for _, request in running for job in request.jobs if not job.done])
-            except Exception as exc:  # a failed UNet call fails the requests it carried, not the engine
-                for future, _ in running:
-                    future.set_exception(exc)
-                running = []
-                continue
-            still_running = []
-            for future, request in running:
-                if all(job.done for job in request.jobs):
-                    try:
-                        future.set_result(request.finish()[0])
-                    except Exception as exc:
-                        future.set_exception(exc)
-                else:
-                    still_running.append((future, request))
-            running = still_running
+            running[:] = self._finish(self._step(running))

@@ -2,9 +2,11 @@
 
 A Job is one image's pass through its sampler: its latents, its guidance branches (1, 2 or 3
 rows of UNet input), its own generator and its own sampler run. `step_jobs` advances any set of
-jobs by one denoising step each, stacking the branches of every job with the same latent shape
-into one UNet call with per-row timesteps. `Pipeline.generate/edit` and the batching `Engine`
-both run on it, so a request gives the same image alone or batched with others.
+jobs by one denoising step each, stacking the branches of every job whose rows fit together
+(same latent shape, same context length) into one UNet call with per-row timesteps.
+`Pipeline.generate/edit` and the batching `Engine` both run on it; since every UNet layer treats
+batch rows independently and each job draws its noise from its own generator, a request gives
+the same image alone or batched with others.
 """
 from __future__ import annotations
 
@@ -35,13 +37,20 @@ class Job:
     def branches(self) -> int:
         return self.context.shape[0]
 
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share a UNet call: their rows have the same shapes."""
+        image_channels = None if self.image_latents is None else self.image_latents.shape[1]
+        return tuple(self.latents.shape[1:]), image_channels, tuple(self.context.shape[1:])
+
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This job's UNet rows for its next step: (sample (branches, C_in, h, w), timesteps (branches,))."""
         i = self.run.next_index
         x = self.run.scale_model_input(self.latents, i).expand(self.branches, -1, -1, -1)
         if self.image_latents is not None:
             x = torch.cat([x, self.image_latents.to(x.dtype)], dim=1)
-        t = self.run.timesteps[i].reshape(1).expand(self.branches)
+        # fp32 for every sampler (DDIM's are int64): mixed requests concatenate, and the UNet's
+        # sinusoidal embedding computes in fp32 either way
+        t = self.run.timesteps[i].to(torch.float32).reshape(1).expand(self.branches)
         return x, t
 
     def advance(self, prediction: torch.Tensor) -> None:
@@ -53,20 +62,30 @@ class Job:
             self.on_step(self.run.next_index)
 
 
-def step_jobs(unet, jobs: list[Job]) -> None:
-    """Advance every job by one step. Jobs with the same latent shape share one UNet call."""
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs split into groups that can share one UNet call (see Job.batch_key), in first-seen order."""
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in jobs:
-        groups[tuple(job.latents.shape[1:])].append(job)
+        groups[job.batch_key()].append(job)
+    return list(groups.values())
+
+
+def predict(unet, group: list[Job]) -> list[torch.Tensor]:
+    """One UNet call over every branch of every job in `group`; returns each job's rows."""
     dtype = next(unet.parameters()).dtype
-    for group in groups.values():
-        inputs = [job.model_input() for job in group]
-        sample = torch.cat([x for x, _ in inputs]).to(dtype).contiguous(memory_format=torch.channels_last)
-        timesteps = torch.cat([t for _, t in inputs])
-        context = torch.cat([job.context for job in group]).to(dtype)
-        with torch.inference_mode():
-            prediction = unet(sample, timesteps, context)  # (sum of branches, C, h, w)
-        for job, rows in zip(group, prediction.split([job.branches for job in group])):
+    inputs = [job.model_input() for job in group]
+    sample = torch.cat([x for x, _ in inputs]).to(dtype).contiguous(memory_format=torch.channels_last)
+    timesteps = torch.cat([t for _, t in inputs])
+    context = torch.cat([job.context for job in group]).to(dtype)
+    with torch.inference_mode():
+        prediction = unet(sample, timesteps, context)  # (sum of branches, C, h, w)
+    return list(prediction.split([job.branches for job in group]))
+
+
+def step_jobs(unet, jobs: list[Job]) -> None:
+    """Advance every job by one step, one UNet call per group of compatible jobs."""
+    for group in group_jobs(jobs):
+        for job, rows in zip(group, predict(unet, group)):
             job.advance(rows)
 
 

@@ -65,6 +65,16 @@ def load_unet(folder: Path, *, dtype=None, device=None):
     return UNet2DCondition.from_diffusers(folder, dtype=dtype, device=device), config.get("sample_size", 64)
 
 
+def _load_part(name: str, load):
+    """load() with its errors (bad config, missing or misshapen weights) as PipelineError naming the part."""
+    try:
+        return load()
+    except PipelineError:
+        raise
+    except Exception as exc:  # CheckpointError, bad config fields, safetensors and pickle errors, ...
+        raise PipelineError(f"{name}: cannot load ({exc})") from exc
+
+
 def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> dict:
     """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring)."""
     from fastdiff.models.text_encoder import CLIPTextEncoder
@@ -74,14 +84,18 @@ def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> 
         raise PipelineError(f"folder: no directory at {folder}")
     index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)")
     scheduler_config = _read_json(_require_dir(folder, "scheduler") / "scheduler_config.json", "the scheduler config")
-    unet, sample_size = load_unet(_require_dir(folder, "unet"), dtype=dtype, device=device)
-    vae = AutoencoderKL.from_diffusers(_require_dir(folder, "vae"), dtype=dtype, device=device)
+    unet_folder, vae_folder = _require_dir(folder, "unet"), _require_dir(folder, "vae")
+    unet, sample_size = _load_part("unet", lambda: load_unet(unet_folder, dtype=dtype, device=device))
+    vae = _load_part("vae", lambda: AutoencoderKL.from_diffusers(vae_folder, dtype=dtype, device=device))
     text_encoder = None
     if (folder / "text_encoder").is_dir():
         _require_dir(folder, "tokenizer")
-        text_encoder = CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device)
+        text_encoder = _load_part("text_encoder", lambda: CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device))
     parts = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, text_encoder=text_encoder, name=folder.name)
     stored = index.get("fastdiff", {}).get("defaults", {})
+    unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(Defaults)})
+    if unknown:
+        raise PipelineError(f"{folder / 'model_index.json'}: unknown fastdiff defaults {unknown}")
     editor = unet.config.in_channels == 2 * vae.config.latent_channels
     parts["defaults"] = Defaults(**{"steps": 100 if editor else 50, "size": sample_size * vae.config.downscale, **stored})
     if mgie is not None:
@@ -96,14 +110,17 @@ def load_mgie(folder: Path, unet, *, dtype=None, device=None) -> dict:
     for name in ("unet.pt", "mllm.pt"):
         if not (folder / name).is_file():
             raise PipelineError(f"mgie: {name} missing from {folder} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
-    unet.load_state_dict(checkpoint.read_state_dict(folder / "unet.pt"))
-    mllm = checkpoint.read_state_dict(folder / "mllm.pt")
+    _load_part("mgie: unet.pt", lambda: unet.load_state_dict(checkpoint.read_state_dict(folder / "unet.pt")))
+    mllm = _load_part("mgie: mllm.pt", lambda: checkpoint.read_state_dict(folder / "mllm.pt"))
     embedding_keys = [k for k in mllm if k.endswith("embed_tokens.weight")]
     if len(embedding_keys) != 1:
         raise PipelineError(f"mgie: expected one '...embed_tokens.weight' in mllm.pt (the [IMG] token embeddings are its "
                             f"last {MGIE_IMG_TOKENS} rows), found {embedding_keys or 'none'}")
     img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype or torch.float32)
-    edit_head = EditHead.from_mgie(mllm, dtype=dtype, device=device)
+    edit_head = _load_part("mgie: mllm.pt edit head", lambda: EditHead.from_mgie(mllm, dtype=dtype, device=device))
+    if edit_head.llm2hid.in_features != img_embeddings.shape[-1]:
+        raise PipelineError(f"mgie: the edit head takes {edit_head.llm2hid.in_features}-wide states but embed_tokens rows "
+                            f"are {img_embeddings.shape[-1]} wide")
     return dict(edit_head=edit_head, img_token_embeddings=img_embeddings)
 
 

@@ -1,19 +1,22 @@
 """Pipelines: text-to-image `generate` and instruction-based `edit` (InstructPix2Pix / MGIE).
 
     pipe = fastdiff.Pipeline.from_pretrained("path/to/diffusers-folder", dtype=torch.bfloat16)
-    image = pipe.generate("a red bicycle", steps=25, seed=0)
+    image = pipe.generate("a red bicycle", steps=25, seed=0)[0]
     edited = pipe.edit("in.png", "make it snowy", steps=20, seed=0)
 
 Both follow diffusers' StableDiffusionPipeline / StableDiffusionInstructPix2PixPipeline step for
-step (same guidance order, latent scaling and image-latent concatenation), on fastdiff's models.
-Every image is a Job (fastdiff.jobs) with its own generator, so results do not depend on
-batching; the Engine (fastdiff.engine) runs the same jobs for many requests at once.
+step (same guidance order, latent scaling and image-latent concatenation), on fastdiff's models;
+tests/test_pipeline.py checks the images against diffusers'. Every image is a Job
+(fastdiff.jobs) with its own generator, so results do not depend on batching; the Engine
+(fastdiff.engine) runs the same jobs for many requests at once.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import numbers
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +24,15 @@ import torch
 from PIL import Image
 
 from fastdiff.jobs import Job, edit_guidance, no_guidance, step_jobs, text_guidance
-from fastdiff.samplers import make_sampler, randn
+from fastdiff.samplers import make_sampler
+
+# The sampler used when the folder's scheduler class is not implemented here (SD1.5 ships
+# PNDMScheduler): diffusers' usual replacement, `DPMSolverMultistepScheduler.from_config(...)`.
+FALLBACK_SAMPLER = "dpmpp_2m"
 
 
 class PipelineError(ValueError):
-    """A model folder or argument the pipeline cannot use; the message says what and how to fix it."""
+    """A model folder or argument the pipeline cannot use; the message names it and says what was expected."""
 
 
 @dataclasses.dataclass
@@ -41,6 +48,8 @@ class Defaults:
 
 @dataclasses.dataclass
 class _Request:
+    """Prepared work of one call: its jobs and how to turn their final latents into outputs."""
+
     jobs: list[Job]
     finish_fn: object  # (list of final latents) -> list of outputs
 
@@ -56,22 +65,37 @@ def _module_device(module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _cross_attention_dim(unet) -> int:
+    config = unet.config
+    return config.cross_dim if hasattr(config, "cross_dim") else config.cross_attention_dim
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return repr(value) if isinstance(value, (str, numbers.Number)) else type(value).__name__
+
+
 def load_image(image) -> Image.Image:
-    """A PIL image, an HxWxC uint8/float array or a path -> an RGB PIL image."""
+    """A PIL image, an HxW / HxWxC (C = 1, 3, 4) uint8 or float [0, 1] array, or a path -> an RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            image = Image.open(image)
-            image.load()
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
         except (OSError, ValueError) as exc:
             raise PipelineError(f"image: cannot read {os.fspath(image)!r} as an image ({exc})") from None
     elif isinstance(image, np.ndarray):
         array = image
-        if array.dtype != np.uint8:
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+            raise PipelineError(f"image: expected an HxW or HxWxC (C = 1, 3, 4) array, got shape {image.shape}")
+        if np.issubdtype(array.dtype, np.floating):
             array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-        if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
-            image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array)
-        else:
-            raise PipelineError(f"image: expected an HxW or HxWxC (C = 1, 3, 4) array, got shape {array.shape}")
+        elif array.dtype != np.uint8:
+            raise PipelineError(f"image: expected a uint8 array or a float array in [0, 1], got dtype {array.dtype}")
+        image = Image.fromarray(np.ascontiguousarray(array))
     elif not isinstance(image, Image.Image):
         raise PipelineError(f"image: expected a PIL image, a numpy array or a path, got {type(image).__name__}")
     return image.convert("RGB")
@@ -97,17 +121,31 @@ def tensor_to_images(images: torch.Tensor, output_type: str):
 
 
 def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PipelineError(f"{name}: expected a positive integer, got {value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise PipelineError(f"{name}: expected a positive integer, got {_describe(value)}")
+    return int(value)
 
 
 def _number(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise PipelineError(f"{name}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise PipelineError(f"{name}: expected a finite number, got {_describe(value)}")
     if minimum is not None and value < minimum:
         raise PipelineError(f"{name}: expected a number >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _output_type(value):
+    if value not in ("pil", "np"):
+        raise PipelineError(f"output_type: expected 'pil' or 'np', got {_describe(value)}")
+    return value
+
+
+def _known_sampler(name) -> bool:
+    try:
+        make_sampler(name)
+    except ValueError:
+        return False
+    return True
 
 
 class Pipeline:
@@ -122,6 +160,7 @@ class Pipeline:
         self.name = name
         self.latent_channels = vae.config.latent_channels
         self.vae_scale = vae.config.downscale
+        self.cross_attention_dim = _cross_attention_dim(unet)
         in_channels = unet.config.in_channels
         self.is_editor = in_channels == 2 * self.latent_channels
         if not self.is_editor and in_channels != self.latent_channels:
@@ -129,8 +168,19 @@ class Pipeline:
                 f"unet: in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
                 f"channels) nor editing ({2 * self.latent_channels}); inpainting UNets are not supported"
             )
+        if text_encoder is not None and text_encoder.hidden_size != self.cross_attention_dim:
+            raise PipelineError(f"text_encoder: hidden size {text_encoder.hidden_size} differs from the UNet's "
+                                f"cross_attention_dim {self.cross_attention_dim}")
         self.defaults = defaults or Defaults(steps=100 if self.is_editor else 50)
-        make_sampler(self.defaults.sampler, self.scheduler_config)  # fail now on an unusable scheduler config
+        scheduler_class = self.scheduler_config.get("_class_name")
+        if self.defaults.sampler is None and not _known_sampler(scheduler_class):
+            warnings.warn(f"scheduler: {scheduler_class} is not implemented by fastdiff; sampling with "
+                          f"{FALLBACK_SAMPLER} on its config instead (pass sampler= to choose another)", stacklevel=3)
+            self.defaults = dataclasses.replace(self.defaults, sampler=FALLBACK_SAMPLER)
+        try:  # fail now on an unusable scheduler config
+            make_sampler(self.defaults.sampler, self.scheduler_config)
+        except ValueError as exc:
+            raise PipelineError(f"scheduler: {exc}") from None
 
     def __repr__(self):
         kind = "editor" if self.is_editor else "text-to-image"
@@ -145,49 +195,92 @@ class Pipeline:
         The UNet may be SD-style (UNet2DConditionModel; 8 input channels for InstructPix2Pix) or a
         MobileDiffusion checkpoint (unet/config.json with "_class_name": "MobileDiffusionUNet").
         mgie: a folder with MGIE's unet.pt (replaces the UNet weights) and mllm.pt (the edit head
-        and the [IMG] token embeddings).
+        and the [IMG] token embeddings). Problems raise PipelineError naming the folder part.
         """
         from fastdiff.loading import load_pipeline_parts
 
         return cls(**load_pipeline_parts(Path(folder), dtype=dtype, device=device, mgie=mgie))
 
-    # -- text conditioning --------------------------------------------------------------------
+    # -- conditioning -------------------------------------------------------------------------
 
-    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+    def _encode_text(self, name: str, text) -> torch.Tensor:
+        """(1, L, D) fp32 CLIP features of one string; `name` is the argument it came from."""
+        if not isinstance(text, str):
+            raise PipelineError(f"{name}: expected a string, got {_describe(text)}")
         if self.text_encoder is None:
-            raise PipelineError("prompt: this pipeline has no text encoder; pass prompt_embeds / instruction_embeds instead")
-        return self.text_encoder.encode(texts)
+            raise PipelineError(f"{name}: this pipeline has no text encoder; pass {name}_embeds instead")
+        return self.text_encoder.encode([text]).float()
+
+    def _embeds(self, name: str, embeds) -> torch.Tensor:
+        """Given conditioning (L, D) or (1, L, D) -> (1, L, D) fp32, D = the UNet's cross-attention width."""
+        D = self.cross_attention_dim
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() not in (2, 3) \
+                or (embeds.dim() == 3 and embeds.shape[0] != 1) or embeds.shape[-1] != D or embeds.shape[-2] < 1:
+            raise PipelineError(f"{name}: expected a float (L, {D}) or (1, L, {D}) tensor (the UNet's "
+                                f"cross_attention_dim is {D}), got {_describe(embeds)}")
+        return embeds.reshape(1, *embeds.shape[-2:]).float()
 
     def _context(self, name, text, embeds) -> torch.Tensor:
-        """(1, L, D) conditioning from a string or given embeddings."""
-        if embeds is not None:
-            if not isinstance(embeds, torch.Tensor) or embeds.dim() not in (2, 3) or (embeds.dim() == 3 and embeds.shape[0] != 1):
-                raise PipelineError(f"{name}_embeds: expected a (L, D) or (1, L, D) tensor, got {getattr(embeds, 'shape', type(embeds).__name__)}")
-            return embeds.reshape(1, *embeds.shape[-2:]).float()
-        if not isinstance(text, str):
-            raise PipelineError(f"{name}: expected a string, got {type(text).__name__}")
-        return self._encode_text([text]).float()
+        """(1, L, D) conditioning from `{name}_embeds` if given, else from the string `name`."""
+        return self._embeds(f"{name}_embeds", embeds) if embeds is not None else self._encode_text(name, text)
+
+    def _mgie_context(self, img_hidden_states):
+        """MGIE: the edit head maps the MLLM's 8 [IMG] hidden states (+ the [IMG] token embeddings) to
+        the UNet's context; its null conditioning is the edit head applied to zeros, as MGIE does."""
+        if self.edit_head is None:
+            raise PipelineError("img_hidden_states: this pipeline has no MGIE edit head; load it with from_pretrained(..., mgie=DIR)")
+        expected = tuple(self.img_token_embeddings.shape)
+        hidden = img_hidden_states
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() not in (2, 3) \
+                or tuple(hidden.shape[-2:]) != expected or (hidden.dim() == 3 and hidden.shape[0] != 1):
+            raise PipelineError(f"img_hidden_states: expected a float {expected} or (1, *{expected}) tensor, got {_describe(hidden)}")
+        dtype, device = _module_dtype(self.edit_head), _module_device(self.edit_head)
+        hidden = hidden.reshape(1, *expected).to(device, dtype)
+        embeddings = self.img_token_embeddings.reshape(1, *expected).to(device, dtype)
+        with torch.inference_mode():
+            context = self.edit_head(hidden, embeddings).float()
+            null = self.edit_head(torch.zeros_like(hidden), embeddings).float()
+        return context, null
 
     # -- request preparation (shared by generate/edit and the Engine) -------------------------
 
-    def _generator(self, seed):
+    @staticmethod
+    def _seed(seed) -> int:
         if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise PipelineError(f"seed: expected an integer or None, got {seed!r}")
-        return torch.Generator("cpu").manual_seed(seed)
+            return int(torch.randint(0, 2**31 - 1, ()).item())
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+            raise PipelineError(f"seed: expected a non-negative integer or None, got {_describe(seed)}")
+        return int(seed)
 
-    def _new_job(self, sampler_name, steps, context, combine, generator, shape, latents=None, image_latents=None):
-        run = make_sampler(sampler_name or self.defaults.sampler, self.scheduler_config).start(steps)
+    def _sampler_run(self, sampler, steps):
+        if sampler is not None and not isinstance(sampler, str):
+            raise PipelineError(f"sampler: expected a sampler name or None, got {_describe(sampler)}")
+        try:
+            chosen = make_sampler(sampler or self.defaults.sampler, self.scheduler_config)
+        except ValueError as exc:
+            raise PipelineError(f"sampler: {exc}") from None
+        try:
+            return chosen.start(steps)
+        except ValueError as exc:
+            raise PipelineError(f"steps: {exc}") from None
+
+    def _new_job(self, sampler, steps, context, combine, seed, shape, latents=None, image_latents=None) -> Job:
+        """One image's job. latents: its initial noise (before init_noise_sigma, as diffusers' `latents=`)."""
+        run = self._sampler_run(sampler, steps)
+        generator = torch.Generator("cpu").manual_seed(seed)
         device = _module_device(self.unet)
         if latents is None:
             latents = run.initial_latents(shape, generator=generator, device=device)
         else:
-            if tuple(latents.shape) != tuple(shape):
-                raise PipelineError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=torch.float32) * run.init_noise_sigma
+            latents = latents.reshape(shape).to(device=device, dtype=torch.float32) * run.init_noise_sigma
         return Job(run=run, latents=latents, context=context.to(device), combine=combine, generator=generator,
-                   image_latents=image_latents)
+                   image_latents=None if image_latents is None else image_latents.to(device))
+
+    @staticmethod
+    def _check_latents(latents, shape):
+        if latents is not None and (not isinstance(latents, torch.Tensor) or not latents.is_floating_point()
+                                    or tuple(latents.shape) not in (tuple(shape), tuple(shape[1:]))):
+            raise PipelineError(f"latents: expected a float tensor of shape {tuple(shape)}, got {_describe(latents)}")
 
     def _decode(self, latents_list, output_type):
         with torch.inference_mode():
@@ -206,84 +299,74 @@ class Pipeline:
         height, width = (_positive_int(n, size if v is None else v) for n, v in (("height", height), ("width", width)))
         for name, value in (("height", height), ("width", width)):
             if value % self.vae_scale:
-                raise PipelineError(f"{name}: expected a multiple of {self.vae_scale}, got {value}")
-        if output_type not in ("pil", "np"):
-            raise PipelineError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
+                raise PipelineError(f"{name}: expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
+        output_type = _output_type(output_type)
+        base_seed = self._seed(seed)
         if prompt is None and prompt_embeds is None:
             raise PipelineError("prompt: give a prompt or prompt_embeds")
         context = self._context("prompt", prompt, prompt_embeds)
-        if guidance > 1:  # rows [uncond, text], as diffusers orders them
-            negative = self._context("negative_prompt", negative_prompt or "", negative_prompt_embeds)
+        if guidance > 1:  # diffusers' do_classifier_free_guidance; rows [uncond, text], as diffusers orders them
+            negative = self._context("negative_prompt", "" if negative_prompt is None else negative_prompt, negative_prompt_embeds)
+            if negative.shape != context.shape:
+                raise PipelineError(f"negative_prompt_embeds: expected prompt's shape {tuple(context.shape[1:])}, got {tuple(negative.shape[1:])}")
             context, combine = torch.cat([negative, context]), text_guidance(guidance)
         else:
             combine = no_guidance
         shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != num_images):
-            raise PipelineError(f"latents: expected a tensor of shape {(num_images, *shape[1:])}, got {getattr(latents, 'shape', latents)}")
-        base_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        jobs = [
-            self._new_job(sampler, steps, context, combine, self._generator(base_seed + i), shape,
-                          None if latents is None else latents[i : i + 1])
-            for i in range(num_images)
-        ]
+            raise PipelineError(f"latents: expected a float tensor of shape {(num_images, *shape[1:])}, got {_describe(latents)}")
+        jobs = []
+        for i in range(num_images):
+            noise = None if latents is None else latents[i : i + 1]
+            self._check_latents(noise, shape)
+            jobs.append(self._new_job(sampler, steps, context, combine, base_seed + i, shape, noise))
         return _Request(jobs, lambda final: self._decode(final, output_type))
 
     def _prepare_edit(self, image, instruction=None, *, steps=None, guidance_scale=None, image_guidance_scale=None,
-                      seed=None, sampler=None, instruction_embeds=None, img_hidden_states=None, latents=None,
-                      output_type="pil") -> _Request:
+                      seed=None, sampler=None, instruction_embeds=None, negative_instruction_embeds=None,
+                      img_hidden_states=None, latents=None, output_type="pil") -> _Request:
         if not self.is_editor:
             raise PipelineError("edit: this is a text-to-image model; use generate() (editing needs an 8-channel UNet)")
         steps = _positive_int("steps", self.defaults.steps if steps is None else steps)
         text_scale = _number("guidance_scale", self.defaults.guidance_scale if guidance_scale is None else guidance_scale, 0)
         image_scale = _number("image_guidance_scale", self.defaults.image_guidance_scale if image_guidance_scale is None else image_guidance_scale, 0)
-        if output_type not in ("pil", "np"):
-            raise PipelineError(f"output_type: expected 'pil' or 'np', got {output_type!r}")
-        given = [n for n, v in (("instruction", instruction), ("instruction_embeds", instruction_embeds), ("img_hidden_states", img_hidden_states)) if v is not None]
+        output_type = _output_type(output_type)
+        seed = self._seed(seed)
+        given = [n for n, v in (("instruction", instruction), ("instruction_embeds", instruction_embeds),
+                                ("img_hidden_states", img_hidden_states)) if v is not None]
         if len(given) != 1:
             raise PipelineError(f"instruction: give exactly one of instruction, instruction_embeds, img_hidden_states (got {given or 'none'})")
+        guided = text_scale > 1 and image_scale >= 1  # diffusers' do_classifier_free_guidance for InstructPix2Pix
         if img_hidden_states is not None:
             context, null = self._mgie_context(img_hidden_states)
         else:
             context = self._context("instruction", instruction, instruction_embeds)
-            null = self._encode_text([""]).float()  # InstructPix2Pix's unconditional text: the empty prompt
+            null = None
+            if guided:  # InstructPix2Pix's unconditional text: the empty prompt
+                null = self._context("negative_instruction", "", negative_instruction_embeds)
+                if null.shape != context.shape:
+                    raise PipelineError(f"negative_instruction_embeds: expected the instruction's shape {tuple(context.shape[1:])}, "
+                                        f"got {tuple(null.shape[1:])}")
         pixels = image_to_tensor(load_image(image), self.vae_scale)
+        shape = (1, self.latent_channels, pixels.shape[2] // self.vae_scale, pixels.shape[3] // self.vae_scale)
+        self._check_latents(latents, shape)
         device, dtype = _module_device(self.vae), _module_dtype(self.vae)
         with torch.inference_mode():
             image_latents = self.vae.encode(pixels.to(device, dtype)).float()  # latent mode, unscaled (as diffusers)
-        guided = text_scale > 1 and image_scale >= 1  # diffusers' do_classifier_free_guidance for InstructPix2Pix
         if guided:  # rows [text, image, uncond]: the image-only and unconditional rows see the null text
             context = torch.cat([context, null, null])
             image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
             combine = edit_guidance(text_scale, image_scale)
         else:
             combine = no_guidance
-        shape = (1, self.latent_channels, *image_latents.shape[2:])
-        job = self._new_job(sampler, steps, context, combine, self._generator(seed), shape, latents, image_latents)
+        job = self._new_job(sampler, steps, context, combine, seed, shape, latents, image_latents)
         return _Request([job], lambda final: self._decode(final, output_type))
-
-    def _mgie_context(self, img_hidden_states):
-        """MGIE: the edit head maps the MLLM's 8 [IMG] hidden states (+ the [IMG] token embeddings) to
-        the UNet's context; its null conditioning is the edit head applied to zeros, as MGIE does."""
-        if self.edit_head is None:
-            raise PipelineError("img_hidden_states: this pipeline has no MGIE edit head; load it with from_pretrained(..., mgie=DIR)")
-        hidden = img_hidden_states
-        expected = tuple(self.img_token_embeddings.shape)
-        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[-2:]) != expected or hidden.dim() not in (2, 3):
-            raise PipelineError(f"img_hidden_states: expected a {expected} or (1, *{expected}) tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        dtype, device = _module_dtype(self.edit_head), _module_device(self.edit_head)
-        hidden = hidden.reshape(1, *expected).to(device, dtype)
-        embeddings = self.img_token_embeddings.reshape(1, *expected).to(device, dtype)
-        with torch.inference_mode():
-            context = self.edit_head(hidden, embeddings).float()
-            null = self.edit_head(torch.zeros_like(hidden), embeddings).float()
-        return context, null
 
     # -- public API ---------------------------------------------------------------------------
 
-    def _run(self, prepare, args, kwargs, progress):
+    def _run(self, request: _Request, progress: bool):
         from tqdm.auto import tqdm
 
-        request = prepare(*args, **kwargs)
         bar = tqdm(total=sum(job.run.num_steps for job in request.jobs), desc="denoising", unit="step",
                    disable=not progress, leave=False)
         for job in request.jobs:
@@ -298,31 +381,40 @@ class Pipeline:
     def generate(self, prompt=None, *, negative_prompt=None, steps=None, guidance_scale=None, height=None, width=None,
                  seed=None, sampler=None, num_images=1, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
                  output_type="pil", progress=True):
-        """Text to image. Returns a list of `num_images` PIL images (or an (N, H, W, 3) array for output_type='np').
+        """Text to image. Returns a list of `num_images` PIL images (or an (N, H, W, 3) array in [0, 1] for output_type='np').
 
         steps, guidance_scale, sampler: default to the model's (`pipe.defaults`; SD: 50 steps,
-        scale 7.5, the scheduler config's sampler). height/width: default the UNet's sample size
-        times the VAE factor (512 for SD1.5). seed: image i uses seed + i, each image its own
-        generator. prompt_embeds (L, D) may replace prompt. latents: (num_images, C, h, w)
-        initial noise (before the sampler's init_noise_sigma), as diffusers' `latents=`.
+        scale 7.5, the scheduler config's sampler); guidance_scale <= 1 runs without guidance.
+        height/width: default the UNet's sample size times the VAE factor (512 for SD1.5).
+        seed: image i uses seed + i, each image its own generator. prompt_embeds (L, D) may replace
+        prompt; the negative prompt (default "") or negative_prompt_embeds is the unconditional
+        branch. latents: (num_images, C, h, w) initial noise, scaled by the sampler's
+        init_noise_sigma, as diffusers' `latents=`. sampler: see fastdiff.samplers.SAMPLERS.
         """
-        kwargs = dict(negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                      seed=seed, sampler=sampler, num_images=num_images, prompt_embeds=prompt_embeds,
-                      negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
-        return self._run(self._prepare_generate, (prompt,), kwargs, progress)
+        request = self._prepare_generate(
+            prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, height=height,
+            width=width, seed=seed, sampler=sampler, num_images=num_images, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
+        return self._run(request, progress)
 
     def edit(self, image, instruction=None, *, steps=None, guidance_scale=None, image_guidance_scale=None, seed=None,
-             sampler=None, instruction_embeds=None, img_hidden_states=None, latents=None, output_type="pil", progress=True):
-        """Edit `image` (PIL image, array or path; converted to RGB, sides rounded down to a multiple of 8)
-        following an instruction. Returns one PIL image (or an (H, W, 3) array for output_type='np').
+             sampler=None, instruction_embeds=None, negative_instruction_embeds=None, img_hidden_states=None,
+             latents=None, output_type="pil", progress=True):
+        """Edit `image` (PIL image, array or path; converted to RGB, sides rounded down to a multiple of
+        the VAE factor, 8 for SD) following an instruction. Returns one PIL image (or an (H, W, 3)
+        array in [0, 1] for output_type='np').
 
-        The instruction is text (CLIP-encoded: InstructPix2Pix), or instruction_embeds (77, 768), or
-        img_hidden_states (8, 4096): an MLLM's [IMG] states mapped by MGIE's edit head. Guidance is
-        InstructPix2Pix's 3-way: uncond + g (text - image) + g_img (image - uncond); defaults
-        g = 7.5, g_img = 1.5 (InstructPix2Pix's and MGIE's), 100 steps of the scheduler config's
-        sampler (Euler ancestral for both), as their pipelines run by default.
+        The instruction is text (CLIP-encoded: InstructPix2Pix), or instruction_embeds (77, 768)
+        with the unconditional negative_instruction_embeds (default: the empty prompt's), or
+        img_hidden_states (8, 4096): an MLLM's [IMG] states mapped by MGIE's edit head (whose null
+        conditioning is the head applied to zeros). Guidance is InstructPix2Pix's 3-way:
+        uncond + g (text - image) + g_img (image - uncond), on when g > 1 and g_img >= 1; defaults
+        g = 7.5, g_img = 1.5 and the model's steps and sampler. latents: (1, C, h, w) initial noise
+        as diffusers' `latents=`.
         """
-        kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, seed=seed,
-                      sampler=sampler, instruction_embeds=instruction_embeds, img_hidden_states=img_hidden_states,
-                      latents=latents, output_type=output_type)
-        return self._run(self._prepare_edit, (image, instruction), kwargs, progress)[0]
+        request = self._prepare_edit(
+            image, instruction, steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            seed=seed, sampler=sampler, instruction_embeds=instruction_embeds,
+            negative_instruction_embeds=negative_instruction_embeds, img_hidden_states=img_hidden_states,
+            latents=latents, output_type=output_type)
+        return self._run(request, progress)[0]
