@@ -26,16 +26,19 @@ def _id(value):
 
 
 def _run(benchmark, fn, *args, **kwargs):
-    """Time fn(*args) with a synchronise per round; also returns one result for a sanity check."""
+    """Time fn(*args) with a synchronise per round; also returns one result for a sanity check.
+    fastdiff ops run on the triton backend by name, so a broken Triton import fails instead of
+    silently timing the reference fallback."""
 
     def call():
         out = fn(*args, **kwargs)
         torch.cuda.synchronize()
         return out
 
-    for _ in range(3):  # compile / autotune / cuDNN plan selection outside the timed rounds
-        call()
-    return benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
+    with ops.use_backend("triton"):
+        for _ in range(3):  # Triton compiles / cuDNN plan selection outside the timed rounds
+            call()
+        return benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
 
 
 def _randn(*shape, dtype, memory_format=torch.contiguous_format):
