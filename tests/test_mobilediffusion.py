@@ -305,3 +305,38 @@ def test_bad_inputs():
     for args, error, message in cases:
         with pytest.raises(error, match=message), ops.use_backend("reference"):
             model(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the ablation table (python -m fastdiff.bench ablations)
+
+
+def test_ablation_rows_each_revert_a_choice():
+    from fastdiff.bench.ablations import variants
+
+    rows = variants(MobileDiffusionConfig())
+    base = rows[0][1]
+    assert base == MobileDiffusionConfig()
+    base_params = {n: tuple(p.shape) for n, p in _names(base).items()}
+    for name, config, _ in rows[1:]:
+        assert config != base, name
+        params = {n: tuple(p.shape) for n, p in _names(config).items()}
+        if name.startswith("ReLU"):
+            assert params == base_params  # same weights, another attention kind
+        else:
+            assert params != base_params, f"{name}: same architecture as the default"
+    assert dict((n, c.num_resnets) for n, c, _ in rows)["22 residual blocks"] == 22
+
+
+def test_ablation_cli_without_latency(tmp_path, capsys):
+    import json
+
+    from fastdiff.bench.__main__ import main
+
+    out = tmp_path / "ablations.json"
+    assert main(["ablations", "--preset", "tiny", "--res", "64", "--no-latency", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "22 residual blocks" in table and "cost -26%" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and rows[0]["variant"].startswith("MobileDiffusion")
+    assert all(r["macs"] > 0 and r["params"] > 0 and "latency_ms" not in r for r in rows)

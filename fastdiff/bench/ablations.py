@@ -21,29 +21,33 @@ import torch
 
 import fastdiff.ops as ops
 from fastdiff.bench.timing import format_table, median_ms
-from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet, summarize
+from fastdiff.models.mobilediffusion import PRESETS, MobileDiffusionConfig, MobileDiffusionUNet, summarize
 
-DEFAULT = MobileDiffusionConfig.from_preset("mobilediffusion")
 
-# (row name, config with the choice reverted, what the paper reports for the choice)
-VARIANTS = [
-    ("MobileDiffusion (default)", DEFAULT, ""),
-    ("transformers at 64x64", DEFAULT.replace(transformer_depth=(1,) + DEFAULT.transformer_depth[1:],
-                                              cross_attention_only=(False,) + DEFAULT.cross_attention_only[1:]),
-     "cost -26%"),
-    ("self-attention at 32x32", DEFAULT.replace(cross_attention_only=(True, False, True)), "cost -15%"),
-    ("separate K and V", DEFAULT.replace(shared_kv=False), "params -5%"),
-    ("FF expansion 8", DEFAULT.replace(ff_expansion=8), "-10%"),
-    ("dense 3x3 convs", DEFAULT.replace(separable_conv=(False, False, False)), "-10%"),
-    ("22 residual blocks", DEFAULT.replace(down_layers=(2, 2, 2), up_layers=(3, 3, 3), mid_layers=7),
-     "speed +19%, params -15%"),
-    ("ReLU attention (on)", DEFAULT.replace(relu_attention=True), "(a switch, not reverted)"),
-]
+def variants(base: MobileDiffusionConfig) -> list[tuple[str, MobileDiffusionConfig, str]]:
+    """(row name, `base` with one choice reverted, what the paper reports for that choice)."""
+    finest_full = dict(transformer_depth=(1,) + base.transformer_depth[1:],
+                       cross_attention_only=(False,) + base.cross_attention_only[1:])
+    levels = len(base.block_out_channels)
+    return [
+        ("MobileDiffusion (default)", base, ""),
+        ("transformers at 64x64", base.replace(**finest_full), "cost -26%"),
+        ("self-attention at 32x32", base.replace(cross_attention_only=tuple(i != 1 for i in range(levels))), "cost -15%"),
+        ("separate K and V", base.replace(shared_kv=False), "params -5%"),
+        ("FF expansion 8", base.replace(ff_expansion=8), "-10%"),
+        ("dense 3x3 convs", base.replace(separable_conv=(False,) * levels), "-10%"),
+        # SD1.5's 22: two per down level, three per up level, the rest (7) in the core
+        ("22 residual blocks", base.replace(down_layers=(2,) * levels, up_layers=(3,) * levels, mid_layers=22 - 5 * levels),
+         "speed +19%, params -15%"),
+        ("ReLU attention (on)", base.replace(relu_attention=True), "(a switch, not reverted)"),
+    ]
+
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mobilediffusion", help="the default model")
     parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                         help="measure CPU forward latency (slow at 512: tens of seconds per row)")
     parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent = res / 8); 256 is 4x quicker")
@@ -66,7 +70,7 @@ def _random_model(config: MobileDiffusionConfig, dtype: torch.dtype) -> MobileDi
             if "norm" in name.rsplit(".", 2)[-2]:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.02))
+                p.normal_(0.0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02, generator=generator)
     return model.eval()
 
 
@@ -79,6 +83,14 @@ def _latency_ms(config: MobileDiffusionConfig, args) -> float:
     return median_ms(lambda: model(sample, 500, context), warmup=1, repeats=args.repeats, budget_s=args.budget_s)
 
 
+def _timed(name: str, config: MobileDiffusionConfig, args, backend: str) -> float:
+    start = time.perf_counter()
+    with ops.use_backend(backend):
+        latency = _latency_ms(config, args)
+    print(f"  {name}: {latency:.0f} ms (row took {time.perf_counter() - start:.0f} s)", flush=True)
+    return latency
+
+
 def _ratio(value: float, base: float) -> str:
     return f"{100 * (value / base - 1):+.0f}%"
 
@@ -86,24 +98,31 @@ def _ratio(value: float, base: float) -> str:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.res % 8 or args.res < 8 * 4:
-        raise SystemExit(f"--res: expected a multiple of 8 that is at least 32, got {args.res}")
+    factor = 8 * 2 ** (len(PRESETS[args.preset].block_out_channels) - 1)
+    if args.res % factor or args.res < factor:
+        raise SystemExit(f"--res: expected a positive multiple of {factor} (VAE x8, then the UNet's levels), got {args.res}")
     latent = args.res // 8
+    table = variants(PRESETS[args.preset])
     backend = args.backend if args.backend != "auto" else ops.selected_name("cpu")
     results = []
-    for name, config, paper in VARIANTS:
+    for name, config, paper in table:
         config = config.replace(sample_size=latent)
         s = summarize(config)
         row = {"variant": name, "params": s.params, "macs": s.total_macs, "module_macs": s.module_macs,
                "resnets": config.num_resnets, "paper": paper}
         if args.latency:
-            start = time.perf_counter()
-            with ops.use_backend(backend):
-                row["latency_ms"] = _latency_ms(config, args)
-            print(f"  {name}: {row['latency_ms']:.0f} ms (row took {time.perf_counter() - start:.0f} s)", flush=True)
+            row["latency_ms"] = _timed(name, config, args, backend)
         results.append(row)
 
     base = results[0]
+    drift = None
+    if args.latency:
+        # A shared machine's load changes while the rows run: time the default again at the end
+        # and compare every row with the mean of its two timings.
+        again = _timed(table[0][0] + ", again", table[0][1].replace(sample_size=latent), args, backend)
+        drift = again / base["latency_ms"] - 1
+        base["latency_ms_runs"] = [base["latency_ms"], again]
+        base["latency_ms"] = (base["latency_ms"] + again) / 2
     headers = ["variant", "resnets", "params (M)", "GMACs", "default vs row: params", "MACs"]
     if args.latency:
         headers += ["latency (ms)", "default speed-up"]
@@ -111,7 +130,7 @@ def run(args) -> int:
     rows = []
     for r in results:
         is_base = r is base
-        cells = [r["variant"], str(r["resnets"]), f"{r['params'] / 1e6:.1f}", f"{r['macs'] / 1e9:.1f}",
+        cells = [r["variant"], str(r["resnets"]), f"{r['params'] / 1e6:.4g}", f"{r['macs'] / 1e9:.4g}",
                  "" if is_base else _ratio(base["params"], r["params"]), "" if is_base else _ratio(base["macs"], r["macs"])]
         if args.latency:
             cells += [f"{r['latency_ms']:.0f}", "" if is_base else _ratio(r["latency_ms"], base["latency_ms"])]
@@ -121,10 +140,11 @@ def run(args) -> int:
     print(f"MobileDiffusion ablations at {where}; MACs include attention matmuls")
     if args.latency:
         print(f"latency: median of up to {args.repeats} forward passes, {args.dtype}, backend {backend}, "
-              f"{torch.get_num_threads()} threads, random weights")
+              f"{torch.get_num_threads()} threads, random weights; the default, timed first and last, "
+              f"drifted {100 * drift:+.0f}% (its row shows the mean)")
     print(format_table(headers, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"resolution": args.res, "dtype": args.dtype, "backend": backend if args.latency else None,
-                       "threads": torch.get_num_threads(), "rows": results}, f, indent=2)
+                       "threads": torch.get_num_threads(), "latency_drift": drift, "rows": results}, f, indent=2)
     return 0
