@@ -137,7 +137,7 @@ PRESETS = {
     # block more or less moves the size by 4%.
     "mobilediffusion": MobileDiffusionConfig(),
     # For tests: every feature on (transformers at two levels, a core, separable and dense convs),
-    # ~0.3M parameters, a forward pass in milliseconds.
+    # 0.54M parameters, a forward pass in milliseconds.
     "tiny": MobileDiffusionConfig(
         sample_size=16, block_out_channels=(32, 48, 64), transformer_depth=(0, 1, 1), mid_layers=2,
         mid_transformer_depth=1, attention_head_dim=16, cross_attention_dim=32, text_length=7, norm_num_groups=8,
@@ -346,8 +346,10 @@ class MobileDiffusionUNet(nn.Module):
 class ModelSummary:
     params: int
     macs: dict[str, int]  # by category (flops.CATEGORIES), whole forward pass
-    rows: list[tuple[str, str, int, int]]  # (block, resolution, params, MACs incl. attention)
+    rows: list[tuple[str, str, int, int]]  # (block, input resolution, params, MACs incl. attention);
+    # an up block's upsampler conv runs at twice its input resolution
     resolution: int  # latent side
+    batch_size: int = 1
 
     @property
     def total_macs(self) -> int:
@@ -365,7 +367,7 @@ class ModelSummary:
         lines.append(f"{'total':<16}{'':>8}{self.params / 1e6:>12.2f}{self.total_macs / 1e9:>9.2f}")
         by_kind = ", ".join(f"{k} {self.macs[k] / 1e9:.2f}" for k in CATEGORIES)
         lines.append(f"GMACs by kind: {by_kind}; conv + linear {self.module_macs / 1e9:.2f} "
-                     f"(latent {self.resolution}x{self.resolution} = {8 * self.resolution}px, batch 1)")
+                     f"(latent {self.resolution}x{self.resolution} = {8 * self.resolution}px, batch {self.batch_size})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -394,7 +396,8 @@ def summarize(config: MobileDiffusionConfig, *, batch_size: int = 1, print_table
     modules = dict(model.named_modules())
     rows = [(name, res, count_params(modules[name]), sum(count.module(name).values())) for name, res in blocks]
     rows.append(("conv_norm_out", side(0), count_params(model.conv_norm_out), 0))
-    summary = ModelSummary(params=count.params, macs=count.macs, rows=rows, resolution=config.sample_size)
+    summary = ModelSummary(params=count.params, macs=count.macs, rows=rows, resolution=config.sample_size,
+                           batch_size=batch_size)
     if print_table:
         print(summary.table())
     return summary
