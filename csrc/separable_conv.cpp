@@ -20,7 +20,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -289,37 +291,78 @@ void gemm_tile_scalar(const float* A, int64_t rows, const Geometry& g, const flo
 }
 
 // ------------------------------------------------------------------------------------------
-// Weight preparation (per call; O(C * C_out), small next to the O(N H W C C_out) GEMM).
+// Weight preparation.
 
 // pw (Cout, C) -> panels [Cout/32][Kp][32] fp32, zero-padded.
 template <class T>
-std::vector<float> pack_pointwise_f32(const T* pw, const Geometry& g) {
+void pack_pointwise_f32(const T* pw, const Geometry& g, float* B) {
   const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
-  std::vector<float> B(panels * g.Kp * kPanel, 0.0f);
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j)
       for (int64_t n = 0; n < kPanel && j * kPanel + n < g.Cout; ++n) {
         const T* src = pw + (j * kPanel + n) * g.C;
-        float* dst = B.data() + j * g.Kp * kPanel + n;
+        float* dst = B + j * g.Kp * kPanel + n;
         for (int64_t k = 0; k < g.C; ++k) dst[k * kPanel] = vec::to_float(src[k]);
       }
   });
-  return B;
 }
 
 // pw (Cout, C) bf16 -> VNNI panels [Cout/32][Kp/2][32][2], zero-padded.
-std::vector<BFloat16> pack_pointwise_vnni(const BFloat16* pw, const Geometry& g) {
+void pack_pointwise_vnni(const BFloat16* pw, const Geometry& g, BFloat16* B) {
   const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
-  std::vector<BFloat16> B(panels * g.Kp * kPanel, BFloat16(0.0f));
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j)
       for (int64_t n = 0; n < kPanel && j * kPanel + n < g.Cout; ++n) {
         const BFloat16* src = pw + (j * kPanel + n) * g.C;
-        BFloat16* dst = B.data() + j * g.Kp * kPanel + 2 * n;
+        BFloat16* dst = B + j * g.Kp * kPanel + 2 * n;
         for (int64_t k = 0; k < g.C; ++k) dst[(k / 2) * 2 * kPanel + (k % 2)] = src[k];
       }
   });
-  return B;
+}
+
+// Packed pointwise weights are kept between calls (packing costs a transposed copy of the weight,
+// up to ~10% of a call at 1280 channels). An entry is keyed by the weight's storage, held weakly
+// so the address cannot be reused while cached (the entry expires with the storage), its offset,
+// shape, strides and version counter, so in-place updates repack. Inference tensors have no
+// version counter: updating one in place under inference_mode is not seen here.
+struct PackedWeight {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t offset, rows, cols, row_stride, col_stride, Kp;
+  at::ScalarType dtype, packed_dtype;
+  uint32_t version;
+  at::Tensor packed;
+};
+
+at::Tensor packed_pointwise(const at::Tensor& pw, const Geometry& g, at::ScalarType packed_dtype) {
+  static std::mutex mutex;
+  static std::vector<PackedWeight> cache;
+  constexpr size_t kCapacity = 128;
+  auto* impl = pw.unsafeGetTensorImpl();
+  const uint32_t version = impl->version_counter().enabled() ? impl->version_counter().current_version() : 0;
+  PackedWeight key{pw.storage().getWeakStorageImpl(), pw.storage_offset(), pw.size(0), pw.size(1), pw.stride(0),
+                   pw.stride(1), g.Kp, pw.scalar_type(), packed_dtype, version, at::Tensor()};
+  auto same = [&](const PackedWeight& e) {
+    return e.storage == key.storage && e.offset == key.offset && e.rows == key.rows && e.cols == key.cols &&
+           e.row_stride == key.row_stride && e.col_stride == key.col_stride && e.Kp == key.Kp &&
+           e.dtype == key.dtype && e.packed_dtype == key.packed_dtype && e.version == key.version;
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const PackedWeight& e : cache)
+      if (!e.storage.expired() && same(e)) return e.packed;
+  }
+  const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({panels * g.Kp * kPanel}, pw.options().dtype(packed_dtype));
+  const at::Tensor w = pw.contiguous();
+  if (packed_dtype == at::kBFloat16) pack_pointwise_vnni(w.const_data_ptr<BFloat16>(), g, packed.data_ptr<BFloat16>());
+  else if (w.scalar_type() == at::kFloat) pack_pointwise_f32(w.const_data_ptr<float>(), g, packed.data_ptr<float>());
+  else pack_pointwise_f32(w.const_data_ptr<BFloat16>(), g, packed.data_ptr<float>());
+  key.packed = packed;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::erase_if(cache, [&](const PackedWeight& e) { return e.storage.expired() || same(e); });
+  if (cache.size() >= kCapacity) cache.erase(cache.begin());  // oldest first
+  cache.push_back(std::move(key));
+  return packed;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -347,11 +390,8 @@ void separable_conv_impl(const at::Tensor& x, const at::Tensor& dw_weight, const
     const at::Tensor b = pw_bias.to(at::kFloat).contiguous();
     std::copy_n(b.const_data_ptr<float>(), g.Cout, pw_b.begin());
   }
-  const at::Tensor pw = pw_weight.contiguous();
-  std::vector<float> B_f32;
-  std::vector<BFloat16> B_vnni;
-  if constexpr (std::is_same_v<AT, BFloat16>) B_vnni = pack_pointwise_vnni(pw.const_data_ptr<BFloat16>(), g);
-  else B_f32 = pack_pointwise_f32(pw.const_data_ptr<T>(), g);
+  const at::Tensor packed = packed_pointwise(pw_weight, g, vnni ? at::kBFloat16 : at::kFloat);
+  const AT* B = packed.const_data_ptr<AT>();
 
   const T* xp = x.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -366,16 +406,15 @@ void separable_conv_impl(const at::Tensor& x, const at::Tensor& dw_weight, const
       if (level >= Simd::kAvx512) {
         if (nhwc) depthwise_nhwc_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
         else depthwise_strided_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
-        if constexpr (vnni) gemm_tile_avx512(A, rows, g, B_vnni.data(), pw_b.data(), dst);
-        else gemm_tile_avx512(A, rows, g, B_f32.data(), pw_b.data(), dst);
+        gemm_tile_avx512(A, rows, g, B, pw_b.data(), dst);
       } else if constexpr (!vnni) {
         if (level == Simd::kAvx2) {
           if (nhwc) depthwise_nhwc_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
           else depthwise_strided_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
-          gemm_tile_avx2(A, rows, g, B_f32.data(), pw_b.data(), dst);
+          gemm_tile_avx2(A, rows, g, B, pw_b.data(), dst);
         } else {
           depthwise_strided_scalar(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
-          gemm_tile_scalar(A, rows, g, B_f32.data(), pw_b.data(), dst);
+          gemm_tile_scalar(A, rows, g, B, pw_b.data(), dst);
         }
       }
     }
