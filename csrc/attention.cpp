@@ -52,7 +52,20 @@ struct Problem {
   bool relu;
   int64_t block_k;     // keys per block: Lk when Lk <= kSinglePassKeys (one exact pass), else even
   int64_t q_blocks;    // ceil(Lq / BQ) for the path's BQ
+  bool heads_inner;    // work item order (b, q block, h) when every head's K/V fits in L2 together:
+                       // neighbouring items then read neighbouring Q rows; else (b, h, q block)
+
+  struct Item {
+    int64_t b, h, qb;
+  };
+  Item item(int64_t index) const {
+    if (heads_inner) return {index / (q_blocks * H), index % H, (index / H) % q_blocks};
+    return {index / (q_blocks * H), (index / q_blocks) % H, index % q_blocks};
+  }
 };
+
+// Bytes of K and V (as the kernels read them) of all heads together that still leave L2 room.
+constexpr int64_t kHeadsInnerBytes = 512 * 1024;
 
 constexpr int64_t kSinglePassKeys = 256;
 constexpr int64_t kFlashBlockKeys = 128;
@@ -115,7 +128,82 @@ struct Vec {
   }
 };
 
+// Vectorised overloads of the header's scalar pack / store for fp32 (picked by overload resolution).
+void pack_q_f32(const Problem& p, const float* q, int64_t valid, float* qt);
+void store_output(const Problem& p, const float* o, const float* l, int64_t valid, float* out);
+
 #include "attention_flash.h"
+
+// In-register transpose of a 16 x 16 block of 32-bit elements (fp32, or pairs of bf16).
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// Rows of `words` 32-bit elements (one per query, row stride `row_stride`) -> columns of the
+// block: dst[w·kBlockQ + i] = src_i[w] ^ sign; queries past `valid` become zeros.
+inline void transpose_in(const float* src, int64_t row_stride, int64_t words, int64_t valid, uint32_t sign, float* dst) {
+  const __m512 flip = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(sign)));
+  for (int half = 0; half < kQueryVecs; ++half) {
+    const int64_t i0 = half * Vec::kWidth, rows = std::clamp<int64_t>(valid - i0, 0, Vec::kWidth);
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, words - w0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(first_lanes(cols), src + (i0 + i) * row_stride + w0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t c = 0; c < cols; ++c) _mm512_storeu_ps(dst + (w0 + c) * kBlockQ + i0, _mm512_xor_ps(r[c], flip));
+    }
+  }
+}
+
+// Columns of the block scaled per query -> rows: calls emit(i, d0, mask, row of 16 fp32).
+template <class Emit>
+inline void transpose_out(const float* o, const float* l, bool normalise, int64_t D, int64_t valid, Emit&& emit) {
+  for (int half = 0; half < kQueryVecs; ++half) {
+    const int64_t i0 = half * Vec::kWidth, rows = std::clamp<int64_t>(valid - i0, 0, Vec::kWidth);
+    if (rows == 0) continue;
+    const __m512 inv = normalise ? _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_loadu_ps(l + i0)) : _mm512_set1_ps(1.f);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, D - d0);
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c) r[c] = c < cols ? _mm512_mul_ps(_mm512_loadu_ps(o + (d0 + c) * kBlockQ + i0), inv) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < rows; ++i) emit(i0 + i, d0, first_lanes(cols), r[i]);
+    }
+  }
+}
+
+void pack_q_f32(const Problem& p, const float* q, int64_t valid, float* qt) {
+  transpose_in(q, p.q_sl, p.D, valid, p.negate_q ? 0x80000000u : 0u, qt);
+}
+
+void store_output(const Problem& p, const float* o, const float* l, int64_t valid, float* out) {
+  transpose_out(o, l, !p.relu, p.D, valid, [&](int64_t i, int64_t d0, __mmask16 mask, __m512 row) {
+    _mm512_mask_storeu_ps(out + i * p.H * p.D + d0, mask, row);
+  });
+}
 
 }  // namespace
 }  // namespace avx512
@@ -174,13 +262,24 @@ inline void tile_bf16_rows(int rows, const uint16_t* a, int64_t a_row, int64_t a
   tile_bf16<R, kAccumulate>(a, a_row, a_step, b, pairs, odd_tail, c, alpha);
 }
 
-// Qt2[d / 2][i][d % 2] = ±q_i[d]; zeros for padding queries and the odd-D tail.
+// Qt2[d / 2][i][d % 2] = ±q_i[d]: a transpose of 32-bit pairs; zeros for padding queries and
+// the odd-D tail (done element by element: a pair load would read past the row).
 inline void pack_q_bf16(const Problem& p, const uint16_t* q, int64_t valid, uint16_t* qt) {
-  const int64_t pairs = (p.D + 1) / 2;
+  if (!(p.D & 1) && !(p.q_sl & 1)) {
+    transpose_in(reinterpret_cast<const float*>(q), p.q_sl / 2, p.D / 2, valid, p.negate_q ? 0x80008000u : 0u,
+                 reinterpret_cast<float*>(qt));
+    return;
+  }
   const uint16_t sign = p.negate_q ? 0x8000 : 0;
-  if (valid < kBlockQ || (p.D & 1)) std::memset(qt, 0, pairs * kBlockQ * 2 * sizeof(uint16_t));
+  std::memset(qt, 0, (p.D + 1) / 2 * kBlockQ * 2 * sizeof(uint16_t));
   for (int64_t i = 0; i < valid; ++i)
     for (int64_t d = 0; d < p.D; ++d) qt[((d >> 1) * kBlockQ + i) * 2 + (d & 1)] = q[i * p.q_sl + d] ^ sign;
+}
+
+inline void store_output_bf16(const Problem& p, const float* o, const float* l, int64_t valid, uint16_t* out) {
+  transpose_out(o, l, !p.relu, p.D, valid, [&](int64_t i, int64_t d0, __mmask16 mask, __m512 row) {
+    _mm256_mask_storeu_epi16(out + i * p.H * p.D + d0, mask, (__m256i)_mm512_cvtneps_pbh(row));
+  });
 }
 
 // Two P rows (fp32, kWidth queries each) -> one row of kWidth bf16 pairs.
@@ -199,7 +298,8 @@ void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl,
   Scratch<uint16_t> qt(d_pairs * kBlockQ * 2), pw((p.block_k + 1) / 2 * kBlockQ * 2);
   ScratchF32 s(p.block_k * kBlockQ), o(p.D * kBlockQ), m(kBlockQ), l(kBlockQ);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t qb = item % p.q_blocks, bh = item / p.q_blocks, b = bh / p.H, h = bh % p.H;
+    const auto [b, h, qb] = p.item(item);
+    const int64_t bh = b * p.H + h;
     const int64_t q0 = qb * kBlockQ, valid = std::min<int64_t>(kBlockQ, p.Lq - q0);
     pack_q_bf16(p, static_cast<const uint16_t*>(p.q) + b * p.q_sb + q0 * p.q_sl + h * p.q_sh, valid, qt.data());
     const uint16_t* kbh = k + b * k_sb + h * k_sh;
@@ -228,7 +328,7 @@ void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl,
         else tile_bf16_rows<true>(rows, va, 2, 2 * p.D, pw.data(), pairs, false, o.data() + d0 * kBlockQ, alpha);
       });
     }
-    store_output(p, o.data(), l.data(), valid, static_cast<bf16*>(p.out) + ((b * p.Lq + q0) * p.H + h) * p.D);
+    store_output_bf16(p, o.data(), l.data(), valid, static_cast<uint16_t*>(p.out) + ((b * p.Lq + q0) * p.H + h) * p.D);
   }
 }
 
@@ -382,6 +482,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const std::
   p.negate_q = scale < 0;
   p.relu = relu;
   p.block_k = Lk <= kSinglePassKeys ? Lk : kFlashBlockKeys;
+  p.heads_inner = 2 * H * Lk * D * (is_bf16 && simd() == Simd::kAvx512Bf16 ? 2 : 4) <= kHeadsInnerBytes;
 
   const Simd level = simd();
   if (level == Simd::kScalar) {

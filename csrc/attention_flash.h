@@ -141,7 +141,7 @@ void flash_f32(const Problem& p, const float* k, const float* v, int64_t k_sb, i
                int64_t k_sh, int64_t v_sb, int64_t v_sl, int64_t v_sh, int64_t begin, int64_t end) {
   ScratchF32 qt(p.D * kBlockQ), s(p.block_k * kBlockQ), o(p.D * kBlockQ), m(kBlockQ), l(kBlockQ);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t qb = item % p.q_blocks, bh = item / p.q_blocks, b = bh / p.H, h = bh % p.H;
+    const auto [b, h, qb] = p.item(item);
     const int64_t q0 = qb * kBlockQ, valid = std::min<int64_t>(kBlockQ, p.Lq - q0);
     pack_q_f32(p, static_cast<const In*>(p.q) + b * p.q_sb + q0 * p.q_sl + h * p.q_sh, valid, qt.data());
     const float* kbh = k + b * k_sb + h * k_sh;
