@@ -75,6 +75,16 @@ def _load_part(name: str, load):
         raise PipelineError(f"{name}: cannot load ({exc})") from exc
 
 
+def _own_aligned_memory(module) -> None:
+    """Weights read from a safetensors file are views into one buffer at arbitrary offsets. MKL's
+    GEMMs take other code paths on unaligned data (1-ulp different results from the same model
+    built in memory, and slower): give each such tensor its own (64-byte aligned) allocation."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+
+
 def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> dict:
     """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring)."""
     from fastdiff.models.text_encoder import CLIPTextEncoder
@@ -91,6 +101,9 @@ def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> 
     if (folder / "text_encoder").is_dir():
         _require_dir(folder, "tokenizer")
         text_encoder = _load_part("text_encoder", lambda: CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device))
+    for model in (unet, vae, text_encoder.model if text_encoder is not None else None):
+        if model is not None:
+            _own_aligned_memory(model)
     parts = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, text_encoder=text_encoder, name=folder.name)
     stored = index.get("fastdiff", {}).get("defaults", {})
     unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(Defaults)})
@@ -118,6 +131,8 @@ def load_mgie(folder: Path, unet, *, dtype=None, device=None) -> dict:
                             f"last {MGIE_IMG_TOKENS} rows), found {embedding_keys or 'none'}")
     img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype or torch.float32)
     edit_head = _load_part("mgie: mllm.pt edit head", lambda: EditHead.from_mgie(mllm, dtype=dtype, device=device))
+    _own_aligned_memory(unet)
+    _own_aligned_memory(edit_head)
     if edit_head.llm2hid.in_features != img_embeddings.shape[-1]:
         raise PipelineError(f"mgie: the edit head takes {edit_head.llm2hid.in_features}-wide states but embed_tokens rows "
                             f"are {img_embeddings.shape[-1]} wide")
