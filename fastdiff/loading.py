@@ -149,7 +149,9 @@ def _save_model(model, folder: Path, config: dict) -> None:
 
 
 def save_pipeline(pipe, folder) -> None:
-    """Write `pipe` as a diffusers-layout folder that Pipeline.from_pretrained reads back."""
+    """Write `pipe` as a diffusers-layout folder that Pipeline.from_pretrained reads back to the same
+    outputs (its UNet included: an MGIE pipeline's UNet is written with MGIE's weights; its edit
+    head is not, so pass the mgie/ folder again for img_hidden_states)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet_class = "MobileDiffusionUNet" if type(pipe.unet).__name__ == "MobileDiffusionUNet" else "UNet2DConditionModel"

@@ -302,8 +302,10 @@ class Pipeline:
                 raise PipelineError(f"{name}: expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
         output_type = _output_type(output_type)
         base_seed = self._seed(seed)
-        if prompt is None and prompt_embeds is None:
-            raise PipelineError("prompt: give a prompt or prompt_embeds")
+        if (prompt is None) == (prompt_embeds is None):
+            raise PipelineError("prompt: give exactly one of prompt, prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise PipelineError("negative_prompt: give at most one of negative_prompt, negative_prompt_embeds")
         context = self._context("prompt", prompt, prompt_embeds)
         if guidance > 1:  # diffusers' do_classifier_free_guidance; rows [uncond, text], as diffusers orders them
             negative = self._context("negative_prompt", "" if negative_prompt is None else negative_prompt, negative_prompt_embeds)

@@ -335,13 +335,15 @@ def test_progress_bar_switch(t2i, capsys):
     (dict(prompt_embeds=torch.randn(77, 31)), "prompt_embeds"),
     (dict(prompt_embeds=torch.randn(2, 77, 32)), "prompt_embeds"),
     (dict(negative_prompt=3), "negative_prompt"),
+    (dict(prompt=None), "prompt"),
+    (dict(prompt_embeds=torch.randn(77, 32), prompt="a cat"), "prompt"),
+    (dict(negative_prompt="x", negative_prompt_embeds=torch.randn(77, 32)), "negative_prompt"),
+    (dict(negative_prompt_embeds=torch.randn(76, 32)), "negative_prompt_embeds"),
     (dict(latents=torch.randn(1, 3, 16, 16)), "latents"),
     (dict(latents=torch.randn(2, 4, 16, 16)), "latents"),
 ])
 def test_generate_argument_errors_name_the_argument(t2i, kwargs, name):
-    kwargs = {"prompt": "a cat", "steps": 2, **kwargs}
-    if "prompt_embeds" in kwargs:
-        kwargs.pop("prompt")
+    kwargs = {"prompt": "a cat" if "prompt_embeds" not in kwargs else None, "steps": 2, **kwargs}
     with pytest.raises(PipelineError, match=f"^{name}:"):
         t2i.generate(progress=False, **kwargs)
 
