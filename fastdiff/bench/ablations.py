@@ -3,10 +3,11 @@
 Each row builds the default "mobilediffusion" preset with one change undone and reports its
 parameters, MACs (counted on the meta device: conv + linear + attention matmuls) and, with
 --latency, the median CPU time of a forward pass at --res (batch 1, 77 text tokens) on random
-weights. The "default vs row" columns give what the design choice buys, in the paper's sign
-convention: default / row - 1 for parameters and MACs (negative = the default is smaller), and
-row latency / default latency - 1 for speed (positive = the default is faster). The last column
-is the figure MobileDiffusion reports for that choice.
+weights, run in alternation with the default model (a shared machine's load drifts; each ratio
+uses the default runs beside it). The "default vs row" columns give what the design choice buys,
+in the paper's sign convention: default / row - 1 for parameters and MACs (negative = the
+default is smaller), and row latency / default latency - 1 for speed (positive = the default is
+faster). The last column is the figure MobileDiffusion reports for that choice.
 
 Reverting a choice does not always recreate the paper's exact baseline (it ablated while
 designing); e.g. "transformers at 64x64" adds SD-style full blocks there on top of the core.
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.bench.timing import format_table, median_ms
+from fastdiff.bench.timing import format_table
 from fastdiff.models.mobilediffusion import PRESETS, MobileDiffusionConfig, MobileDiffusionUNet, summarize
 
 
@@ -52,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure CPU forward latency (slow at 512: tens of seconds per row)")
     parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent = res / 8); 256 is 4x quicker")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights and activations for latency")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per row (median reported)")
-    parser.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this long (>= 3 runs kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per row and beside it of the default (medians)")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this long (>= 3 pairs kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--backend", choices=["auto", *ops.BACKENDS], default="auto", help="fastdiff.ops backend for latency")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -74,21 +76,32 @@ def _random_model(config: MobileDiffusionConfig, dtype: torch.dtype) -> MobileDi
     return model.eval()
 
 
-def _latency_ms(config: MobileDiffusionConfig, args) -> float:
-    dtype = _DTYPES[args.dtype]
-    model = _random_model(config, dtype)
-    side = config.sample_size
-    sample = torch.randn(1, config.in_channels, side, side).to(dtype)
-    context = torch.randn(1, config.text_length, config.cross_attention_dim).to(dtype)
-    return median_ms(lambda: model(sample, 500, context), warmup=1, repeats=args.repeats, budget_s=args.budget_s)
+class _Forward:
+    """One forward pass of `config` at batch 1 on random weights, callable."""
+
+    def __init__(self, config: MobileDiffusionConfig, dtype: torch.dtype):
+        self.model = _random_model(config, dtype)
+        side = config.sample_size
+        self.sample = torch.randn(1, config.in_channels, side, side).to(dtype)
+        self.context = torch.randn(1, config.text_length, config.cross_attention_dim).to(dtype)
+
+    def __call__(self):
+        return self.model(self.sample, 500, self.context)
 
 
-def _timed(name: str, config: MobileDiffusionConfig, args, backend: str) -> float:
-    start = time.perf_counter()
-    with ops.use_backend(backend):
-        latency = _latency_ms(config, args)
-    print(f"  {name}: {latency:.0f} ms (row took {time.perf_counter() - start:.0f} s)", flush=True)
-    return latency
+def _paired_ms(default: _Forward, variant: _Forward, repeats: int, budget_s: float) -> tuple[list[float], list[float]]:
+    """Forward times (ms) of the default and a variant, run alternately so that both see the same
+    machine load; stops after `repeats` pairs or past budget_s (keeping >= 3 pairs)."""
+    times = ([], [])
+    with torch.inference_mode():
+        default(), variant()  # warm-up
+        start = time.perf_counter()
+        while len(times[1]) < repeats and not (len(times[1]) >= 3 and time.perf_counter() - start > budget_s):
+            for fn, out in zip((default, variant), times):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _ratio(value: float, base: float) -> str:
@@ -104,25 +117,32 @@ def run(args) -> int:
     latent = args.res // 8
     table = variants(PRESETS[args.preset])
     backend = args.backend if args.backend != "auto" else ops.selected_name("cpu")
+    dtype = _DTYPES[args.dtype]
+    default = None
     results = []
     for name, config, paper in table:
         config = config.replace(sample_size=latent)
         s = summarize(config)
         row = {"variant": name, "params": s.params, "macs": s.total_macs, "module_macs": s.module_macs,
                "resnets": config.num_resnets, "paper": paper}
-        if args.latency:
-            row["latency_ms"] = _timed(name, config, args, backend)
+        if args.latency and default is None:
+            default = _Forward(config, dtype)
+            row["default_runs_ms"] = []
+        elif args.latency:
+            # The machine is shared and its load drifts: each row is timed in alternation with
+            # the default, and compared with those default runs only.
+            start = time.perf_counter()
+            with ops.use_backend(backend):
+                default_ms, variant_ms = _paired_ms(default, _Forward(config, dtype), args.repeats, args.budget_s)
+            row["latency_ms"], row["paired_default_ms"] = statistics.median(variant_ms), statistics.median(default_ms)
+            results[0]["default_runs_ms"] += default_ms
+            print(f"  {name}: {row['latency_ms']:.0f} ms, default beside it {row['paired_default_ms']:.0f} ms "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
         results.append(row)
 
     base = results[0]
-    drift = None
     if args.latency:
-        # A shared machine's load changes while the rows run: time the default again at the end
-        # and compare every row with the mean of its two timings.
-        again = _timed(table[0][0] + ", again", table[0][1].replace(sample_size=latent), args, backend)
-        drift = again / base["latency_ms"] - 1
-        base["latency_ms_runs"] = [base["latency_ms"], again]
-        base["latency_ms"] = (base["latency_ms"] + again) / 2
+        base["latency_ms"] = statistics.median(base["default_runs_ms"])
     headers = ["variant", "resnets", "params (M)", "GMACs", "default vs row: params", "MACs"]
     if args.latency:
         headers += ["latency (ms)", "default speed-up"]
@@ -133,18 +153,18 @@ def run(args) -> int:
         cells = [r["variant"], str(r["resnets"]), f"{r['params'] / 1e6:.4g}", f"{r['macs'] / 1e9:.4g}",
                  "" if is_base else _ratio(base["params"], r["params"]), "" if is_base else _ratio(base["macs"], r["macs"])]
         if args.latency:
-            cells += [f"{r['latency_ms']:.0f}", "" if is_base else _ratio(r["latency_ms"], base["latency_ms"])]
+            cells += [f"{r['latency_ms']:.0f}", "" if is_base else _ratio(r["latency_ms"], r["paired_default_ms"])]
         cells.append(r["paper"])
         rows.append(cells)
     where = f"{args.res}x{args.res} (latent {latent}x{latent}), batch 1, 77 text tokens"
     print(f"MobileDiffusion ablations at {where}; MACs include attention matmuls")
     if args.latency:
         print(f"latency: median of up to {args.repeats} forward passes, {args.dtype}, backend {backend}, "
-              f"{torch.get_num_threads()} threads, random weights; the default, timed first and last, "
-              f"drifted {100 * drift:+.0f}% (its row shows the mean)")
+              f"{torch.get_num_threads()} threads, random weights; each row timed in alternation with the default "
+              f"and its speed-up taken against those default runs (the default row: median of all of them)")
     print(format_table(headers, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"resolution": args.res, "dtype": args.dtype, "backend": backend if args.latency else None,
-                       "threads": torch.get_num_threads(), "latency_drift": drift, "rows": results}, f, indent=2)
+                       "threads": torch.get_num_threads(), "rows": results}, f, indent=2)
     return 0
