@@ -96,7 +96,7 @@ def _sd15_attention_macs():
     return sum(n * (2 * L * L * C + 2 * L * 77 * C) for L, C, n in levels)
 
 
-def test_sd15_unet():
+def _sd15_diffusers_count():
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(
@@ -104,9 +104,26 @@ def test_sd15_unet():
             cross_attention_dim=768,
         )
         inputs = (torch.empty(1, 4, 64, 64), torch.tensor([500]), torch.empty(1, 77, 768))
-    count = count_macs(unet, *inputs)
+    return count_macs(unet, *inputs)
+
+
+def test_sd15_unet():
+    count = _sd15_diffusers_count()
     assert count.params == 859_520_964  # SD1.5's UNet
     # Published figure (conv + linear layers, as module-hook counters see them): 339 G.
     assert count.module_macs == pytest.approx(339e9, rel=0.01)
     assert count.macs["attention"] == _sd15_attention_macs()  # + 63.0 G -> 401.6 G in all
     assert count.module("mid_block")["attention"] == 2 * 64 * 64 * 1280 + 2 * 64 * 77 * 1280
+
+
+def test_fastdiff_sd15_unet_counts_like_diffusers():
+    from fastdiff.models.unet_2d_condition import UNet2DCondition, UNet2DConditionConfig
+
+    with torch.device("meta"):
+        unet = UNet2DCondition(UNet2DConditionConfig(cross_attention_dim=768))  # SD1.5
+        inputs = (torch.empty(1, 4, 64, 64), torch.tensor([500.0]), torch.empty(1, 77, 768))
+    count, theirs = count_macs(unet, *inputs), _sd15_diffusers_count()
+    assert count.params == theirs.params
+    # proj_in/proj_out run as GEMMs on channels_last tokens here (1x1 convs in diffusers): the
+    # conv/linear split moves, the sum does not.
+    assert count.module_macs == theirs.module_macs and count.macs["attention"] == theirs.macs["attention"]
