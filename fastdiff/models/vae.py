@@ -229,6 +229,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
+        self.to(memory_format=torch.channels_last)  # conv weights in the activations' layout: no reorder per call
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class AutoencoderKL(nn.Module):
             model = cls(AutoencoderKLConfig.from_diffusers(config))
         device = torch.device(device) if device is not None else torch.device("cpu")
         model.load_state_dict({k: v.to(device=device, dtype=dtype or torch.float32, copy=copy) for k, v in state_dict.items()}, assign=True)
-        return model.eval()
+        return model.to(memory_format=torch.channels_last).eval()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module.load_state_dict that also takes old attention names and wrapped/prefixed
