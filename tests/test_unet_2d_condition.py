@@ -126,7 +126,8 @@ def test_bf16_within_twice_diffusers_autocast_error(name, backend):
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     bound = max(LOW_PRECISION_FACTOR * autocast_err, LOW_PRECISION_FLOOR[torch.bfloat16])
     err = rel_error(out, expected)
-    assert err <= bound, f"{name} [{backend}] bf16: relative error {err:.2e} > {bound:.2e} (diffusers autocast: {autocast_err:.2e})"
+    assert err <= bound, \
+        f"{name} [{backend}] bf16: relative error {err:.2e} > {bound:.2e} (diffusers autocast: {autocast_err:.2e})"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -267,14 +268,17 @@ def test_ignored_fields_and_defaults_are_accepted(tiny):
     assert UNet2DConditionConfig.from_diffusers(config).block_out_channels == (32, 64)
 
 
-def test_heads_are_resolved_like_diffusers():
-    ref = make_diffusers_unet(attention_head_dim=(2, 4))
+@pytest.mark.parametrize("heads", [4, (2, 4), (4, 8)])
+def test_heads_are_resolved_like_diffusers(heads):
+    """attention_head_dim is the number of heads; it does not change parameter shapes, so the
+    outputs alone could miss a wrong split: compare every attention module's head count."""
+    ref = make_diffusers_unet(attention_head_dim=heads)
     unet = UNet2DCondition.from_diffusers(ref)
-    ours = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    theirs = ref.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    assert (ours.heads, ours.dim_head) == (theirs.heads, 32 // 2)  # attention_head_dim = number of heads
-    assert unet.up_blocks[1].attentions[0].transformer_blocks[0].attn2.heads == ref.up_blocks[1].attentions[0].transformer_blocks[0].attn2.heads
-    assert unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 4
+    theirs = dict(ref.named_modules())
+    ours = {name: m for name, m in unet.named_modules() if type(m).__name__ == "Attention"}
+    assert len(ours) == 8  # TINY: (1 down + 1 mid + 2 up transformers) x (attn1, attn2)
+    for name, attn in ours.items():
+        assert (attn.heads, attn.heads * attn.dim_head) == (theirs[name].heads, theirs[name].inner_dim), name
 
 
 @pytest.mark.parametrize("args, error, match", [
