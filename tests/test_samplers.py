@@ -13,6 +13,8 @@ from fastdiff.samplers import SAMPLERS, make_sampler  # noqa: E402
 from helpers import rel_error  # noqa: E402
 
 BOUND = 1e-5
+# diffusers 0.42's schedulers call np.array(tensor) in a way numpy 2 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (a PNDM config; its extra keys are ignored)
 SD15 = {
@@ -29,7 +31,12 @@ SD15 = {
 }
 # stabilityai/stable-diffusion-2-1 (768px, v-prediction)
 SD21_V = {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-CONFIGS = {"sd15": SD15, "sd21_v": SD21_V, "linear_v": {**SD21_V, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}}
+CONFIGS = {
+    "sd15": SD15,
+    "sd21_v": SD21_V,
+    "linear_v": {**SD21_V, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "cosine": {**SD15, "beta_schedule": "squaredcos_cap_v2"},
+}
 
 DIFFUSERS = {
     "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
