@@ -88,9 +88,16 @@ class Scratch {
 };
 using ScratchF32 = Scratch<float>;
 
-// 2^f on [-0.5, 0.5], relative error 1.1e-7 (least squares on Chebyshev nodes).
-constexpr float kExp2C1 = 0.6931468844f, kExp2C2 = 0.2402223796f, kExp2C3 = 0.0555089302f,
-                kExp2C4 = 0.0096717076f, kExp2C5 = 0.0013218677f;
+// 2^f on [-0.5, 0.5] (least squares on Chebyshev nodes): degree 5, relative error 1.1e-7, for
+// fp32 results; degree 3, 1.2e-4, where P is rounded to bf16 (2^-9) right after.
+constexpr float kExp2Deg5[] = {1.f, 0.6931468844f, 0.2402223796f, 0.0555089302f, 0.0096717076f, 0.0013218677f};
+constexpr float kExp2Deg3[] = {1.f, 0.6933686733f, 0.2422183752f, 0.0545928292f};
+
+template <int kDegree>
+constexpr const float* exp2_coefficients() {
+  static_assert(kDegree == 3 || kDegree == 5);
+  return kDegree == 5 ? kExp2Deg5 : kExp2Deg3;
+}
 
 }  // namespace
 
@@ -115,15 +122,14 @@ struct Vec {
   static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
   // 2^x for x <= ~0: split x = n + f, polynomial for 2^f, vscalefps for the 2^n.
+  template <int kDegree = 5>
   static Reg exp2(Reg x) {
+    constexpr const float* c = exp2_coefficients<kDegree>();
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
     const Reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const Reg f = _mm512_sub_ps(x, n);
-    Reg poly = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C5), f, _mm512_set1_ps(kExp2C4));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C3));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C2));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2C1));
-    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.f));
+    Reg poly = _mm512_set1_ps(c[kDegree]);
+    for (int i = kDegree - 1; i >= 0; --i) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(poly, n);
   }
 };
@@ -282,12 +288,41 @@ inline void store_output_bf16(const Problem& p, const float* o, const float* l, 
   });
 }
 
-// Two P rows (fp32, kWidth queries each) -> one row of kWidth bf16 pairs.
-inline void store_p_pairs(uint16_t* dst, Reg p0, Reg p1) {
+// P (nk x kBlockQ fp32) -> bf16 pairs, Pw[j / 2][i][j % 2]; an odd last key is paired with zeros.
+inline void pack_p_pairs(const float* s, int64_t nk, uint16_t* pw) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 in the low 16, p1 in the high 16
-  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, halves));
+  for (int64_t j = 0; j < nk; j += 2)
+    for (int q = 0; q < kQueryVecs; ++q) {
+      const Reg p0 = Vec::load(s + j * kBlockQ + q * Vec::kWidth);
+      const Reg p1 = j + 1 < nk ? Vec::load(s + (j + 1) * kBlockQ + q * Vec::kWidth) : Vec::zero();
+      const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 in the low 16, p1 in the high 16
+      _mm512_storeu_si512(pw + (j * kBlockQ + q * Vec::kWidth * 2), _mm512_permutexvar_epi16(interleave, halves));
+    }
+}
+
+// One head's V (rows `row_stride` apart) in VNNI pairs: out[j / 2][d][j % 2], an odd Lk padded
+// with a zero key. Interleaves two rows 32 head-dim entries at a time.
+void pack_v_pairs_head(const uint16_t* v, int64_t row_stride, int64_t Lk, int64_t D, uint16_t* out) {
+  alignas(64) uint16_t low_index[32], high_index[32];
+  for (int i = 0; i < 16; ++i) {
+    low_index[2 * i] = i, low_index[2 * i + 1] = 32 + i;
+    high_index[2 * i] = 16 + i, high_index[2 * i + 1] = 48 + i;
+  }
+  const __m512i low = _mm512_load_si512(low_index), high = _mm512_load_si512(high_index);
+  auto mask = [](int64_t n) { return static_cast<__mmask32>((uint64_t{1} << n) - 1); };
+  for (int64_t j = 0; j < Lk; j += 2) {
+    const uint16_t* row0 = v + j * row_stride;
+    const uint16_t* row1 = row0 + row_stride;
+    uint16_t* dst = out + j * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const int64_t n = std::min<int64_t>(32, D - d0);
+      const __m512i a = _mm512_maskz_loadu_epi16(mask(n), row0 + d0);
+      const __m512i b = j + 1 < Lk ? _mm512_maskz_loadu_epi16(mask(n), row1 + d0) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi16(dst + 2 * d0, mask(2 * std::min<int64_t>(n, 16)), _mm512_permutex2var_epi16(a, low, b));
+      if (n > 16) _mm512_mask_storeu_epi16(dst + 2 * d0 + 32, mask(2 * (n - 16)), _mm512_permutex2var_epi16(a, high, b));
+    }
+  }
 }
 
 // k: bf16 in place (strides of the Problem's k); vp: V of every (b, h) in VNNI pairs,
@@ -312,15 +347,9 @@ void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl,
                               s.data() + r0 * kBlockQ, nullptr);
       });
       Reg alpha[kQueryVecs];
-      auto store_p = [&](int64_t j, int q, Reg p0, Reg p1) {
-        store_p_pairs(pw.data() + ((j / 2) * kBlockQ + q * Vec::kWidth) * 2, p0, p1);
-      };
-      if (p.relu) {
-        relu_block(s.data(), nk, p.relu_scale, store_p);
-        for (int q = 0; q < kQueryVecs; ++q) alpha[q] = Vec::set1(1.f);
-      } else {
-        softmax_block(s.data(), nk, m.data(), l.data(), alpha, first, p.exp2_scale, store_p);
-      }
+      if (p.relu) relu_block(s.data(), nk, p.relu_scale, alpha);
+      else softmax_block<3>(s.data(), nk, m.data(), l.data(), alpha, first, p.exp2_scale);
+      pack_p_pairs(s.data(), nk, pw.data());
       for_each_row_tile(p.D, Vec::kMaxRows, [&](int64_t d0, int rows) {
         const uint16_t* va = vbh + ((j0 / 2) * p.D + d0) * 2;
         const int64_t pairs = (nk + 1) / 2;
@@ -357,15 +386,14 @@ struct Vec {
   static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   // 2^x for x <= ~0: polynomial for the fraction, exponent bits built from the integer part.
+  template <int kDegree = 5>
   static Reg exp2(Reg x) {
+    constexpr const float* c = exp2_coefficients<kDegree>();
     x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
     const Reg n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const Reg f = _mm256_sub_ps(x, n);
-    Reg poly = _mm256_fmadd_ps(_mm256_set1_ps(kExp2C5), f, _mm256_set1_ps(kExp2C4));
-    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C3));
-    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C2));
-    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2C1));
-    poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
+    Reg poly = _mm256_set1_ps(c[kDegree]);
+    for (int i = kDegree - 1; i >= 0; --i) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c[i]));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
   }
@@ -417,21 +445,16 @@ void attention_scalar(const Problem& p, const T* k, int64_t k_sb, int64_t k_sl, 
 // bf16 (B, Lk, H, D) with strides -> fp32 (B, H, Lk, D) contiguous, for the fp32 SIMD paths.
 at::Tensor keys_to_f32(const at::Tensor& x) { return x.to(at::kFloat).permute({0, 2, 1, 3}).contiguous(); }
 
-// V of every (b, h) in VNNI pairs: out[bh][j / 2][d][j % 2], an odd Lk padded with a zero key.
+// V of every (b, h) in VNNI pairs: out[bh][j / 2][d][j % 2].
 at::Tensor pack_v_pairs(const at::Tensor& v) {
   const int64_t B = v.size(0), Lk = v.size(1), H = v.size(2), D = v.size(3), pairs = (Lk + 1) / 2;
   at::Tensor packed = at::empty({B * H, pairs, D, 2}, v.options().dtype(at::kBFloat16));
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<bf16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<bf16>());
-  const int64_t sb = v.stride(0), sl = v.stride(1), sh = v.stride(2);
+  const auto* src = reinterpret_cast<const uint16_t*>(v.data_ptr<bf16>());
+  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<bf16>());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const uint16_t* vbh = src + (bh / H) * sb + (bh % H) * sh;
-      uint16_t* out = dst + bh * pairs * D * 2;
-      for (int64_t j = 0; j < pairs * 2; ++j)
-        for (int64_t d = 0; d < D; ++d)
-          out[((j >> 1) * D + d) * 2 + (j & 1)] = j < Lk ? vbh[j * sl + d] : uint16_t{0};
-    }
+    for (int64_t bh = begin; bh < end; ++bh)
+      avx512::pack_v_pairs_head(src + (bh / H) * v.stride(0) + (bh % H) * v.stride(2), v.stride(1), Lk, D,
+                                dst + bh * pairs * D * 2);
   });
   return packed;
 }

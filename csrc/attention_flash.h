@@ -63,55 +63,50 @@ inline void for_each_row_tile(int64_t n, int max_rows, Fn&& fn) {
   }
 }
 
-// Online softmax over one S block, in place (S becomes P = 2^((s - m)·c)); m, l, alpha per query.
+// Online softmax over one S block, in place: S becomes P = 2^((s - m)·c); m, l, alpha per query.
 // c = |scale|·log2(e): Q carries the sign of the scale, so the exponent is never positive.
-template <class StoreP>
-inline void softmax_block(const float* s, int64_t nk, float* m, float* l, Reg* alpha, bool first,
-                          float c, StoreP&& store_p) {
+// kExpDegree: polynomial degree of 2^x (see exp2_coefficients).
+template <int kExpDegree>
+inline void softmax_block(float* s, int64_t nk, float* m, float* l, Reg* alpha, bool first, float c) {
   const Reg cv = Vec::set1(c);
   for (int q = 0; q < kQueryVecs; ++q) {
+    float* col = s + q * Vec::kWidth;
     const Reg m_old = Vec::load(m + q * Vec::kWidth);
     Reg mx = first ? Vec::set1(-std::numeric_limits<float>::infinity()) : m_old;
-    for (int64_t j = 0; j < nk; ++j) mx = Vec::max(mx, Vec::load(s + j * kBlockQ + q * Vec::kWidth));
+    for (int64_t j = 0; j < nk; ++j) mx = Vec::max(mx, Vec::load(col + j * kBlockQ));
     const Reg neg_mc = Vec::mul(mx, Vec::set1(-c));
     Reg sum0 = Vec::zero(), sum1 = Vec::zero();
     int64_t j = 0;
     for (; j + 1 < nk; j += 2) {  // two independent exp chains
-      const Reg p0 = Vec::exp2(Vec::fma(Vec::load(s + j * kBlockQ + q * Vec::kWidth), cv, neg_mc));
-      const Reg p1 = Vec::exp2(Vec::fma(Vec::load(s + (j + 1) * kBlockQ + q * Vec::kWidth), cv, neg_mc));
+      const Reg p0 = Vec::exp2<kExpDegree>(Vec::fma(Vec::load(col + j * kBlockQ), cv, neg_mc));
+      const Reg p1 = Vec::exp2<kExpDegree>(Vec::fma(Vec::load(col + (j + 1) * kBlockQ), cv, neg_mc));
       sum0 = Vec::add(sum0, p0);
       sum1 = Vec::add(sum1, p1);
-      store_p(j, q, p0, p1);
+      Vec::store(col + j * kBlockQ, p0);
+      Vec::store(col + (j + 1) * kBlockQ, p1);
     }
     if (j < nk) {
-      const Reg p0 = Vec::exp2(Vec::fma(Vec::load(s + j * kBlockQ + q * Vec::kWidth), cv, neg_mc));
+      const Reg p0 = Vec::exp2<kExpDegree>(Vec::fma(Vec::load(col + j * kBlockQ), cv, neg_mc));
       sum0 = Vec::add(sum0, p0);
-      store_p(j, q, p0, Vec::zero());
+      Vec::store(col + j * kBlockQ, p0);
     }
     const Reg sum = Vec::add(sum0, sum1);
     if (first) {
       Vec::store(l + q * Vec::kWidth, sum);
     } else {
-      alpha[q] = Vec::exp2(Vec::mul(Vec::sub(m_old, mx), cv));
+      alpha[q] = Vec::exp2<kExpDegree>(Vec::mul(Vec::sub(m_old, mx), cv));
       Vec::store(l + q * Vec::kWidth, Vec::fma(Vec::load(l + q * Vec::kWidth), alpha[q], sum));
     }
     Vec::store(m + q * Vec::kWidth, mx);
   }
 }
 
-// ReLU attention weights: P = max(s, 0)·|scale|/Lk (Q carries the sign of the scale).
-template <class StoreP>
-inline void relu_block(const float* s, int64_t nk, float weight, StoreP&& store_p) {
+// ReLU attention weights in place: P = max(s, 0)·|scale|/Lk (Q carries the sign of the scale).
+inline void relu_block(float* s, int64_t nk, float weight, Reg* alpha) {
   const Reg w = Vec::set1(weight);
-  for (int q = 0; q < kQueryVecs; ++q) {
-    int64_t j = 0;
-    for (; j + 1 < nk; j += 2)
-      store_p(j, q, Vec::mul(Vec::max(Vec::load(s + j * kBlockQ + q * Vec::kWidth), Vec::zero()), w),
-              Vec::mul(Vec::max(Vec::load(s + (j + 1) * kBlockQ + q * Vec::kWidth), Vec::zero()), w));
-    if (j < nk)
-      store_p(j, q, Vec::mul(Vec::max(Vec::load(s + j * kBlockQ + q * Vec::kWidth), Vec::zero()), w),
-              Vec::zero());
-  }
+  for (int64_t j = 0; j < nk * kQueryVecs; ++j)
+    Vec::store(s + j * Vec::kWidth, Vec::mul(Vec::max(Vec::load(s + j * Vec::kWidth), Vec::zero()), w));
+  for (int q = 0; q < kQueryVecs; ++q) alpha[q] = Vec::set1(1.f);
 }
 
 // Qt[d][i] = ±q_i[d] for the valid queries of the block, zeros for the padding ones.
@@ -153,16 +148,8 @@ void flash_f32(const Problem& p, const float* k, const float* v, int64_t k_sb, i
         tile_f32_rows<false>(rows, kbh + (j0 + r0) * k_sl, k_sl, 1, qt.data(), p.D, s.data() + r0 * kBlockQ, nullptr);
       });
       Reg alpha[kQueryVecs];
-      auto store_p = [&](int64_t j, int q, Reg p0, Reg p1) {
-        Vec::store(s.data() + j * kBlockQ + q * Vec::kWidth, p0);
-        if (j + 1 < nk) Vec::store(s.data() + (j + 1) * kBlockQ + q * Vec::kWidth, p1);
-      };
-      if (p.relu) {
-        relu_block(s.data(), nk, p.relu_scale, store_p);
-        for (int q = 0; q < kQueryVecs; ++q) alpha[q] = Vec::set1(1.f);
-      } else {
-        softmax_block(s.data(), nk, m.data(), l.data(), alpha, first, p.exp2_scale, store_p);
-      }
+      if (p.relu) relu_block(s.data(), nk, p.relu_scale, alpha);
+      else softmax_block<5>(s.data(), nk, m.data(), l.data(), alpha, first, p.exp2_scale);
       for_each_row_tile(p.D, Vec::kMaxRows, [&](int64_t d0, int rows) {
         const float* va = vbh + j0 * v_sl + d0;
         if (first) tile_f32_rows<false>(rows, va, 1, v_sl, s.data(), nk, o.data() + d0 * kBlockQ, nullptr);
