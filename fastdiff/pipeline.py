@@ -171,6 +171,9 @@ class Pipeline:
         if text_encoder is not None and text_encoder.hidden_size != self.cross_attention_dim:
             raise PipelineError(f"text_encoder: hidden size {text_encoder.hidden_size} differs from the UNet's "
                                 f"cross_attention_dim {self.cross_attention_dim}")
+        if edit_head is not None and edit_head.hid2feat.out_features != self.cross_attention_dim:
+            raise PipelineError(f"mgie: the edit head's output width {edit_head.hid2feat.out_features} differs from the "
+                                f"UNet's cross_attention_dim {self.cross_attention_dim}")
         self.defaults = defaults or Defaults(steps=100 if self.is_editor else 50)
         scheduler_class = self.scheduler_config.get("_class_name")
         if self.defaults.sampler is None and not _known_sampler(scheduler_class):

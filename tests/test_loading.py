@@ -119,6 +119,16 @@ def test_mgie_head_width_must_match_embeddings(saved, tmp_path):
         Pipeline.from_pretrained(saved / "edit", mgie=folder)
 
 
+def test_mgie_head_output_must_match_the_unet(saved, tmp_path):
+    editor = default_pipeline("edit", "small")
+    folder, _, mllm = fake_mgie(tmp_path, editor)
+    mllm["edit_head.hid2feat.weight"] = torch.randn(24, 32)
+    mllm["edit_head.hid2feat.bias"] = torch.randn(24)
+    torch.save(mllm, folder / "mllm.pt")
+    with pytest.raises(PipelineError, match="^mgie: the edit head's output width 24"):
+        Pipeline.from_pretrained(saved / "edit", mgie=folder)
+
+
 def copy(saved, name, tmp_path):
     target = tmp_path / name
     shutil.copytree(saved / name, target)
