@@ -19,30 +19,32 @@ using c10::BFloat16;
 template <class T, bool kGelu>
 FASTDIFF_AVX512 void glu_row_avx512(const T* a, const T* gate, T* out, int64_t features) {
   using namespace vec::avx512;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   int64_t j = 0;
   for (; j + kWidth <= features; j += kWidth) {
     V g = load(gate + j);
-    store(out + j, _mm512_mul_ps(load(a + j), kGelu ? gelu(g) : silu(g)));
+    store(out + j, _mm512_mul_ps(load(a + j), kGelu ? gelu<kFull>(g) : silu<kFull>(g)));
   }
   if (j < features) {
     __mmask16 m = tail_mask(features - j);
     V g = load(gate + j, m);
-    store(out + j, _mm512_mul_ps(load(a + j, m), kGelu ? gelu(g) : silu(g)), m);
+    store(out + j, _mm512_mul_ps(load(a + j, m), kGelu ? gelu<kFull>(g) : silu<kFull>(g)), m);
   }
 }
 
 template <class T, bool kGelu>
 FASTDIFF_AVX2 void glu_row_avx2(const T* a, const T* gate, T* out, int64_t features) {
   using namespace vec::avx2;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   int64_t j = 0;
   for (; j + kWidth <= features; j += kWidth) {
     V g = load(gate + j);
-    store(out + j, _mm256_mul_ps(load(a + j), kGelu ? gelu(g) : silu(g)));
+    store(out + j, _mm256_mul_ps(load(a + j), kGelu ? gelu<kFull>(g) : silu<kFull>(g)));
   }
   if (j < features) {
     const int64_t n = features - j;
     V g = load(gate + j, n);
-    store(out + j, _mm256_mul_ps(load(a + j, n), kGelu ? gelu(g) : silu(g)), n);
+    store(out + j, _mm256_mul_ps(load(a + j, n), kGelu ? gelu<kFull>(g) : silu<kFull>(g)), n);
   }
 }
 

@@ -3,8 +3,9 @@
 // Each ISA's functions carry their own GCC target attribute so they inline only into kernels
 // compiled for that ISA; which kernel runs is chosen at run time from fastdiff::simd().
 //
-// Accuracy (fp32): exp ~2 ulp (Cephes polynomial, exact 2^n scaling); SiLU divides through a
-// Newton-refined reciprocal (~1e-7 rel); GELU uses Phi(x) = erfc(-x/sqrt2)/2 with Numerical
+// Accuracy with kFull (fp32 results): exp ~2 ulp (Cephes polynomial, exact 2^n scaling); SiLU
+// divides through a Newton-refined reciprocal (~1e-7 rel); kFull = false (bf16 results) drops
+// terms and Newton steps for ~1e-4 relative, far below bf16's 4e-3 rounding. GELU uses Phi(x) = erfc(-x/sqrt2)/2 with Numerical
 // Recipes' erfc (fractional error < 1.2e-7 everywhere), so even the far negative tail, where
 // 1 + erf(x) cancels, stays accurate (~2e-6 relative at x = -9, limited by exp's argument).
 #pragma once
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #define FASTDIFF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define FASTDIFF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -78,34 +80,46 @@ FASTDIFF_INLINE_AVX512 void store(c10::BFloat16* p, V v) {
 FASTDIFF_INLINE_AVX512 void store(float* p, V v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 FASTDIFF_INLINE_AVX512 void store(c10::BFloat16* p, V v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
 
+// kFull: fp32-accurate (~2 ulp). Otherwise ~5e-5 relative, for results rounded to bf16 anyway.
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX512 V exp(V x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpMin)), _mm512_set1_ps(kExpMax));
   V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  V p = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  if constexpr (kFull) r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  constexpr int first = kFull ? 0 : 2;  // drop the two highest-order terms
+  V p = _mm512_set1_ps(kExpPoly[first]);
+  for (int i = first + 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
-// 1/d to ~1e-8 relative: rcp14 plus one Newton step (vdivps is several times slower on Zen 4).
+// 1/d: rcp14 (~6e-5), plus one Newton step (~1e-8) when kFull (vdivps is several times slower on Zen 4).
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX512 V reciprocal(V d) {
   V r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  if constexpr (kFull) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  return r;
 }
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX512 V silu(V x) {
-  V e = exp(_mm512_sub_ps(_mm512_setzero_ps(), x));
-  return _mm512_mul_ps(x, reciprocal(_mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  V e = exp<kFull>(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return _mm512_mul_ps(x, reciprocal<kFull>(_mm512_add_ps(e, _mm512_set1_ps(1.0f))));
 }
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX512 V gelu(V x) {
   V z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
-  V t = reciprocal(_mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
+  V t = reciprocal<kFull>(_mm512_fmadd_ps(z, _mm512_set1_ps(0.5f), _mm512_set1_ps(1.0f)));
   V p = _mm512_set1_ps(kErfcPoly[0]);
   for (int i = 1; i < 10; ++i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfcPoly[i]));
-  // exp(p - x^2/2) with x^2 split into hi + lo (exact): the exponent is not limited by z's rounding.
-  const V xx = _mm512_mul_ps(x, x), xx_lo = _mm512_fmsub_ps(x, x, xx);
-  const V arg = _mm512_fmadd_ps(xx_lo, _mm512_set1_ps(-0.5f), _mm512_fmadd_ps(xx, _mm512_set1_ps(-0.5f), p));
-  V half_erfc = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)), exp(arg));
+  V arg;
+  if constexpr (kFull) {
+    // exp(p - x^2/2) with x^2 split into hi + lo (exact): the exponent is not limited by z's rounding.
+    const V xx = _mm512_mul_ps(x, x), xx_lo = _mm512_fmsub_ps(x, x, xx);
+    arg = _mm512_fmadd_ps(xx_lo, _mm512_set1_ps(-0.5f), _mm512_fmadd_ps(xx, _mm512_set1_ps(-0.5f), p));
+  } else {
+    arg = _mm512_fnmadd_ps(z, z, p);
+  }
+  V half_erfc = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)), exp<kFull>(arg));
   // Phi(x) = erfc(|x|/sqrt2)/2 for x < 0, 1 - that for x >= 0.
   __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   V phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), half_erfc);
@@ -154,35 +168,46 @@ FASTDIFF_INLINE_AVX2 void store(T* p, V v, int64_t n) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX2 V exp(V x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)), _mm256_set1_ps(kExpMax));
   V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  V p = _mm256_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  if constexpr (kFull) r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  constexpr int first = kFull ? 0 : 2;
+  V p = _mm256_set1_ps(kExpPoly[first]);
+  for (int i = first + 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   // 2^n built in the exponent field; the clamp keeps n + 127 within 1..254.
   __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX2 V reciprocal(V d) {
-  V r = _mm256_rcp_ps(d);  // 12 bits; two Newton steps reach fp32 precision
+  V r = _mm256_rcp_ps(d);  // 12 bits; one Newton step for bf16 results, two for fp32
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  if constexpr (kFull) r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  return r;
 }
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX2 V silu(V x) {
-  V e = exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
-  return _mm256_mul_ps(x, reciprocal(_mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  V e = exp<kFull>(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  return _mm256_mul_ps(x, reciprocal<kFull>(_mm256_add_ps(e, _mm256_set1_ps(1.0f))));
 }
+template <bool kFull = true>
 FASTDIFF_INLINE_AVX2 V gelu(V x) {
   V z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(0.70710678118654752f));
-  V t = reciprocal(_mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  V t = reciprocal<kFull>(_mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
   V p = _mm256_set1_ps(kErfcPoly[0]);
   for (int i = 1; i < 10; ++i) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kErfcPoly[i]));
-  const V xx = _mm256_mul_ps(x, x), xx_lo = _mm256_fmsub_ps(x, x, xx);
-  const V arg = _mm256_fmadd_ps(xx_lo, _mm256_set1_ps(-0.5f), _mm256_fmadd_ps(xx, _mm256_set1_ps(-0.5f), p));
-  V half_erfc = _mm256_mul_ps(_mm256_mul_ps(t, _mm256_set1_ps(0.5f)), exp(arg));
+  V arg;
+  if constexpr (kFull) {
+    const V xx = _mm256_mul_ps(x, x), xx_lo = _mm256_fmsub_ps(x, x, xx);
+    arg = _mm256_fmadd_ps(xx_lo, _mm256_set1_ps(-0.5f), _mm256_fmadd_ps(xx, _mm256_set1_ps(-0.5f), p));
+  } else {
+    arg = _mm256_fnmadd_ps(z, z, p);
+  }
+  V half_erfc = _mm256_mul_ps(_mm256_mul_ps(t, _mm256_set1_ps(0.5f)), exp<kFull>(arg));
   V negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   V phi = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), half_erfc, negative);
   return _mm256_mul_ps(x, phi);

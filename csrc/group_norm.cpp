@@ -82,16 +82,17 @@ template <class T, bool kSilu>
 FASTDIFF_AVX512 void affine_rows_avx512(const T* x, T* y, int64_t rows, int64_t channels, const float* shift,
                                         const float* a, const float* b) {
   using namespace vec::avx512;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   for (int64_t r = 0; r < rows; ++r, x += channels, y += channels) {
     int64_t c = 0;
     for (; c + kWidth <= channels; c += kWidth) {
       V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + c), load(shift + c)), load(a + c), load(b + c));
-      store(y + c, kSilu ? silu(v) : v);
+      store(y + c, kSilu ? silu<kFull>(v) : v);
     }
     if (c < channels) {
       const __mmask16 m = tail_mask(channels - c);
       V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + c, m), load(shift + c, m)), load(a + c, m), load(b + c, m));
-      store(y + c, kSilu ? silu(v) : v, m);
+      store(y + c, kSilu ? silu<kFull>(v) : v, m);
     }
   }
 }
@@ -99,16 +100,17 @@ FASTDIFF_AVX512 void affine_rows_avx512(const T* x, T* y, int64_t rows, int64_t 
 template <class T, bool kSilu>
 FASTDIFF_AVX512 void affine_run_avx512(const T* x, T* y, int64_t len, float shift, float a, float b) {
   using namespace vec::avx512;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   const V vs = _mm512_set1_ps(shift), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
   int64_t i = 0;
   for (; i + kWidth <= len; i += kWidth) {
     V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + i), vs), va, vb);
-    store(y + i, kSilu ? silu(v) : v);
+    store(y + i, kSilu ? silu<kFull>(v) : v);
   }
   if (i < len) {
     const __mmask16 m = tail_mask(len - i);
     V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + i, m), vs), va, vb);
-    store(y + i, kSilu ? silu(v) : v, m);
+    store(y + i, kSilu ? silu<kFull>(v) : v, m);
   }
 }
 
@@ -173,16 +175,17 @@ template <class T, bool kSilu>
 FASTDIFF_AVX2 void affine_rows_avx2(const T* x, T* y, int64_t rows, int64_t channels, const float* shift,
                                     const float* a, const float* b) {
   using namespace vec::avx2;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   for (int64_t r = 0; r < rows; ++r, x += channels, y += channels) {
     int64_t c = 0;
     for (; c + kWidth <= channels; c += kWidth) {
       V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + c), load(shift + c)), load(a + c), load(b + c));
-      store(y + c, kSilu ? silu(v) : v);
+      store(y + c, kSilu ? silu<kFull>(v) : v);
     }
     if (c < channels) {
       const int64_t n = channels - c;
       V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + c, n), load(shift + c, n)), load(a + c, n), load(b + c, n));
-      store(y + c, kSilu ? silu(v) : v, n);
+      store(y + c, kSilu ? silu<kFull>(v) : v, n);
     }
   }
 }
@@ -190,15 +193,16 @@ FASTDIFF_AVX2 void affine_rows_avx2(const T* x, T* y, int64_t rows, int64_t chan
 template <class T, bool kSilu>
 FASTDIFF_AVX2 void affine_run_avx2(const T* x, T* y, int64_t len, float shift, float a, float b) {
   using namespace vec::avx2;
+  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   const V vs = _mm256_set1_ps(shift), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
   int64_t i = 0;
   for (; i + kWidth <= len; i += kWidth) {
     V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + i), vs), va, vb);
-    store(y + i, kSilu ? silu(v) : v);
+    store(y + i, kSilu ? silu<kFull>(v) : v);
   }
   if (i < len) {
     V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + i, len - i), vs), va, vb);
-    store(y + i, kSilu ? silu(v) : v, len - i);
+    store(y + i, kSilu ? silu<kFull>(v) : v, len - i);
   }
 }
 
