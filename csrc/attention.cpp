@@ -17,7 +17,7 @@
 //     V are packed into VNNI pairs (Q per block, V once per head), K is read in place because its
 //     pairs run along D; P is rounded to bf16 for the second product, like FlashAttention.
 //   AVX-512 / AVX2, fp32 (and bf16 inputs converted to fp32 up front): attention_flash.h.
-//   Scalar: one query row at a time (no SIMD at all on this CPU).
+//   Scalar (CPUs without AVX2): one query row at a time.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -102,6 +102,8 @@ constexpr const float* exp2_coefficients() {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+// Each SIMD level is a `#pragma GCC target` region of its own (no -march flags: one binary for
+// every x86-64 CPU); attention_flash.h is included once per region with that region's Vec.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
