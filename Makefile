@@ -22,11 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastdiff.demo
 
+# pytest's own script, not `python -m pytest`: the repo root must not be on sys.path, where the
+# source folder kernels/ would shadow fastdiff.kernels' installed name for other packages.
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(VENV)/bin/pytest tests -q
 
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds
+	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf build $(VENV) fastdiff/*.so *.egg-info

@@ -27,7 +27,7 @@ def attention(q, k, v=None, *, scale=None, kind="softmax"):
         weights = torch.softmax(scores, dim=-1)
     else:
         weights = torch.relu(scores) / k.shape[1]
-    return torch.einsum("bhqk,bkhd->bqhd", weights, v)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v).contiguous()
 
 
 def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
