@@ -9,8 +9,9 @@
 //
 // The two products are the same register-blocked microkernel: R rows of broadcast A elements
 // (keys for S, head-dim entries of V for O) times BQ/W query vectors of B, R x BQ/W accumulators.
-// K and V are read in place through their strides (no packing); each query block streams them
-// once from L2, so memory traffic per block is Lk·D·(sizeof K + sizeof V) plus Lq·D in and out.
+// K and V are read through their strides (attention.cpp hands over the inputs themselves, or for a
+// long key set with heads interleaved a per-head fp32 copy made once per call); each query block
+// streams them once from L2: Lk·D·(sizeof K + sizeof V) per block, plus Lq·D in and out in total.
 
 constexpr int kQueryVecs = 2;
 constexpr int kBlockQ = Vec::kWidth * kQueryVecs;

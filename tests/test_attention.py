@@ -155,8 +155,9 @@ def _copies_made(fn):
 @pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_attention_views_are_not_copied(dtype, backend):
-    """Slices of a fused qkv projection go to the kernel as they are; a non-unit last stride is
-    copied (which shows the probe sees copies made inside the extension)."""
+    """Slices of a fused qkv projection go to the kernel as they are, with no aten copy (the
+    kernel's own one-pass packing of K/V tiles, e.g. bf16 V pairs, is not a tensor op); a non-unit
+    last stride is made contiguous (which shows the probe sees copies made inside the extension)."""
     qkv = torch.randn(2, 300, 3, 2, 40, dtype=dtype)
     q, k, v = qkv.unbind(2)
     with ops.use_backend(backend):
