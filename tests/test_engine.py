@@ -103,7 +103,9 @@ GENERATIONS = [  # the small MobileDiffusion: one-step x0 by default, plus multi
     dict(prompt="a dog", seed=1, steps=3, sampler="euler", guidance_scale=3.0),
     dict(prompt="a red car", seed=2, steps=2, sampler="dpmpp_2m", guidance_scale=5.0, negative_prompt="blurry"),
     dict(prompt="a tree", seed=3, steps=4, sampler="ddim"),
-    dict(prompt_embeds=torch.randn(77, 32, generator=torch.Generator().manual_seed(4)), seed=4, steps=2, sampler="euler_ancestral", guidance_scale=2.0),
+    # 20-token embeddings (and their negative): rows of another context length, so a UNet call of their own
+    dict(prompt_embeds=torch.randn(20, 32, generator=torch.Generator().manual_seed(4)), seed=4, steps=2, sampler="euler_ancestral",
+         guidance_scale=2.0, negative_prompt_embeds=torch.zeros(20, 32)),
     dict(prompt="a cat", seed=5, steps=3, sampler="euler_ancestral", guidance_scale=7.5, height=64, width=96),
     dict(prompt="a house", seed=6, height=64, width=64),
     dict(prompt="a cat", seed=7, steps=2, sampler="euler", guidance_scale=1.0),
