@@ -14,9 +14,11 @@
 //
 // Paths, chosen at run time (fastdiff::simd()):
 //   AVX-512 + BF16, bf16 inputs: S = Q·Kᵀ and O += P·V with vdpbf16ps (fp32 accumulation); Q and
-//     V are packed into VNNI pairs (Q per block, V once per head), K is read in place because its
-//     pairs run along D; P is rounded to bf16 for the second product, like FlashAttention.
-//   AVX-512 / AVX2, fp32 (and bf16 inputs converted to fp32 up front): attention_flash.h.
+//     V are packed into VNNI pairs (Q per block, V about once per head, in per-thread scratch), K
+//     is read in place because its pairs run along D; P is rounded to bf16 for the second product,
+//     like FlashAttention.
+//   AVX-512 / AVX2, fp32 (and bf16 inputs converted to fp32 up front): attention_flash.h. A long,
+//     head-interleaved K/V is first copied per head (rows D apart stream faster from L2).
 //   Scalar (CPUs without AVX2): one query row at a time.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -327,20 +329,29 @@ void pack_v_pairs_head(const uint16_t* v, int64_t row_stride, int64_t Lk, int64_
   }
 }
 
-// k: bf16 in place (strides of the Problem's k); vp: V of every (b, h) in VNNI pairs,
-// vp[bh][j / 2][d][j % 2], keys padded to an even count with zeros.
-void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl, int64_t k_sh,
-                const uint16_t* vp, int64_t begin, int64_t end) {
-  const int64_t d_pairs = (p.D + 1) / 2, k_pairs = (p.Lk + 1) / 2;
-  Scratch<uint16_t> qt(d_pairs * kBlockQ * 2), pw((p.block_k + 1) / 2 * kBlockQ * 2);
+// k, v: bf16 with their (batch, key, head) strides; K is read in place. Each thread packs V into
+// VNNI pairs in its own scratch when its items reach a new head (heads outer) or a new batch
+// (heads inner: all heads at once), so V is packed about once, inside the same parallel region.
+void flash_bf16(const Problem& p, const uint16_t* k, int64_t k_sb, int64_t k_sl, int64_t k_sh, const uint16_t* v,
+                int64_t v_sb, int64_t v_sl, int64_t v_sh, int64_t begin, int64_t end) {
+  const int64_t d_pairs = (p.D + 1) / 2, head_pairs_size = (p.Lk + 1) / 2 * p.D * 2;
+  const int64_t packed_heads = p.heads_inner ? p.H : 1;
+  Scratch<uint16_t> qt(d_pairs * kBlockQ * 2), pw((p.block_k + 1) / 2 * kBlockQ * 2), vp(packed_heads * head_pairs_size);
   ScratchF32 s(p.block_k * kBlockQ), o(p.D * kBlockQ), m(kBlockQ), l(kBlockQ);
+  int64_t packed_unit = -1;  // b (heads inner) or b·H + h whose V is in vp
   for (int64_t item = begin; item < end; ++item) {
     const auto [b, h, qb] = p.item(item);
-    const int64_t bh = b * p.H + h;
+    const int64_t unit = p.heads_inner ? b : b * p.H + h;
+    if (unit != packed_unit) {
+      const int64_t h0 = p.heads_inner ? 0 : h;
+      for (int64_t i = 0; i < packed_heads; ++i)
+        pack_v_pairs_head(v + b * v_sb + (h0 + i) * v_sh, v_sl, p.Lk, p.D, vp.data() + i * head_pairs_size);
+      packed_unit = unit;
+    }
     const int64_t q0 = qb * kBlockQ, valid = std::min<int64_t>(kBlockQ, p.Lq - q0);
     pack_q_bf16(p, static_cast<const uint16_t*>(p.q) + b * p.q_sb + q0 * p.q_sl + h * p.q_sh, valid, qt.data());
     const uint16_t* kbh = k + b * k_sb + h * k_sh;
-    const uint16_t* vbh = vp + bh * k_pairs * p.D * 2;
+    const uint16_t* vbh = vp.data() + (p.heads_inner ? h : 0) * head_pairs_size;
     for (int64_t j0 = 0; j0 < p.Lk; j0 += p.block_k) {
       const int64_t nk = std::min(p.block_k, p.Lk - j0);
       const bool first = j0 == 0;
@@ -475,20 +486,6 @@ KeysF32 keys_f32(const at::Tensor& x) {
   return {packed, dst, H * Lk * D, D, Lk * D};
 }
 
-// V of every (b, h) in VNNI pairs: out[bh][j / 2][d][j % 2].
-at::Tensor pack_v_pairs(const at::Tensor& v) {
-  const int64_t B = v.size(0), Lk = v.size(1), H = v.size(2), D = v.size(3), pairs = (Lk + 1) / 2;
-  at::Tensor packed = at::empty({B * H, pairs, D, 2}, v.options().dtype(at::kBFloat16));
-  const auto* src = reinterpret_cast<const uint16_t*>(v.data_ptr<bf16>());
-  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<bf16>());
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh)
-      avx512::pack_v_pairs_head(src + (bh / H) * v.stride(0) + (bh % H) * v.stride(2), v.stride(1), Lk, D,
-                                dst + bh * pairs * D * 2);
-  });
-  return packed;
-}
-
 void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (batch, seqlen, heads, headdim) tensor, got shape ",
@@ -551,12 +548,12 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const std::
   }
 
   if (is_bf16 && level == Simd::kAvx512Bf16) {
-    const at::Tensor vp = pack_v_pairs(v);
     p.q_blocks = (Lq + avx512::kBlockQ - 1) / avx512::kBlockQ;
     const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<bf16>());
-    const auto* vpp = reinterpret_cast<const uint16_t*>(vp.data_ptr<bf16>());
+    const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<bf16>());
     at::parallel_for(0, B * H * p.q_blocks, 1, [&](int64_t begin, int64_t end) {
-      avx512::flash_bf16(p, kp, k.stride(0), k.stride(1), k.stride(2), vpp, begin, end);
+      avx512::flash_bf16(p, kp, k.stride(0), k.stride(1), k.stride(2), vp, v.stride(0), v.stride(1), v.stride(2),
+                         begin, end);
     });
     return out;
   }
