@@ -16,7 +16,9 @@ _LAZY = {
     "EditHead": "fastdiff.models.edit_head",
     "AutoencoderKL": "fastdiff.models.vae",
     "Pipeline": "fastdiff.pipeline",
+    "PipelineError": "fastdiff.pipeline",
     "Engine": "fastdiff.engine",
+    "EngineClosed": "fastdiff.engine",
     "generate": "fastdiff.api",
     "edit": "fastdiff.api",
 }
