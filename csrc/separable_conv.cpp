@@ -5,7 +5,7 @@
 // Pixels (n, h, w) are flattened and split evenly over threads; each thread walks its pixels in
 // tiles of kTilePixels. Per tile: the depthwise result is written to a per-thread buffer
 // A (pixels x C, L2-resident), then A times the packed pointwise weight B (C x C_out, in panels
-// of 32 output channels) is computed by a register-blocked microkernel (12 pixels x 32 channels
+// of 64 output channels) is computed by a register-blocked microkernel (6 pixels x 64 channels
 // of fp32 accumulators) and stored with the bias. The depthwise result never reaches memory at
 // full size. Memory traffic: x read ~once (3 rows per tile from cache), out written once, B
 // streamed from L2/L3 once per tile.
@@ -32,8 +32,8 @@ namespace {
 
 using c10::BFloat16;
 
-constexpr int64_t kPanel = 32;        // output channels per packed weight panel (two zmm)
-constexpr int64_t kMicroRows = 12;    // pixels per AVX-512 microkernel call: 24 zmm accumulators
+constexpr int64_t kPanel = 64;        // output channels per packed weight panel (four zmm)
+constexpr int64_t kMicroRows = 6;     // pixels per AVX-512 microkernel call: 6 x 4 zmm accumulators
 constexpr int64_t kTilePixels = 96;   // pixels per tile: A = 96 x C stays in L2 up to C ~ 2048
 
 struct Geometry {
@@ -166,7 +166,7 @@ void depthwise_strided_scalar(const T* x, const Geometry& g, const float* dw_k, 
 
 // ------------------------------------------------------------------------------------------
 // Pointwise GEMM of one tile: out[p, o] = sum_k A[p, k] B[k, o] + bias[o] for rows pixels.
-// B panels: fp32 [Cout/32][Kp][32]; bf16 (VNNI pairs) [Cout/32][Kp/2][32][2].
+// B panels: fp32 [Cout/64][Kp][64]; bf16 (VNNI pairs) [Cout/64][Kp/2][64][2].
 
 // Stores one 16-channel vector of a result row with the bias, masked past C_out.
 template <class T>
@@ -174,52 +174,51 @@ FASTDIFF_INLINE_AVX512 void store_out(T* out, __m512 acc, const float* bias, __m
   vec::avx512::store(out, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias)), m);
 }
 
+// 6 rows x 4 vectors: 24 accumulators; per k, 4 weight loads + 6 broadcasts feed 24 FMAs, and
+// only 6 row pointers are live (12 rows would spill general-purpose registers).
 template <int MR, class T>
 FASTDIFF_AVX512 void micro_f32_avx512(const float* A, int64_t lda, int64_t K, const float* B, const float* bias,
-                                      T* out, int64_t ldo, __mmask16 m0, __mmask16 m1) {
-  __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-#pragma GCC unroll 4
+                                      T* out, int64_t ldo, const __mmask16* masks) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(B + k * kPanel), b1 = _mm512_loadu_ps(B + k * kPanel + 16);
+    __m512 b[4];
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_ps(B + k * kPanel + 16 * v);
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    store_out(out + i * ldo, acc[i][0], bias, m0);
-    store_out(out + i * ldo + 16, acc[i][1], bias + 16, m1);
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) store_out(out + i * ldo + 16 * v, acc[i][v], bias + 16 * v, masks[v]);
 }
 
 template <int MR, class T>
 FASTDIFF_AVX512BF16 void micro_bf16_avx512(const BFloat16* A, int64_t lda, int64_t K, const BFloat16* B,
-                                           const float* bias, T* out, int64_t ldo, __mmask16 m0, __mmask16 m1) {
-  __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+                                           const float* bias, T* out, int64_t ldo, const __mmask16* masks) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
   const int64_t pairs = K / 2;
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k2 * 2 * kPanel);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + k2 * 2 * kPanel + 32);
+    __m512bh b[4];
+    for (int v = 0; v < 4; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + k2 * 2 * kPanel + 32 * v);
     for (int i = 0; i < MR; ++i) {
       int32_t pair;
       std::memcpy(&pair, A + i * lda + 2 * k2, sizeof(pair));
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    store_out(out + i * ldo, acc[i][0], bias, m0);
-    store_out(out + i * ldo + 16, acc[i][1], bias + 16, m1);
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) store_out(out + i * ldo + 16 * v, acc[i][v], bias + 16 * v, masks[v]);
 }
 
 template <class AT, class T>
-using MicroFn = void (*)(const AT*, int64_t, int64_t, const AT*, const float*, T*, int64_t, __mmask16, __mmask16);
+using MicroFn = void (*)(const AT*, int64_t, int64_t, const AT*, const float*, T*, int64_t, const __mmask16*);
 
 template <class AT, class T, int... MR>
 constexpr std::array<MicroFn<AT, T>, sizeof...(MR)> micro_table(std::integer_sequence<int, MR...>) {
@@ -232,18 +231,20 @@ void gemm_tile_avx512(const AT* A, int64_t rows, const Geometry& g, const AT* B,
   static constexpr auto micro = micro_table<AT, T>(std::make_integer_sequence<int, kMicroRows>{});
   const int64_t panel_stride = g.Kp * kPanel;
   for (int64_t o = 0; o < g.Cout; o += kPanel) {
-    const int64_t left = g.Cout - o;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : (1u << left) - 1;
-    const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1;
+    __mmask16 masks[4];  // output channels of this panel that exist
+    for (int v = 0; v < 4; ++v) {
+      const int64_t left = std::clamp<int64_t>(g.Cout - o - 16 * v, 0, 16);
+      masks[v] = static_cast<__mmask16>((1u << left) - 1);
+    }
     const AT* panel = B + (o / kPanel) * panel_stride;
     for (int64_t p = 0; p < rows; p += kMicroRows) {
       const int64_t mr = std::min(kMicroRows, rows - p);
-      micro[mr - 1](A + p * g.Kp, g.Kp, g.Kp, panel, bias + o, out + p * g.Cout + o, g.Cout, m0, m1);
+      micro[mr - 1](A + p * g.Kp, g.Kp, g.Kp, panel, bias + o, out + p * g.Cout + o, g.Cout, masks);
     }
   }
 }
 
-// AVX2: 6 pixels x 16 channels (12 ymm accumulators), each 32-wide panel in two halves.
+// AVX2: 6 pixels x 16 channels (12 ymm accumulators), each 64-wide panel in four quarters.
 template <class T>
 FASTDIFF_AVX2 void gemm_tile_avx2(const float* A, int64_t rows, const Geometry& g, const float* B,
                                   const float* bias, T* out) {
@@ -293,7 +294,7 @@ void gemm_tile_scalar(const float* A, int64_t rows, const Geometry& g, const flo
 // ------------------------------------------------------------------------------------------
 // Weight preparation.
 
-// pw (Cout, C) -> panels [Cout/32][Kp][32] fp32, zero-padded.
+// pw (Cout, C) -> panels [Cout/64][Kp][64] fp32, zero-padded.
 template <class T>
 void pack_pointwise_f32(const T* pw, const Geometry& g, float* B) {
   const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
@@ -307,7 +308,7 @@ void pack_pointwise_f32(const T* pw, const Geometry& g, float* B) {
   });
 }
 
-// pw (Cout, C) bf16 -> VNNI panels [Cout/32][Kp/2][32][2], zero-padded.
+// pw (Cout, C) bf16 -> VNNI panels [Cout/64][Kp/2][64][2], zero-padded.
 void pack_pointwise_vnni(const BFloat16* pw, const Geometry& g, BFloat16* B) {
   const int64_t panels = (g.Cout + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
