@@ -2,8 +2,10 @@
 diffusers state_dicts load without converters.
 
 Parameters live in ordinary nn.Conv2d / nn.Linear / nn.GroupNorm / nn.LayerNorm modules (for
-their names and shapes); the non-GEMM work goes through fastdiff.ops: GroupNorm (+ fused SiLU),
-attention, GEGLU / SwiGLU, separable convolutions. No module here imports a kernel.
+their names and shapes); the dense products run through `dense` (oneDNN with weights packed once
+on the CPU, residual adds fused into the GEMM / convolution), the rest through fastdiff.ops:
+GroupNorm (+ fused SiLU), attention, GEGLU / SwiGLU, separable convolutions. No module here
+imports a kernel.
 
 Layout conventions:
   * feature maps are (B, C, H, W) tensors in channels_last memory, i.e. (B, H, W, C) in memory;
@@ -22,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdiff import ops
+
+from . import dense
 
 __all__ = [
     "to_tokens",
@@ -62,12 +66,12 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool = False) -> to
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
 
 
-def _linear_1x1(x_tokens: torch.Tensor, conv_or_linear: nn.Module) -> torch.Tensor:
-    """A 1x1 conv (weight (O, I, 1, 1)) or a Linear applied to tokens (B, L, I) -> (B, L, O)."""
-    weight = conv_or_linear.weight
-    if weight.dim() == 4:
-        weight = weight.flatten(1)  # (O, I, 1, 1) -> (O, I): a view
-    return F.linear(x_tokens, weight, conv_or_linear.bias)
+def _conv(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(x) [+ residual]: dense nn.Conv2d through `dense` (residual fused), others as called."""
+    if isinstance(conv, nn.Conv2d):
+        return dense.conv2d(x, conv, residual)
+    out = conv(x)
+    return out if residual is None else out + residual
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +115,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(sample)))
+        return dense.linear(F.silu(dense.linear(sample, self.linear_1)), self.linear_2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,15 +169,22 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(group_norm(x, self.norm1, silu=True))  # (B, C_out, H, W)
-        if temb is not None:
+        h = group_norm(x, self.norm1, silu=True)
+        if temb is None:
+            h = _conv(self.conv1, h)  # (B, C_out, H, W)
+        else:
             if self.time_emb_proj is None:
                 raise ValueError("temb: this ResnetBlock2D was built with temb_channels=None and takes no time embedding")
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # broadcast (B, C_out, 1, 1)
-        h = self.conv2(group_norm(h, self.norm2, silu=True))
-        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = shortcut + h
-        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+            t = dense.linear(F.silu(temb), self.time_emb_proj)  # (B, C_out)
+            if t.shape[0] == 1 and isinstance(self.conv1, nn.Conv2d) and self.conv1.bias is not None:
+                h = dense.conv2d(h, self.conv1, bias=self.conv1.bias + t[0])  # one sample: temb folded into the bias
+            else:
+                h = _conv(self.conv1, h) + t[:, :, None, None]  # broadcast (B, C_out, 1, 1)
+        h = group_norm(h, self.norm2, silu=True)
+        shortcut = dense.conv2d(x, self.conv_shortcut) if self.conv_shortcut is not None else x
+        if self.output_scale_factor == 1.0:
+            return _conv(self.conv2, h, residual=shortcut)  # shortcut + conv2(h), the add fused
+        return (shortcut + _conv(self.conv2, h)) / self.output_scale_factor
 
 
 class Downsample2D(nn.Module):
@@ -194,7 +205,7 @@ class Downsample2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.conv, nn.Conv2d) and self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+        return _conv(self.conv, x)
 
 
 class Upsample2D(nn.Module):
@@ -209,7 +220,7 @@ class Upsample2D(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(output_size), mode="nearest")
-        return self.conv(x) if self.conv is not None else x
+        return dense.conv2d(x, self.conv) if self.conv is not None else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,18 +255,20 @@ class Attention(nn.Module):
         self.shared_kv = shared_kv
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias)])  # diffusers' [1] is dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual (B, Lq, query_dim), when given, is added to the output by to_out's GEMM."""
         B, Lq, _ = x.shape
         context = x if context is None else context
         Lk, H, D = context.shape[1], self.heads, self.dim_head
-        q = self.to_q(x).view(B, Lq, H, D)  # (B, Lq, H, D) view of the projection
+        q = dense.linear(x, self.to_q).view(B, Lq, H, D)  # (B, Lq, H, D) view of the projection
         if self.shared_kv:
-            k, v = self.to_kv(context).view(B, Lk, H, D), None
+            k, v = dense.linear(context, self.to_kv).view(B, Lk, H, D), None
         else:
-            k = self.to_k(context).view(B, Lk, H, D)
-            v = self.to_v(context).view(B, Lk, H, D)
+            k = dense.linear(context, self.to_k).view(B, Lk, H, D)
+            v = dense.linear(context, self.to_v).view(B, Lk, H, D)
         out = ops.attention(q, k, v, scale=self.scale, kind=self.kind)  # (B, Lq, H, D)
-        return self.to_out[0](out.reshape(B, Lq, H * D))  # a view: kernels return contiguous outputs
+        return dense.linear(out.reshape(B, Lq, H * D), self.to_out[0], residual)  # a view: kernels return contiguous outputs
 
 
 class GLUProjection(nn.Module):
@@ -267,7 +280,7 @@ class GLUProjection(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.glu(self.proj(x), activation=self.activation)  # (..., 2F) -> (..., F)
+        return ops.glu(dense.linear(x, self.proj), activation=self.activation)  # (..., 2F) -> (..., F)
 
 
 class FeedForward(nn.Module):
@@ -281,8 +294,9 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GLUProjection(dim, inner_dim, activation, bias), nn.Identity(),
                                   nn.Linear(inner_dim, dim_out or dim, bias=bias)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual (the output's shape), when given, is added by net.2's GEMM."""
+        return dense.linear(self.net[0](x), self.net[2], residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -318,11 +332,12 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, mult=ff_mult, activation=ff_activation)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # each residual add runs in the epilogue of the sublayer's output GEMM
         if self.attn1 is not None:
-            x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+            x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, residual=x)
         if self.attn2 is not None:
-            x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+            x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -355,8 +370,8 @@ class Transformer2DModel(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         tokens = to_tokens(group_norm(x, self.norm))  # (B, H*W, C), a view for channels_last x
-        tokens = _linear_1x1(tokens, self.proj_in)  # (B, H*W, inner)
+        tokens = dense.linear(tokens, self.proj_in)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = _linear_1x1(tokens, self.proj_out)  # (B, H*W, C)
-        return from_tokens(tokens, H, W) + x  # (B, C, H, W) channels_last
+        tokens = dense.linear(tokens, self.proj_out, residual=to_tokens(x))  # (B, H*W, C), x added by the GEMM
+        return from_tokens(tokens, H, W)  # (B, C, H, W) channels_last

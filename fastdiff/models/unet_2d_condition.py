@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, dense
 from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
@@ -363,7 +363,7 @@ class UNet2DCondition(nn.Module):
         # 2. input convolution
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        x = self.conv_in(x)  # (B, C0, H, W) channels_last
+        x = dense.conv2d(x, self.conv_in)  # (B, C0, H, W) channels_last
         skips = [x]
 
         # 3. down: each resnet (+ transformer) output and each downsampled map is a skip
@@ -390,7 +390,7 @@ class UNet2DCondition(nn.Module):
                 x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
 
         # 6. output: GroupNorm + SiLU (fused), conv
-        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
+        return dense.conv2d(group_norm(x, self.conv_norm_out, silu=True), self.conv_out)  # (B, out_channels, H, W)
 
 
 def _describe(value) -> str:
