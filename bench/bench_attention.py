@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from benchutil import dtype_id, needs_cpp
 
-pytestmark = pytest.mark.skipif(ops.backends()["cpp"] != "available", reason=f"cpp backend: {ops.backends()['cpp']}")
+pytestmark = needs_cpp
 
 # (batch, seqlen_q, seqlen_k, heads, headdim, kind)
 SHAPES = {
@@ -32,16 +33,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 IMPLS = ["torch", "fastdiff", "fastdiff-shared"]
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _id(value):
-    return str(value).removeprefix("torch.")
 
 
 def _torch_relu_attention(q, k, v):
@@ -50,11 +41,11 @@ def _torch_relu_attention(q, k, v):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_attention(benchmark, name, dtype, impl):
     B, Lq, Lk, H, D, kind = SHAPES[name]
-    benchmark.group = f"attention {name} {_id(dtype)}"
+    benchmark.group = f"attention {name} {dtype_id(dtype)}"
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for L in (Lq, Lk, Lk))  # (B, H, L, D)
     if impl == "torch":

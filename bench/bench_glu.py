@@ -13,23 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from benchutil import dtype_id, needs_cpp
 
-pytestmark = pytest.mark.skipif(ops.backends()["cpp"] != "available", reason=f"cpp backend: {ops.backends()['cpp']}")
+pytestmark = needs_cpp
 
 SHAPES = {"sd-geglu": (2, 4096, 2 * 1280), "md-expand6": (2, 1024, 2 * 3840)}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _id(value):
-    return str(value).removeprefix("torch.")
 
 
 def _torch_glu(h, activation):
@@ -39,10 +30,10 @@ def _torch_glu(h, activation):
 
 @pytest.mark.parametrize("impl", ["torch", "fastdiff"])
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_glu(benchmark, name, dtype, activation, impl):
-    benchmark.group = f"glu-{activation} {name} {_id(dtype)}"
+    benchmark.group = f"glu-{activation} {name} {dtype_id(dtype)}"
     h = torch.randn(*SHAPES[name], generator=torch.Generator().manual_seed(0)).to(dtype)
     if impl == "torch":
         fn = lambda: _torch_glu(h, activation)

@@ -13,32 +13,23 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from benchutil import dtype_id, needs_cpp
 
-pytestmark = pytest.mark.skipif(ops.backends()["cpp"] != "available", reason=f"cpp backend: {ops.backends()['cpp']}")
+pytestmark = needs_cpp
 
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
 FORMATS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _id(value):
-    return str(value).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("impl", ["torch", "fastdiff"])
 @pytest.mark.parametrize("layout", list(FORMATS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_group_norm_silu(benchmark, shape, dtype, layout, impl):
-    benchmark.group = f"group_norm+silu {'x'.join(map(str, shape))} {_id(dtype)} {layout}"
+    benchmark.group = f"group_norm+silu {'x'.join(map(str, shape))} {dtype_id(dtype)} {layout}"
     gen = torch.Generator().manual_seed(0)
     C = shape[1]
     x = torch.randn(*shape, generator=gen).to(dtype).contiguous(memory_format=FORMATS[layout])

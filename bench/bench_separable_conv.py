@@ -14,31 +14,22 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from benchutil import dtype_id, needs_cpp
 
-pytestmark = pytest.mark.skipif(ops.backends()["cpp"] != "available", reason=f"cpp backend: {ops.backends()['cpp']}")
+pytestmark = needs_cpp
 
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1024, 16, 16), (2, 1280, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _id(value):
-    return str(value).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("impl", ["torch-1x1-only", "torch-dw+1x1", "fastdiff"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_separable_conv(benchmark, shape, dtype, impl):
     N, C, H, W = shape
-    benchmark.group = f"separable_conv {'x'.join(map(str, shape))}->{C} {_id(dtype)}"
+    benchmark.group = f"separable_conv {'x'.join(map(str, shape))}->{C} {dtype_id(dtype)}"
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
     dw_weight = (torch.randn(C, 1, 3, 3, generator=gen) / 3).to(dtype)

@@ -14,15 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from benchutil import dtype_id
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton benchmarks need a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
 IMPLS = ["fastdiff", "torch"]
 
-
-def _id(value):
-    return str(value).removeprefix("torch.")
 
 
 def _run(benchmark, fn, *args, **kwargs):
@@ -68,7 +66,7 @@ def _torch_attention(q, k, v, kind):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_attention(benchmark, name, dtype, impl):
     B, Lq, Lk, H, D, kind = ATTENTION[name]
@@ -90,7 +88,7 @@ def _torch_group_norm_silu(x, groups, weight, bias):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", list(GROUP_NORM))
 def test_group_norm_silu(benchmark, name, layout, dtype, impl):
@@ -114,7 +112,7 @@ def _torch_glu(h, activation):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("name", list(GLU))
 def test_glu(benchmark, name, activation, dtype, impl):
@@ -136,7 +134,7 @@ def _torch_separable(x, dw_w, dw_b, pw_w, pw_b):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(SEPARABLE))
 def test_separable_conv2d(benchmark, name, dtype, impl):
     (N, C, H, W), C_out = SEPARABLE[name]

@@ -93,12 +93,12 @@ def _validate(args) -> int:
 
 def _validate_models(folder) -> list[dict]:
     """The UNet and VAE against diffusers (same weights, same inputs), when diffusers is installed."""
+    import importlib.util
+
     from fastdiff.bench.timing import format_table
     from fastdiff.validate import compare_models
 
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("diffusers") is None:
         if folder is not None:
             raise RuntimeError("--model: checking a model against diffusers needs diffusers (pip install 'fastdiff[reference]')")
         print("models: diffusers not installed, model checks not run (pip install 'fastdiff[reference]')")
