@@ -5,7 +5,8 @@ On the CPU, in fp32 or bf16, they run through torch's oneDNN entry points
 oneDNN's blocked layout and cached on the module: no per-call weight reorder, bias fused into the
 GEMM (aten::addmm first copies the bias into the output), and an optional residual added by the
 GEMM's epilogue (binary "add" post-op) instead of a separate aten::add pass over the output.
-torch's fp32 Linear goes through MKL, about half oneDNN's speed on AMD Zen 4.
+torch's fp32 Linear goes through MKL, about half oneDNN's speed on AMD Zen 4. Under the
+reference backend (fastdiff.ops.use_backend("reference")) they are plain F.linear / F.conv2d.
 
 The cache key holds the weight's storage, version, dtype and device, so `.to()`, `load_state_dict`
 or an in-place weight update repack on the next call. The packed copy is extra memory (the
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdiff import ops
+
 __all__ = ["linear", "conv2d"]
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -24,9 +27,11 @@ _CACHE_ATTR = "_fastdiff_packed_weight"
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN where it pays; plain torch under the reference backend, so that a model run there is
+    plain PyTorch throughout (the demo's comparison, the MAC counter's view of the products)."""
     return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and ops.selected_name("cpu") != "reference")
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
