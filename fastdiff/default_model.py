@@ -115,5 +115,5 @@ def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtyp
         defaults = Defaults(steps=20, guidance_scale=7.5, image_guidance_scale=1.5, sampler=None,
                             size=64 * vae.config.downscale if size == "mobilediffusion" else 128)
         scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", **SD_SCHEDULE}
-    name = f"fastdiff-default-{'mobilediffusion' if kind == 'generate' else 'editor'}-{size} ({LABEL})"
+    name = f"fastdiff-default-{'mobilediffusion' if kind == 'generate' else 'editor'}{'-small' if size == 'small' else ''} ({LABEL})"
     return Pipeline(unet=unet, vae=vae, scheduler_config=scheduler, text_encoder=text_encoder, defaults=defaults, name=name)
