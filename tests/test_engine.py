@@ -24,13 +24,7 @@ BATCH_INVARIANCE = 1e-4  # max |pixel diff| in [0, 1] (2/255 = 7.8e-3 would be o
 TIMEOUT_S = 120  # no future may take this long: a hang fails instead of blocking the suite
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and avoids OpenMP spin-waits on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from fastdiff.models.edit_head import EditHead
 from fastdiff.pipeline import Pipeline, PipelineError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and avoids OpenMP spin-waits on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,7 @@ MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
 LATENT = 16  # latent side: 32-pixel images through the 2x tiny VAE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and avoids OpenMP spin-waits on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(module, seed):
