@@ -40,3 +40,41 @@ def check_against_reference(op: str, args: tuple, kwargs: dict, backend: str, dt
     out, result = compare(op, args, kwargs, backend, dtype, device=device_for(backend), cast=cast)
     assert result.passed, result.describe()
     return out, result.error, result.bound
+
+
+# Casts for check_against_reference: the same values in the memory layouts the kernels meet.
+
+
+def fused_slot(slot, slots=3):
+    """Cast that puts each tensor in slot `slot` of a NaN-filled (B, L, slots, H, D) buffer, like a
+    fused qkv projection viewed per head: non-contiguous strides, and any read outside the view
+    (e.g. of padded head dims) turns the output into NaN."""
+
+    def cast(value, dtype, device):
+        if not isinstance(value, torch.Tensor):
+            return value
+        B, L, H, D = value.shape
+        fused = torch.full((B, L, slots, H, D), float("nan"), dtype=dtype, device=device)
+        fused[:, :, slot] = value.to(device=device, dtype=dtype)
+        return fused[:, :, slot]
+
+    return cast
+
+
+def heads_major(value, dtype, device):
+    """(B, L, H, D) view of (B, H, L, D) storage: the layout of a head-split transpose."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device=device, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def layout_cast(memory_format):
+    """Cast that gives every 4-D tensor `memory_format` (e.g. channels_last feature maps)."""
+
+    def cast(value, dtype, device):
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.to(device=device, dtype=dtype)
+        return value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+
+    return cast

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from helpers import backend_param, check_against_reference, dtypes_for
+from helpers import backend_param, check_against_reference, dtypes_for, fused_slot, heads_major
 
 BACKENDS = [backend_param("cpp"), backend_param("reference")]
 CPP = [backend_param("cpp")]
@@ -91,26 +91,6 @@ def test_attention_unusual_scales(scale, kind, dtype, backend):
     check_against_reference("attention", _qkv(1, 50, 300, 2, 40, seed=30), {"kind": kind, "scale": scale}, backend, dtype)
 
 
-def _fused_slot(slot, slots=3):
-    """Cast that puts each tensor in slot `slot` of a NaN-filled (B, L, slots, H, D) buffer, like a
-    fused qkv projection viewed per head: any read outside the view turns the output into NaN."""
-
-    def cast(value, dtype, device):
-        if not isinstance(value, torch.Tensor):
-            return value
-        B, L, H, D = value.shape
-        fused = torch.full((B, L, slots, H, D), float("nan"), dtype=dtype, device=device)
-        fused[:, :, slot] = value.to(device=device, dtype=dtype)
-        return fused[:, :, slot]
-
-    return cast
-
-
-def _heads_major(value, dtype, device):
-    """(B, L, H, D) view of (B, H, L, D) storage: the layout of a head-split transpose."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.to(device=device, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,14 +100,14 @@ def test_attention_fused_qkv_views(shape, dtype, backend):
     q, k, v = _qkv(*shape, seed=40)
     slot_of = {id(q): 0, id(k): 1, id(v): 2}
     check_against_reference("attention", (q, k, v), {}, backend, dtype,
-                            cast=lambda a, dt, dev: _fused_slot(slot_of[id(a)])(a, dt, dev))
+                            cast=lambda a, dt, dev: fused_slot(slot_of[id(a)])(a, dt, dev))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_attention_heads_major_views(dtype, backend):
     q, k, _ = _qkv(2, 50, 77, 3, 40, seed=50)
-    check_against_reference("attention", (q, k, None), {}, backend, dtype, cast=_heads_major)
+    check_against_reference("attention", (q, k, None), {}, backend, dtype, cast=heads_major)
 
 
 def _every_other(value, dtype, device):

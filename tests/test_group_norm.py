@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from helpers import backend_param, check_against_reference, dtypes_for
+from helpers import backend_param, check_against_reference, dtypes_for, layout_cast
 
 BACKENDS = ["cpp", "reference"]
 
@@ -41,19 +41,10 @@ def _args(shape, groups, offset, affine):
     return x, groups, weight, bias, 1e-5
 
 
-def _cast_x(memory_format):
-    def cast(value, dtype, device):
-        if not isinstance(value, torch.Tensor):
-            return value
-        value = value.to(device=device, dtype=dtype)
-        return value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
-
-    return cast
-
 
 def check(shape, groups, offset, affine, silu, backend, dtype, memory_format):
     out, _, _ = check_against_reference(
-        "group_norm", _args(shape, groups, offset, affine), {"silu": silu}, backend, dtype, cast=_cast_x(memory_format)
+        "group_norm", _args(shape, groups, offset, affine), {"silu": silu}, backend, dtype, cast=layout_cast(memory_format)
     )
     assert out.is_contiguous(memory_format=memory_format), "output must keep x's memory format"
 

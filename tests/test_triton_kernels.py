@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import HAS_CUDA, backend_param, check_against_reference, dtypes_for
+from helpers import HAS_CUDA, backend_param, check_against_reference, dtypes_for, fused_slot, heads_major, layout_cast
 
 TRITON = [backend_param("triton")]
 DTYPES = dtypes_for("triton")
@@ -31,37 +31,7 @@ def _randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _fused_slot(slot, slots=3):
-    """Cast that puts each tensor in slot `slot` of a NaN-filled (B, L, slots, H, D) buffer, like a
-    fused qkv projection viewed per head: non-contiguous strides, and any read outside the view
-    (e.g. of the padded head dims) turns the output into NaN."""
 
-    def cast(value, dtype, device):
-        if not isinstance(value, torch.Tensor):
-            return value
-        B, L, H, D = value.shape
-        fused = torch.full((B, L, slots, H, D), float("nan"), dtype=dtype, device=device)
-        fused[:, :, slot] = value.to(device=device, dtype=dtype)
-        return fused[:, :, slot]
-
-    return cast
-
-
-def _heads_major(value, dtype, device):
-    """(B, L, H, D) view of (B, H, L, D) storage: the layout of a head-split transpose."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.to(device=device, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _layout_cast(memory_format):
-    def cast(value, dtype, device):
-        if not isinstance(value, torch.Tensor):
-            return value
-        value = value.to(device=device, dtype=dtype)
-        return value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
-
-    return cast
 
 
 def _assert_layout(out, memory_format):
@@ -125,14 +95,14 @@ def test_attention_fused_qkv_views(D, dtype, backend):
     q, k, v = _randn(2, 45, 2, D, seed=9), _randn(2, 45, 2, D, seed=10), _randn(2, 45, 2, D, seed=11)
     slot_of = {id(q): 0, id(k): 1, id(v): 2}
     check_against_reference("attention", (q, k, v), {}, backend, dtype,
-                            cast=lambda a, dt, dev: _fused_slot(slot_of[id(a)])(a, dt, dev))
+                            cast=lambda a, dt, dev: fused_slot(slot_of[id(a)])(a, dt, dev))
 
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_attention_heads_major_views(dtype, backend):
     q, k = _randn(2, 50, 3, 40, seed=12), _randn(2, 77, 3, 40, seed=13)
-    check_against_reference("attention", (q, k, None), {}, backend, dtype, cast=_heads_major)
+    check_against_reference("attention", (q, k, None), {}, backend, dtype, cast=heads_major)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -172,7 +142,7 @@ GROUP_NORM_CASES = {
 def test_group_norm(case, dtype, backend):
     shape, groups, silu, layout = case
     x, w, b = _randn(*shape, seed=20), _randn(shape[1], seed=21), _randn(shape[1], seed=22)
-    out, _, _ = check_against_reference("group_norm", (x, groups, w, b), {"silu": silu}, backend, dtype, cast=_layout_cast(LAYOUTS[layout]))
+    out, _, _ = check_against_reference("group_norm", (x, groups, w, b), {"silu": silu}, backend, dtype, cast=layout_cast(LAYOUTS[layout]))
     _assert_layout(out, LAYOUTS[layout])
 
 
@@ -181,7 +151,7 @@ def test_group_norm(case, dtype, backend):
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 def test_group_norm_no_affine(layout, dtype, backend):
     x = _randn(2, 48, 6, 11, seed=23)
-    check_against_reference("group_norm", (x, 16, None, None), {"eps": 1e-6}, backend, dtype, cast=_layout_cast(layout))
+    check_against_reference("group_norm", (x, 16, None, None), {"eps": 1e-6}, backend, dtype, cast=layout_cast(layout))
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -249,7 +219,7 @@ def _separable_args(shape, out_channels, *, bias, pw_2d=False, seed=40):
 def test_separable_conv2d(case, dtype, backend):
     shape, out_channels, bias, layout = case
     args = _separable_args(shape, out_channels, bias=bias)
-    out, _, _ = check_against_reference("separable_conv2d", args, {}, backend, dtype, cast=_layout_cast(LAYOUTS[layout]))
+    out, _, _ = check_against_reference("separable_conv2d", args, {}, backend, dtype, cast=layout_cast(LAYOUTS[layout]))
     _assert_layout(out, torch.channels_last)
 
 
@@ -293,7 +263,7 @@ def test_gpu_attention(case, dtype, backend):
 @gpu_only
 def test_gpu_group_norm(shape, layout, dtype, backend):
     x, w, b = _randn(*shape, seed=70), _randn(shape[1], seed=71), _randn(shape[1], seed=72)
-    out, _, _ = check_against_reference("group_norm", (x, 32, w, b), {"silu": True}, backend, dtype, cast=_layout_cast(layout))
+    out, _, _ = check_against_reference("group_norm", (x, 32, w, b), {"silu": True}, backend, dtype, cast=layout_cast(layout))
     _assert_layout(out, layout)
 
 
@@ -314,5 +284,5 @@ def test_gpu_glu(activation, dtype, backend):
 def test_gpu_separable_conv2d(case, layout, dtype, backend):
     shape, out_channels = case
     args = _separable_args(shape, out_channels, bias=True, seed=90)
-    out, _, _ = check_against_reference("separable_conv2d", args, {}, backend, dtype, cast=_layout_cast(layout))
+    out, _, _ = check_against_reference("separable_conv2d", args, {}, backend, dtype, cast=layout_cast(layout))
     _assert_layout(out, torch.channels_last)
