@@ -10,9 +10,12 @@ reference backend (fastdiff.ops.use_backend("reference")) they are plain F.linea
 
 The cache key holds the weight's storage, version, dtype and device, so `.to()`, `load_state_dict`
 or an in-place weight update repack on the next call. The packed copy is extra memory (the
-parameter stays, for state_dict). Elsewhere (CUDA, fp16, autograd) the plain F.linear / F.conv2d.
+parameter stays, for state_dict). Elsewhere (CUDA, fp16, autograd, bf16 on CPUs where oneDNN has
+no bf16 path: without AVX-512 or AVX-NE-CONVERT its weight reorder raises) the plain F.linear / F.conv2d.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -26,10 +29,16 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _CACHE_ATTR = "_fastdiff_packed_weight"
 
 
+@functools.cache
+def _onednn_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN where it pays; plain torch under the reference backend, so that a model run there is
     plain PyTorch throughout (the demo's comparison, the MAC counter's view of the products)."""
     return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
+            and (x.dtype != torch.bfloat16 or _onednn_bf16())
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and torch.backends.mkldnn.is_available() and ops.selected_name("cpu") != "reference")
 
