@@ -12,6 +12,7 @@ import torch
 
 import fastdiff
 import fastdiff.ops as ops
+from fastdiff.requests import EditRequest, GenerateRequest, PipelineError
 
 
 def _info(args) -> int:
@@ -111,16 +112,24 @@ def _validate_models(folder) -> list[dict]:
     return rows
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+DTYPE_CHOICES = ["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
 
 
 def _check_output(path: str) -> None:
+    """Refuse an output path that cannot be written before any model is built."""
     import os
+
+    from PIL import Image
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"-o/--output: folder {folder} does not exist")
+        raise PipelineError(f"-o/--output: folder {folder} does not exist")
+    Image.init()
+    extension = os.path.splitext(path)[1].lower()
+    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    if extension not in writable:
+        raise PipelineError(f"-o/--output: cannot write images as {extension or 'a file without extension'!r}; "
+                            f"use one of .png, .jpg, .webp, ... ({len(writable)} extensions PIL writes)")
 
 
 def _save(images, output: str) -> list[str]:
@@ -131,57 +140,61 @@ def _save(images, output: str) -> list[str]:
         images[0].save(output)
         return [output]
     stem, ext = os.path.splitext(output)
-    paths = [f"{stem}_{i}{ext or '.png'}" for i in range(len(images))]
+    paths = [f"{stem}_{i}{ext}" for i in range(len(images))]
     for image, path in zip(images, paths):
         image.save(path)
     return paths
 
 
-def _generate(args) -> int:
+def _run(args, kind: str, request) -> int:
+    """Load the model (after the request and output path have passed their checks), run, save."""
     import time
 
     from fastdiff.api import get_pipeline
 
-    _check_output(args.output)
-    pipe = get_pipeline(args.model, "generate", _dtype(args.dtype))
+    pipe = get_pipeline(args.model, kind, args.dtype)
     print(f"model: {pipe.name}")
     start = time.perf_counter()
-    images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                           height=args.height, width=args.width, seed=args.seed, sampler=args.sampler, num_images=args.num_images)
-    paths = _save(images, args.output)
+    paths = _save(pipe.run(request), args.output)
     print(f"wrote {', '.join(paths)} in {time.perf_counter() - start:.2f} s")
     return 0
 
 
-def _edit(args) -> int:
-    import time
+def _generate(args) -> int:
+    _check_output(args.output)
+    request = GenerateRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                              guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
+                              sampler=args.sampler, num_images=args.num_images)
+    return _run(args, "generate", request)
 
-    from fastdiff.api import get_pipeline
+
+def _edit(args) -> int:
+    from fastdiff.images import load_image
 
     _check_output(args.output)
-    pipe = get_pipeline(args.model, "edit", _dtype(args.dtype))
-    print(f"model: {pipe.name}")
-    start = time.perf_counter()
-    image = pipe.edit(args.image, args.instruction, steps=args.steps, guidance_scale=args.guidance_scale,
-                      image_guidance_scale=args.image_guidance_scale, seed=args.seed, sampler=args.sampler)
-    _save([image], args.output)
-    print(f"wrote {args.output} in {time.perf_counter() - start:.2f} s")
-    return 0
+    request = EditRequest(image=load_image(args.image), instruction=args.instruction, steps=args.steps,
+                          guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+                          seed=args.seed, sampler=args.sampler)
+    return _run(args, "edit", request)
 
 
 def _bench(args) -> int:
     from fastdiff.bench.__main__ import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(args.rest, prog="fastdiff bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description="fastdiff: diffusion inference on its own kernels")
+    parser.add_argument("--version", action="version", version=f"fastdiff {fastdiff.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps the main parser's value when absent
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, backends, CPU features, devices").set_defaults(run=_info)
+    sub.add_parser("info", parents=[common], help="version, backends, CPU features, devices").set_defaults(run=_info)
     model_help = "a diffusers-format folder, or an embedded default: mobilediffusion (default) or small ($FASTDIFF_MODEL)"
-    gen = sub.add_parser("generate", help="text to image")
+    gen = sub.add_parser("generate", parents=[common], help="text to image")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, ...)")
     gen.add_argument("--model", help=model_help)
@@ -193,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--sampler", help="euler_ancestral, euler, ddim, dpmpp_2m or x0 (default: the model's)")
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
     gen.set_defaults(run=_generate)
-    ed = sub.add_parser("edit", help="edit an image following an instruction")
+    ed = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
     ed.add_argument("image", help="input image file")
     ed.add_argument("instruction")
     ed.add_argument("-o", "--output", required=True, help="image file to write")
@@ -205,19 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default 1.5)")
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--sampler", help="euler_ancestral (default), euler, ddim, dpmpp_2m")
-    ed.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ed.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
     ed.set_defaults(run=_edit)
-    val = sub.add_parser("validate", help="every kernel against its reference twin, and the models against diffusers")
+    val = sub.add_parser("validate", parents=[common], help="every kernel against its reference twin, and the models against diffusers")
     val.add_argument("--model", help="a diffusers pipeline folder whose unet/ and vae/ to check (default: small random models)")
     val.set_defaults(run=_validate)
-    bench = sub.add_parser("bench", help="benchmark tables: kernels, unet, ablations, engine (see `fastdiff bench -h`)", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    # everything after `bench` (its own -h included) goes to fastdiff.bench's parser, see main()
+    bench = sub.add_parser("bench", help="benchmark tables: kernels, unet, ablations, engine (see `fastdiff bench -h`)",
+                           add_help=False)
     bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.rest = argv[argv.index("bench") + 1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.pipeline import Defaults, Pipeline
+from fastdiff.pipeline import Pipeline
+from fastdiff.requests import Defaults
 
 SEED = 0
 LABEL = "UNTRAINED random weights (seed 0): images are noise; load real weights with model=DIR"
@@ -29,7 +30,7 @@ LABEL = "UNTRAINED random weights (seed 0): images are noise; load real weights 
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
 
-_SIZES = {
+SIZES = {
     # text encoder (CLIP), VAE, MobileDiffusion preset, editor UNet widths
     "mobilediffusion": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
                             vae=(64, 128, 256, 256), unet_preset="mobilediffusion", unet_changes={},
@@ -83,9 +84,9 @@ def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtyp
     size "mobilediffusion" (paper size, 512x512) or "small" (128x128, for quick runs)."""
     if kind not in ("generate", "edit"):
         raise ValueError(f"kind: expected 'generate' or 'edit', got {kind!r}")
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
-    sizes = _SIZES[size]
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    sizes = SIZES[size]
     torch.manual_seed(SEED)
     text_encoder = _text_encoder(sizes["text"], dtype)
     vae = _vae(sizes["vae"], dtype)

@@ -19,8 +19,7 @@ import torch
 import fastdiff.ops as ops
 from fastdiff.bench.timing import format_table
 from fastdiff.default_model import LABEL, default_pipeline
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from fastdiff.requests import resolve_dtype
 
 
 class StageClock:
@@ -58,14 +57,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["mobilediffusion", "small"], default="mobilediffusion",
                         help="embedded model size: the paper's (512x512 images) or small (quick)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--edit-steps", type=int, default=10, help="denoising steps of the edit")
     parser.add_argument("--out", default="out", help="folder for the PNGs")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-backend comparison")
     parser.add_argument("--no-warmup", action="store_true",
                         help="time the first runs too (they include one-time set-up: weight packing, page faults)")
     args = parser.parse_args(argv)
-    dtype = _DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

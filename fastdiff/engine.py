@@ -13,39 +13,57 @@ requests with different step counts, samplers, scales and seeds share calls and 
 image it would get alone. A request that arrives mid-way starts at the next step; one that
 finishes is decoded and leaves.
 
-Failures stay with their request: a bad argument fails that request's future when it is
-prepared; a UNet call that raises is retried request by request, so only the request that
-makes it fail gets the exception.
+Bad requests are refused at submit (PipelineError, raised to the caller) by the same checks as
+Pipeline.generate/edit, so nothing expensive is queued for them. Failures after that stay with
+their request: encoding errors fail that request's future when it is prepared; a UNet call that
+raises is retried request by request, so only the request that makes it fail gets the exception.
+
+An engine still busy when the interpreter exits is closed then: its queued requests are
+cancelled, its running ones abandoned at the next step boundary, so the process exits cleanly.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 
+from fastdiff import ops
 from fastdiff.jobs import group_jobs, predict
-from fastdiff.ops import _dispatch
+from fastdiff.requests import EditRequest, GenerateRequest, PipelineError, Request, build_request, max_pixels_limit
+
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """A worker thread still inside a kernel when the interpreter tears down aborts the process
+    (std::terminate): stop every engine first, dropping its work."""
+    for engine in list(_live_engines):
+        engine.close(cancel_queued=True, cancel_running=True)
 
 
 class EngineClosed(RuntimeError):
-    """submit_* called after close()."""
+    """submit_* called after close(), or a request dropped by close(cancel_running=True)."""
 
 
 class _Running:
     """A prepared request being denoised."""
 
-    def __init__(self, future: Future, request):
-        self.future, self.request = future, request
+    def __init__(self, future: Future, prepared):
+        self.future, self.prepared = future, prepared
 
     def active_jobs(self):
-        return [job for job in self.request.jobs if not job.done]
+        return [job for job in self.prepared.jobs if not job.done]
 
 
 class Engine:
-    def __init__(self, pipe, *, max_batch: int = 8, max_wait_ms: float = 10.0):
+    def __init__(self, pipe, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_pixels: int | None = None):
         """pipe: a fastdiff.Pipeline. max_batch: requests denoised together at most.
         max_wait_ms: when idle, how long the first request waits for company before starting.
+        max_pixels: the largest request accepted (default: the pipeline's max_pixels).
         The backend forced in the creating thread (ops.use_backend) is used by the worker too."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive int, got {max_batch!r}")
@@ -54,34 +72,58 @@ class Engine:
         self.pipe = pipe
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
-        self._backend = _dispatch._forced()
-        self._queue: deque[tuple[Future, str, tuple, dict]] = deque()
+        self.max_pixels = pipe.max_pixels if max_pixels is None else max_pixels_limit(max_pixels)
+        self._backend = ops.forced_backend()
+        self._queue: deque[tuple[Future, Request]] = deque()
         self._wakeup = threading.Condition()
         self._closing = False
         self._cancel_queued = False
+        self._cancel_running = False
         self._worker = threading.Thread(target=self._serve, name="fastdiff-engine", daemon=True)
         self._worker.start()
+        _live_engines.add(self)
 
     # -- public API ---------------------------------------------------------------------------
 
-    def submit_generate(self, prompt=None, **kwargs) -> Future:
-        """Queue pipe.generate(prompt, **kwargs) for one image (num_images must be 1). Future -> the PIL
-        image (or array for output_type='np'); a bad argument sets the future's PipelineError."""
-        return self._submit("generate", (prompt,), kwargs)
+    def submit(self, request: Request) -> Future:
+        """Queue a GenerateRequest (num_images must be 1) or an EditRequest. Raises PipelineError at
+        once for a request the pipeline would refuse; the Future gives the PIL image (or array for
+        output_type='np')."""
+        if not isinstance(request, (GenerateRequest, EditRequest)):
+            raise TypeError(f"request: expected a GenerateRequest or EditRequest, got {type(request).__name__}")
+        if request.num_images != 1:
+            raise PipelineError(f"num_images: the engine takes one image per request (got {request.num_images}); "
+                                "submit several requests")
+        resolved = self.pipe.resolve(request, max_pixels=self.max_pixels)
+        future: Future = Future()
+        with self._wakeup:
+            if self._closing:
+                raise EngineClosed("engine: submit after close()")
+            self._queue.append((future, resolved))
+            self._wakeup.notify_all()
+        return future
 
-    def submit_edit(self, image, instruction=None, **kwargs) -> Future:
-        """Queue pipe.edit(image, instruction, **kwargs). Future -> the PIL image (or array)."""
-        return self._submit("edit", (image, instruction), kwargs)
+    def submit_generate(self, prompt=None, **options) -> Future:
+        """submit(GenerateRequest(prompt=prompt, **options)): options as Pipeline.generate."""
+        return self.submit(build_request(GenerateRequest, prompt=prompt, **options))
 
-    def close(self, *, cancel_queued: bool = False) -> None:
+    def submit_edit(self, image, instruction=None, **options) -> Future:
+        """submit(EditRequest(image=image, instruction=instruction, **options)): options as Pipeline.edit."""
+        return self.submit(build_request(EditRequest, image=image, instruction=instruction, **options))
+
+    def close(self, *, cancel_queued: bool = False, cancel_running: bool = False) -> None:
         """Stop taking requests; finish the running ones and, unless cancel_queued, the queued ones
-        (cancel_queued: their futures are cancelled); then join the worker. Safe to call twice."""
+        (cancel_queued: their futures are cancelled; cancel_running: the running ones stop at the
+        next step boundary, their futures failing with EngineClosed); then join the worker. Safe
+        to call twice."""
         with self._wakeup:
             self._closing = True
-            self._cancel_queued = self._cancel_queued or cancel_queued
+            self._cancel_queued = self._cancel_queued or cancel_queued or cancel_running
+            self._cancel_running = self._cancel_running or cancel_running
             self._wakeup.notify_all()
         if threading.current_thread() is not self._worker:  # a future's callback may call close()
             self._worker.join()
+        _live_engines.discard(self)
 
     def __enter__(self):
         return self
@@ -90,15 +132,6 @@ class Engine:
         self.close(cancel_queued=exc[0] is not None)
 
     # -- worker -------------------------------------------------------------------------------
-
-    def _submit(self, kind, args, kwargs) -> Future:
-        future: Future = Future()
-        with self._wakeup:
-            if self._closing:
-                raise EngineClosed("engine: submit after close()")
-            self._queue.append((future, kind, args, kwargs))
-            self._wakeup.notify_all()
-        return future
 
     def _take_queued(self, slots: int, idle: bool) -> list:
         """Up to `slots` queued requests; blocks while idle and nothing is queued."""
@@ -117,22 +150,16 @@ class Engine:
                 taken.append(self._queue.popleft())
             return taken
 
-    def _prepare(self, future, kind, args, kwargs):
-        """A _Running for a queued request, or None when it was cancelled or its arguments are bad."""
+    def _prepare(self, future, request):
+        """A _Running for a queued request, or None when it was cancelled or cannot be prepared."""
         if not future.set_running_or_notify_cancel():
             return None  # cancelled by its owner while queued
         try:
-            if kind == "generate":
-                if kwargs.get("num_images", 1) != 1:
-                    raise ValueError(f"num_images: the engine takes one image per request (got {kwargs['num_images']!r}); "
-                                     "submit several requests")
-                request = self.pipe._prepare_generate(*args, **kwargs)
-            else:
-                request = self.pipe._prepare_edit(*args, **kwargs)
+            prepared = self.pipe.prepare(request, max_pixels=self.max_pixels)
         except Exception as exc:
             future.set_exception(exc)
             return None
-        return _Running(future, request)
+        return _Running(future, prepared)
 
     def _step(self, running: list[_Running]) -> list[_Running]:
         """One denoising step of every running request; returns those that have not failed."""
@@ -173,7 +200,7 @@ class Engine:
                 still_running.append(item)
                 continue
             try:
-                item.future.set_result(item.request.finish()[0])
+                item.future.set_result(item.prepared.finish()[0])
             except Exception as exc:
                 item.future.set_exception(exc)
         return still_running
@@ -182,7 +209,7 @@ class Engine:
         running: list[_Running] = []
         try:
             if self._backend is not None:
-                with _dispatch.use_backend(self._backend):
+                with ops.use_backend(self._backend):
                     self._loop(running)
             else:
                 self._loop(running)
@@ -199,10 +226,14 @@ class Engine:
 
     def _loop(self, running: list[_Running]) -> None:
         while True:
-            for future, kind, args, kwargs in self._take_queued(self.max_batch - len(running), idle=not running):
-                item = self._prepare(future, kind, args, kwargs)
+            for future, request in self._take_queued(self.max_batch - len(running), idle=not running):
+                item = self._prepare(future, request)
                 if item is not None:
                     running.append(item)
+            if self._cancel_running:
+                for item in running:
+                    item.future.set_exception(EngineClosed("engine: closed before this request finished"))
+                running.clear()
             if not running:
                 with self._wakeup:
                     if self._closing and not self._queue:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from fastdiff.requests import Guidance, PipelineError
 from fastdiff.samplers import SamplerRun
 
 
@@ -23,8 +24,8 @@ from fastdiff.samplers import SamplerRun
 class Job:
     run: SamplerRun
     latents: torch.Tensor  # (1, C, h, w), fp32: the sampler's state
-    context: torch.Tensor  # (branches, L, D): encoder hidden states, one row per guidance branch
-    combine: Callable[[torch.Tensor], torch.Tensor]  # (branches, C, h, w) predictions -> (1, C, h, w)
+    context: torch.Tensor  # (branches, L, D): encoder hidden states in the guidance's row order
+    guidance: Guidance  # row layout and the combine of the branches' predictions
     generator: torch.Generator | None = None
     image_latents: torch.Tensor | None = None  # (branches, C_img, h, w), concatenated to the input channels
     on_step: Callable[[int], None] | None = None  # progress callback with the number of steps done
@@ -35,7 +36,7 @@ class Job:
 
     @property
     def branches(self) -> int:
-        return self.context.shape[0]
+        return self.guidance.branches
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share a UNet call: their rows have the same shapes."""
@@ -54,10 +55,15 @@ class Job:
         return x, t
 
     def advance(self, prediction: torch.Tensor) -> None:
-        """Apply guidance to this job's rows of the UNet output and take the sampler step."""
+        """Apply guidance to this job's rows of the UNet output and take the sampler step. Latents
+        that turn NaN or infinite (NaN weights, an overflow in bf16) fail here, not as a black image."""
         i = self.run.next_index
-        guided = self.combine(prediction.float())
-        self.latents = self.run.step(guided, i, self.latents, generator=self.generator)
+        guided = self.guidance.combine(prediction.float())
+        latents = self.run.step(guided, i, self.latents, generator=self.generator)
+        if not torch.isfinite(latents).all():
+            raise PipelineError(f"step {i + 1} of {self.run.num_steps}: the latents are no longer finite (NaN or "
+                                f"infinite UNet output: check the model's weights and the conditioning)")
+        self.latents = latents
         if self.on_step is not None:
             self.on_step(self.run.next_index)
 
@@ -87,28 +93,3 @@ def step_jobs(unet, jobs: list[Job]) -> None:
     for group in group_jobs(jobs):
         for job, rows in zip(group, predict(unet, group)):
             job.advance(rows)
-
-
-def text_guidance(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Classifier-free guidance over rows [uncond, text] (diffusers' order): uncond + g (text - uncond)."""
-
-    def combine(pred):
-        uncond, text = pred.chunk(2)
-        return uncond + scale * (text - uncond)
-
-    return combine
-
-
-def edit_guidance(text_scale: float, image_scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """InstructPix2Pix / MGIE 3-way guidance over rows [text, image, uncond] (diffusers' order):
-    uncond + g (text - image) + g_img (image - uncond)."""
-
-    def combine(pred):
-        text, image, uncond = pred.chunk(3)
-        return uncond + text_scale * (text - image) + image_scale * (image - uncond)
-
-    return combine
-
-
-def no_guidance(pred: torch.Tensor) -> torch.Tensor:
-    return pred

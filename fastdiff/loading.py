@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.models import checkpoint
-from fastdiff.pipeline import Defaults, PipelineError
+from fastdiff.requests import Defaults, PipelineError
 
 MGIE_IMG_TOKENS = 8
 
@@ -43,7 +43,7 @@ def _require_dir(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def load_unet(folder: Path, *, dtype=None, device=None):
+def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
     """unet/ of a pipeline folder: an SD-family UNet2DConditionModel or a MobileDiffusionUNet."""
     config = _read_json(folder / "config.json", "the UNet config")
     if config.get("_class_name") == "MobileDiffusionUNet":
@@ -58,7 +58,7 @@ def load_unet(folder: Path, *, dtype=None, device=None):
             unet = MobileDiffusionUNet(MobileDiffusionConfig(**values))
         state_dict = checkpoint.read_state_dict(checkpoint.find_weights(folder))
         state_dict = checkpoint.match_state_dict(state_dict, unet.state_dict(), owner="MobileDiffusionUNet")
-        unet.load_state_dict({k: v.to(device=device, dtype=dtype or torch.float32) for k, v in state_dict.items()}, assign=True)
+        unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
         return unet.eval(), config.get("sample_size", unet.config.sample_size)
     from fastdiff.models.unet_2d_condition import UNet2DCondition
 
@@ -85,8 +85,9 @@ def _own_aligned_memory(module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> dict:
-    """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring)."""
+def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=None) -> dict:
+    """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring); every
+    part is loaded in `dtype` (resolved by the caller: requests.resolve_dtype)."""
     from fastdiff.models.text_encoder import CLIPTextEncoder
     from fastdiff.models.vae import AutoencoderKL
 
@@ -116,7 +117,7 @@ def load_pipeline_parts(folder: Path, *, dtype=None, device=None, mgie=None) -> 
     return parts
 
 
-def load_mgie(folder: Path, unet, *, dtype=None, device=None) -> dict:
+def load_mgie(folder: Path, unet, *, dtype: torch.dtype, device=None) -> dict:
     """MGIE's unet.pt (into `unet`) and mllm.pt (edit head + [IMG] token embeddings)."""
     from fastdiff.models.edit_head import EditHead
 
@@ -129,7 +130,7 @@ def load_mgie(folder: Path, unet, *, dtype=None, device=None) -> dict:
     if len(embedding_keys) != 1:
         raise PipelineError(f"mgie: expected one '...embed_tokens.weight' in mllm.pt (the [IMG] token embeddings are its "
                             f"last {MGIE_IMG_TOKENS} rows), found {embedding_keys or 'none'}")
-    img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype or torch.float32)
+    img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype)
     edit_head = _load_part("mgie: mllm.pt edit head", lambda: EditHead.from_mgie(mllm, dtype=dtype, device=device))
     _own_aligned_memory(unet)
     _own_aligned_memory(edit_head)

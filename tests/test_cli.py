@@ -55,7 +55,7 @@ def test_edit_keeps_the_input_size_rounded_to_8(tmp_path):
         (["edit", "/no/such/image.png", "snow", "-o", "{tmp}/o.png", "--model", "small"], "image: cannot read"),
         (["generate", "a cat", "-o", "/no/such/folder/o.png", "--model", "small"], "-o/--output: folder"),
         (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--steps", "0"], "steps: expected a positive integer"),
-        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "{tmp}/missing"], "folder: no directory"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "{tmp}/missing"], "model: '"),
         (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--sampler", "plms"], "name: expected one of"),
     ],
 )

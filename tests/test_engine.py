@@ -8,6 +8,8 @@ block differently for different row counts (the first divergence is the time-emb
 rows vs 20, ~2e-7), which leaves ~1e-6 in the pixels; BATCH_INVARIANCE allows 100x that.
 """
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -18,7 +20,7 @@ import torch
 
 from fastdiff.default_model import default_pipeline
 from fastdiff.engine import Engine, EngineClosed
-from fastdiff.pipeline import PipelineError
+from fastdiff.requests import EditRequest, PipelineError
 
 BATCH_INVARIANCE = 1e-4  # max |pixel diff| in [0, 1] (2/255 = 7.8e-3 would be one 8-bit level)
 TIMEOUT_S = 120  # no future may take this long: a hang fails instead of blocking the suite
@@ -149,7 +151,9 @@ def test_request_joins_mid_flight(editor):
         assert max_diff(result, editor.edit(request.pop("image"), output_type="np", progress=False, **request)) <= BATCH_INVARIANCE
 
 
-def test_bad_requests_fail_alone(editor, tmp_path):
+def test_bad_requests_are_refused_at_submit(editor, tmp_path):
+    """The pipeline's own checks run in submit(): a bad request raises there, naming its argument,
+    and is never queued; the good requests around it are untouched."""
     (tmp_path / "broken.png").write_bytes(b"not an image")
     good = [dict(image=image(32, i), instruction="snow", steps=2, seed=i) for i in range(3)]
     bad = {
@@ -158,18 +162,38 @@ def test_bad_requests_fail_alone(editor, tmp_path):
         "instruction_embeds": dict(image=image(32), instruction_embeds=torch.randn(77, 17), steps=2),
         "guidance_scale": dict(image=image(32), instruction="snow", guidance_scale="x", steps=2),
         "sampler": dict(image=image(32), instruction="snow", sampler="plms", steps=2),
+        "stepz": dict(image=image(32), instruction="snow", stepz=2),
     }
     with Engine(editor, max_batch=8, max_wait_ms=100) as engine:
         good_futures = [engine.submit_edit(output_type="np", **r) for r in good[:2]]
-        bad_futures = {name: engine.submit_edit(**r) for name, r in bad.items()}
-        good_futures.append(engine.submit_edit(output_type="np", **good[2]))
-        for name, future in bad_futures.items():
+        for name, request in bad.items():
             with pytest.raises(PipelineError, match=f"^{name}:"):
-                future.result(timeout=TIMEOUT_S)
+                engine.submit_edit(**request)
+        good_futures.append(engine.submit_edit(output_type="np", **good[2]))
         results = [f.result(timeout=TIMEOUT_S) for f in good_futures]
     for request, result in zip(good, results):
         request = dict(request)
         assert max_diff(result, editor.edit(request.pop("image"), output_type="np", progress=False, **request)) <= BATCH_INVARIANCE
+
+
+def test_submit_takes_request_values(editor):
+    request = EditRequest(image=image(32), instruction="snow", steps=2, seed=3, output_type="np")
+    with Engine(editor) as engine:
+        result = engine.submit(request).result(timeout=TIMEOUT_S)
+        with pytest.raises(TypeError, match="^request:"):
+            engine.submit({"image": image(32)})
+    assert max_diff(result, editor.run(request, progress=False)[0]) <= BATCH_INVARIANCE
+
+
+def test_pixel_limit_refused_at_submit_before_any_work(editor):
+    """max_pixels on the engine: a request over it raises in submit() and the UNet never runs."""
+    with unet_calls(editor) as calls, Engine(editor, max_pixels=32 * 32) as engine:
+        with pytest.raises(PipelineError, match=r"^image: 48x48 is .* over the limit .*\(max_pixels\)"):
+            engine.submit_edit(image(48), "snow", steps=1)
+        assert engine.submit_edit(image(32), "snow", steps=1).result(timeout=TIMEOUT_S).size == (32, 32)
+    assert calls == [3]  # the one good request, three guidance rows
+    with pytest.raises(PipelineError, match="^max_pixels:"):
+        Engine(editor, max_pixels=0)
 
 
 def test_failing_unet_call_fails_only_its_request(editor):
@@ -196,25 +220,27 @@ def test_failing_unet_call_fails_only_its_request(editor):
 
 def test_generate_takes_one_image_per_request(generator):
     with Engine(generator) as engine:
-        future = engine.submit_generate("a cat", num_images=2)
-        with pytest.raises(ValueError, match="^num_images:"):
-            future.result(timeout=TIMEOUT_S)
+        with pytest.raises(PipelineError, match="^num_images:"):
+            engine.submit_generate("a cat", num_images=2)
         assert engine.submit_generate("a cat", seed=1).result(timeout=TIMEOUT_S).size == (128, 128)
 
 
 def test_many_mixed_requests_from_threads_no_deadlock(editor):
-    """200 requests (a quarter of them bad) from 4 threads, then close(): every future resolves."""
+    """200 requests (48 of them bad, refused by submit) from 4 threads, then close(): every future resolves."""
     engine = Engine(editor, max_batch=8, max_wait_ms=1)
     futures = [[] for _ in range(4)]
+    refused = [[] for _ in range(4)]
 
     def client(index):
         rng = np.random.default_rng(index)
         for i in range(50):
             kind = i % 4
-            if kind == 3:  # bad: alternately a bad number and a bad embedding
+            if kind == 3:  # bad: alternately a bad number and a bad embedding, refused by submit
                 args = dict(steps=0) if i % 8 == 3 else dict(instruction=None, instruction_embeds=torch.randn(5, 7))
-                futures[index].append((False, engine.submit_edit(image(32, i), "snow", **args) if "steps" in args
-                                       else engine.submit_edit(image(32, i), **args)))
+                try:
+                    engine.submit_edit(image(32, i), **{"instruction": "snow", **args})
+                except PipelineError as exc:
+                    refused[index].append(exc)
             else:
                 futures[index].append((True, engine.submit_edit(image(32, i), "snow", steps=int(rng.integers(1, 3)),
                                                                 seed=i, guidance_scale=[7.5, 1.0, 3.0][kind])))
@@ -231,12 +257,9 @@ def test_many_mixed_requests_from_threads_no_deadlock(editor):
     assert not closer.is_alive(), "close() did not return: the engine hangs"
     elapsed = time.perf_counter() - start
     everything = [entry for per_thread in futures for entry in per_thread]
-    assert len(everything) == 200 and all(f.done() for _, f in everything)
-    for ok, future in everything:
-        if ok:
-            assert future.result().size == (32, 32)
-        else:
-            assert isinstance(future.exception(), PipelineError)
+    assert len(everything) == 152 and sum(map(len, refused)) == 48 and all(f.done() for _, f in everything)
+    for _, future in everything:
+        assert future.result().size == (32, 32)
     print(f"200 mixed requests from 4 threads: {elapsed:.1f} s")
     with pytest.raises(EngineClosed):
         engine.submit_edit(image(32), "snow")
@@ -303,3 +326,40 @@ def test_worker_uses_the_creating_threads_backend(editor, monkeypatch):
     with ops.use_backend("reference"), Engine(editor) as engine:
         engine.submit_edit(image(32), "snow", steps=1).result(timeout=TIMEOUT_S)
     assert calls["reference"] > 0 and calls["cpp"] == 0
+
+
+EXIT_WITH_BUSY_ENGINE = """
+import time
+import numpy as np
+from fastdiff.default_model import default_pipeline
+from fastdiff.engine import Engine
+engine = Engine(default_pipeline("edit", "small"), max_batch=2)
+futures = [engine.submit_edit(np.random.default_rng(i).random((64, 64, 3)), "snow", steps=50, seed=i) for i in range(6)]
+while not futures[0].running():
+    time.sleep(0.01)
+print("exiting with work in flight", flush=True)
+"""
+
+
+def test_exit_with_a_busy_engine_is_clean(tmp_path):
+    """A script that ends while the engine denoises: queued work is cancelled, the running batch
+    abandoned at a step boundary, and the process exits 0 (a worker left inside a kernel at
+    interpreter teardown aborted it: 'terminate called without an active exception', exit 134)."""
+    script = tmp_path / "busy.py"
+    script.write_text(EXIT_WITH_BUSY_ENGINE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert "exiting with work in flight" in done.stdout
+    assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr
+
+
+def test_close_cancel_running(editor):
+    """close(cancel_running=True): the running requests stop at the next step and fail with EngineClosed."""
+    engine = Engine(editor, max_batch=2, max_wait_ms=0)
+    with unet_calls(editor) as calls:
+        futures = [engine.submit_edit(image(32, i), "snow", steps=500, seed=i) for i in range(3)]
+        while not calls:
+            time.sleep(0.01)
+        engine.close(cancel_running=True)
+    assert len(calls) < 500
+    for future in futures:
+        assert future.cancelled() or isinstance(future.exception(timeout=TIMEOUT_S), EngineClosed)

@@ -14,8 +14,8 @@ TABLES = {
 }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__)
+def main(argv=None, prog: str = "python -m fastdiff.bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="table", required=True)
     modules = {}
     for name, module_name in TABLES.items():
