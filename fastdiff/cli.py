@@ -128,8 +128,9 @@ def _check_output(path: str) -> None:
     extension = os.path.splitext(path)[1].lower()
     writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
     if extension not in writable:
-        raise PipelineError(f"-o/--output: cannot write images as {extension or 'a file without extension'!r}; "
-                            f"use one of .png, .jpg, .webp, ... ({len(writable)} extensions PIL writes)")
+        what = repr(extension) if extension else "a file without an extension"
+        raise PipelineError(f"-o/--output: cannot write images as {what}; use one of .png, .jpg, .webp, ... "
+                            f"({len(writable)} extensions PIL writes)")
 
 
 def _save(images, output: str) -> list[str]:

@@ -13,8 +13,8 @@ from fastdiff.requests import PipelineError
 
 def _check_pixels(width: int, height: int, max_pixels: int | None, source: str) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise PipelineError(f"image: {source}{width}x{height} is {width * height / 1e6:.1f} megapixels, over the "
-                            f"limit of {max_pixels / 1e6:.1f} (max_pixels)")
+        raise PipelineError(f"image: {source}{width}x{height} ({width * height:,} pixels), over the limit of "
+                            f"{max_pixels:,} (max_pixels)")
 
 
 def load_image(image, *, max_pixels: int | None = None) -> Image.Image:
@@ -32,6 +32,8 @@ def load_image(image, *, max_pixels: int | None = None) -> Image.Image:
                     _check_pixels(*opened.size, max_pixels, f"{path!r} is ")
                     opened.load()
                     image = opened.copy()
+        except PipelineError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PipelineError(f"image: {path!r} refused by PIL's decompression-bomb check ({exc})") from None
         except (OSError, ValueError) as exc:

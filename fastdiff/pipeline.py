@@ -197,8 +197,8 @@ class Pipeline:
                     raise PipelineError(f"{name}: expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
             pixels = height * width * request.num_images
             if pixels > max_pixels:
-                raise PipelineError(f"height, width: {request.num_images} x {width}x{height} is {pixels / 1e6:.1f} "
-                                    f"megapixels, over the limit of {max_pixels / 1e6:.1f} (max_pixels)")
+                raise PipelineError(f"height, width: {request.num_images} x {width}x{height} ({pixels:,} pixels), over "
+                                    f"the limit of {max_pixels:,} (max_pixels)")
             for name, like in (("prompt_embeds", None), ("negative_prompt_embeds", request.prompt_embeds)):
                 if getattr(request, name) is not None:
                     self._check_embeds(name, getattr(request, name), like)

@@ -54,6 +54,9 @@ def test_edit_keeps_the_input_size_rounded_to_8(tmp_path):
     [
         (["edit", "/no/such/image.png", "snow", "-o", "{tmp}/o.png", "--model", "small"], "image: cannot read"),
         (["generate", "a cat", "-o", "/no/such/folder/o.png", "--model", "small"], "-o/--output: folder"),
+        (["generate", "a cat", "-o", "{tmp}/out.xyz", "--model", "small"], "-o/--output: cannot write images as '.xyz'"),
+        (["generate", "a cat", "-o", "{tmp}/out", "--model", "small"], "-o/--output: cannot write images as a file"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--height", "100000000"], "over the limit"),
         (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--steps", "0"], "steps: expected a positive integer"),
         (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "{tmp}/missing"], "model: '"),
         (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--sampler", "plms"], "name: expected one of"),
@@ -76,3 +79,57 @@ def test_validate_passes_on_this_machine(capsys):
     out = capsys.readouterr().out
     assert "FAIL" not in out and " 0 failed" in out
     assert "unet (small random)" in out and "vae decode" in out
+
+
+def test_bad_requests_fail_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    """The output path and the request's own values are checked first: nothing is loaded for them."""
+    import fastdiff.api
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a request that was going to fail")
+
+    monkeypatch.setattr(fastdiff.api, "get_pipeline", no_model)
+    for argv in (["generate", "a cat", "-o", str(tmp_path / "out.xyz")],
+                 ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--steps", "0"],
+                 ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--guidance-scale", "-1"],
+                 ["edit", str(tmp_path / "missing.png"), "snow", "-o", str(tmp_path / "o.png")]):
+        assert cli.main(argv) == 1
+        assert "loaded for a request" not in capsys.readouterr().err
+
+
+def test_version_and_help_of_every_subcommand(capsys):
+    for argv in (["--version"], ["bench", "-h"], ["bench", "kernels", "-h"], ["generate", "-h"], ["edit", "-h"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 0, argv
+    out = capsys.readouterr().out
+    assert "fastdiff 0.1.0" in out and "usage: fastdiff bench" in out and "kernels" in out
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="steps"):
+        cli.main(["generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", "small", "--steps", "0", "--debug"])
+
+
+def test_unknown_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["info", "--bogus"])
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_fastdiff_model_variable_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTDIFF_MODEL", "bogus")
+    assert cli.main(["generate", "a cat", "-o", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert "FASTDIFF_MODEL: 'bogus' is neither an embedded default" in err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "bfloat16", "float32"])
+def test_dtype_names(tmp_path, dtype):
+    assert cli.main(["generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", "small", "--steps", "1",
+                     "--dtype", dtype]) == 0
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path, capsys):
+    assert cli.main(["generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", "small", "--dtype", "fp16"]) == 1
+    assert "dtype: float16 does not run on cpu" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_submit_takes_request_values(editor):
 def test_pixel_limit_refused_at_submit_before_any_work(editor):
     """max_pixels on the engine: a request over it raises in submit() and the UNet never runs."""
     with unet_calls(editor) as calls, Engine(editor, max_pixels=32 * 32) as engine:
-        with pytest.raises(PipelineError, match=r"^image: 48x48 is .* over the limit .*\(max_pixels\)"):
+        with pytest.raises(PipelineError, match=r"^image: 48x48 \(2,304 pixels\), over the limit of 1,024 \(max_pixels\)"):
             engine.submit_edit(image(48), "snow", steps=1)
         assert engine.submit_edit(image(32), "snow", steps=1).result(timeout=TIMEOUT_S).size == (32, 32)
     assert calls == [3]  # the one good request, three guidance rows
