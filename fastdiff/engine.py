@@ -91,8 +91,8 @@ class Engine:
         output_type='np')."""
         if not isinstance(request, (GenerateRequest, EditRequest)):
             raise TypeError(f"request: expected a GenerateRequest or EditRequest, got {type(request).__name__}")
-        if request.num_images != 1:
-            raise PipelineError(f"num_images: the engine takes one image per request (got {request.num_images}); "
+        if request.total_images != 1:
+            raise PipelineError(f"num_images: the engine takes one image per request (got {request.total_images}); "
                                 "submit several requests")
         resolved = self.pipe.resolve(request, max_pixels=self.max_pixels)
         future: Future = Future()
@@ -188,6 +188,12 @@ class Engine:
                     job.advance(rows_of[job])
                 except Exception as exc:
                     failed[owner[job]] = exc
+        for item in dict.fromkeys(owner.values()):
+            if item not in failed:
+                try:
+                    item.prepared.step_end()
+                except Exception as exc:  # the request's own callback
+                    failed[item] = exc
         for item, exc in failed.items():
             item.future.set_exception(exc)
         return [item for item in running if item not in failed]

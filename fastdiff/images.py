@@ -71,8 +71,12 @@ def image_to_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
 
 
 def tensor_to_images(images: torch.Tensor, output_type: str):
-    """(B, 3, H, W) in [-1, 1] -> PIL images, or a (B, H, W, 3) float array in [0, 1] for output_type='np'."""
-    array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> PIL images ("pil"), a (B, H, W, 3) float array ("np") or a
+    (B, 3, H, W) float tensor ("pt"), in [0, 1] (diffusers' VaeImageProcessor.postprocess)."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
     if output_type == "np":
         return array
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]

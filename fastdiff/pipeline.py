@@ -40,9 +40,28 @@ class Prepared:
     jobs: list[Job]
     pipe: "Pipeline"
 
-    def finish(self) -> list:
-        """The outputs (PIL images or arrays, per request.output_type) from the jobs' final latents."""
+    def finish(self):
+        """The outputs from the jobs' final latents, per request.output_type: a list of PIL images, an
+        (N, H, W, 3) array, an (N, 3, H, W) tensor, or the (N, C, h, w) latents themselves."""
         return self.pipe.decode([job.latents for job in self.jobs], self.request.output_type)
+
+    def step_end(self) -> None:
+        """diffusers' callback_on_step_end, after the step all of this request's jobs just took
+        (they step together: one sampler, one step count)."""
+        callback = self.request.callback_on_step_end
+        if callback is None:
+            return
+        run = self.jobs[0].run
+        index = run.next_index - 1
+        latents = torch.cat([job.latents for job in self.jobs])
+        result = callback(self.pipe, index, run.timesteps[index], {"latents": latents})
+        replaced = result.get("latents") if isinstance(result, dict) else None
+        if replaced is not None:
+            if not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape:
+                raise PipelineError(f"callback_on_step_end: returned latents of {describe(replaced)}, expected the "
+                                    f"shape {tuple(latents.shape)} it was given")
+            for job, row in zip(self.jobs, replaced.split(1)):
+                job.latents = row.to(job.latents)
 
 
 def _edit_guided(text_scale: float, image_scale: float) -> bool:
@@ -195,9 +214,9 @@ class Pipeline:
             for name, value in (("height", height), ("width", width)):
                 if value % self.vae_scale:
                     raise PipelineError(f"{name}: expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
-            pixels = height * width * request.num_images
+            pixels = height * width * request.total_images
             if pixels > max_pixels:
-                raise PipelineError(f"height, width: {request.num_images} x {width}x{height} ({pixels:,} pixels), over "
+                raise PipelineError(f"height, width: {request.total_images} x {width}x{height} ({pixels:,} pixels), over "
                                     f"the limit of {max_pixels:,} (max_pixels)")
             for name, like in (("prompt_embeds", None), ("negative_prompt_embeds", request.prompt_embeds)):
                 if getattr(request, name) is not None:
@@ -205,13 +224,13 @@ class Pipeline:
             self._check_text("prompt", request.prompt, request.prompt_embeds)
             self._check_text("negative_prompt", request.negative_prompt, request.negative_prompt_embeds,
                              needed=guidance_scale > 1)
-            self._check_latents(request.latents, (request.num_images, self.latent_channels,
+            self._check_latents(request.latents, (request.total_images, self.latent_channels,
                                                   height // self.vae_scale, width // self.vae_scale))
             return dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                        height=height, width=width)
         if not self.is_editor:
             raise PipelineError("edit: this is a text-to-image model; use generate() (editing needs an 8-channel UNet)")
-        image = load_image(request.image, max_pixels=max_pixels)
+        image = load_image(request.image, max_pixels=max_pixels // request.num_images)
         image_scale = d.image_guidance_scale if request.image_guidance_scale is None else request.image_guidance_scale
         for name, like in (("instruction_embeds", None), ("negative_instruction_embeds", request.instruction_embeds)):
             if getattr(request, name) is not None:
@@ -229,7 +248,8 @@ class Pipeline:
                 raise PipelineError(f"img_hidden_states: expected a float {expected} or (1, *{expected}) tensor, "
                                     f"got {describe(request.img_hidden_states)}")
         width, height = (side - side % self.vae_scale for side in image.size)
-        self._check_latents(request.latents, (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale))
+        self._check_latents(request.latents, (request.num_images, self.latent_channels, height // self.vae_scale,
+                                              width // self.vae_scale))
         return dataclasses.replace(request, image=image, steps=steps, guidance_scale=guidance_scale,
                                    image_guidance_scale=image_scale, sampler=sampler)
 
@@ -255,33 +275,38 @@ class Pipeline:
 
     # -- request preparation (shared by generate/edit and the Engine) -------------------------
 
-    def _new_job(self, request, guidance, context, seed, shape, latents=None, image_latents=None) -> Job:
-        """One image's job. latents: its initial noise (before init_noise_sigma, as diffusers' `latents=`)."""
+    def _new_job(self, request, index, guidance, context, shape, image_latents=None) -> Job:
+        """Image `index` of `request`: its generator (its own seeded one, its entry of a list, or
+        the one shared generator), its initial noise (given latents before init_noise_sigma, as
+        diffusers' `latents=`, or drawn), its conditioning rows."""
         run = self._sampler(request.sampler).start(request.steps)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        if latents is None:
+        if request.generator is None:
+            generator = torch.Generator("cpu").manual_seed(request.seed + index)
+        else:
+            generator = request.generator[index] if isinstance(request.generator, list) else request.generator
+        if request.latents is None:
             latents = run.initial_latents(shape, generator=generator, device=self.device)
         else:
-            latents = latents.reshape(shape).to(device=self.device, dtype=torch.float32) * run.init_noise_sigma
+            latents = request.latents[index : index + 1].to(device=self.device, dtype=torch.float32) * run.init_noise_sigma
         return Job(run=run, latents=latents, context=context.to(self.device), guidance=guidance, generator=generator,
                    image_latents=None if image_latents is None else image_latents.to(self.device))
 
     def _prepare_generate(self, request: GenerateRequest) -> list[Job]:
-        context = self._context(request.prompt, request.prompt_embeds)
-        if request.guidance_scale > 1:  # diffusers' do_classifier_free_guidance
-            guidance = TextGuidance(request.guidance_scale)
-            negative = self._context(request.negative_prompt or "", request.negative_prompt_embeds)
-            if negative.shape != context.shape:
+        guided = request.guidance_scale > 1  # diffusers' do_classifier_free_guidance
+        guidance = TextGuidance(request.guidance_scale) if guided else NoGuidance()
+        shape = (1, self.latent_channels, request.height // self.vae_scale, request.width // self.vae_scale)
+        jobs = []
+        for p, prompt in enumerate(request.prompts):  # images in diffusers' order: prompt by prompt
+            context = self._context(prompt, request.prompt_embeds)
+            negative = self._context(request.negative_for(p), request.negative_prompt_embeds) if guided else None
+            if guided and negative.shape != context.shape:
                 name = "negative_prompt" if request.negative_prompt_embeds is None else "negative_prompt_embeds"
                 raise PipelineError(f"{name}: its conditioning {tuple(negative.shape[1:])} differs in shape "
                                     f"from the prompt's {tuple(context.shape[1:])}")
-            context = guidance.context(context, negative)
-        else:
-            guidance = NoGuidance()
-        shape = (1, self.latent_channels, request.height // self.vae_scale, request.width // self.vae_scale)
-        latents = request.latents
-        return [self._new_job(request, guidance, context, request.seed + i, shape, None if latents is None else latents[i : i + 1])
-                for i in range(request.num_images)]
+            rows = guidance.context(context, negative)
+            jobs += [self._new_job(request, p * request.num_images + n, guidance, rows, shape)
+                     for n in range(request.num_images)]
+        return jobs
 
     def _prepare_edit(self, request: EditRequest) -> list[Job]:
         text_scale, image_scale = request.guidance_scale, request.image_guidance_scale
@@ -292,7 +317,7 @@ class Pipeline:
         else:
             context = self._context(request.instruction, request.instruction_embeds)
             # InstructPix2Pix's unconditional text: the empty prompt
-            null = self._context("", request.negative_instruction_embeds) if guided else None
+            null = self._context(request.negative_prompt or "", request.negative_instruction_embeds) if guided else None
             if null is not None and null.shape != context.shape:
                 raise PipelineError(f"negative_instruction_embeds: its shape {tuple(null.shape[1:])} differs from the "
                                     f"instruction's conditioning {tuple(context.shape[1:])}")
@@ -300,8 +325,8 @@ class Pipeline:
         shape = (1, self.latent_channels, pixels.shape[2] // self.vae_scale, pixels.shape[3] // self.vae_scale)
         with torch.inference_mode():
             image_latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).float()  # latent mode, unscaled (as diffusers)
-        return [self._new_job(request, guidance, guidance.context(context, null), request.seed, shape, request.latents,
-                              guidance.image_latents(image_latents))]
+        rows, image_rows = guidance.context(context, null), guidance.image_latents(image_latents)
+        return [self._new_job(request, n, guidance, rows, shape, image_rows) for n in range(request.num_images)]
 
     def prepare(self, request: Request, *, max_pixels: int | None = None) -> Prepared:
         """Resolve `request` (see resolve), encode its conditioning and source image, and set up one
@@ -311,15 +336,17 @@ class Pipeline:
         return Prepared(request, jobs, self)
 
     def decode(self, latents_list: list[torch.Tensor], output_type: str):
-        """Final latents (each (1, C, h, w)) -> PIL images, or an (N, H, W, 3) array for output_type='np'."""
+        """Final latents (each (1, C, h, w)) -> outputs of `output_type` (see Prepared.finish)."""
+        if output_type == "latent":
+            return torch.cat(latents_list)
         with torch.inference_mode():
             latents = self.vae.unscale_latents(torch.cat(latents_list)).to(self.vae.dtype)
             return tensor_to_images(self.vae.decode(latents), output_type)
 
     # -- public API ---------------------------------------------------------------------------
 
-    def run(self, request: Request, *, progress: bool = True) -> list:
-        """Prepare and denoise one request; returns its list of outputs (one per image)."""
+    def run(self, request: Request, *, progress: bool = True):
+        """Prepare and denoise one request; returns its outputs, one per image (see Prepared.finish)."""
         from tqdm.auto import tqdm
 
         prepared = self.prepare(request)
@@ -330,26 +357,28 @@ class Pipeline:
         try:
             while not all(job.done for job in prepared.jobs):
                 step_jobs(self.unet, [job for job in prepared.jobs if not job.done])
+                prepared.step_end()
         finally:
             bar.close()
         return prepared.finish()
 
     @_takes_request(GenerateRequest, positional=("prompt",))
     def generate(self, prompt=None, *, progress=True, **options):
-        """Text to image; the options are GenerateRequest's fields. Returns a list of `num_images` PIL
-        images (or an (N, H, W, 3) array in [0, 1] for output_type='np').
-
-        steps, guidance_scale, sampler: default to the model's (`pipe.defaults`; SD: 50 steps,
-        scale 7.5, the scheduler config's sampler); height/width: the UNet's sample size times the
-        VAE factor (512 for SD1.5). seed: image i uses seed + i, each image its own generator.
-        sampler: see fastdiff.samplers.SAMPLERS.
+        """Text to image; the options are GenerateRequest's fields (see it and _Sampling for each
+        default and where it comes from), also under diffusers' names num_inference_steps and
+        num_images_per_prompt. Returns num_images images per prompt: a list of PIL images, or
+        per output_type an (N, H, W, 3) array ("np"), an (N, 3, H, W) tensor ("pt") in [0, 1], or
+        the final latents ("latent").
         """
         return self.run(build_request(GenerateRequest, prompt=prompt, **options), progress=progress)
 
     @_takes_request(EditRequest, positional=("image", "instruction"))
     def edit(self, image, instruction=None, *, progress=True, **options):
-        """Edit `image` following an instruction; the options are EditRequest's fields. Returns one PIL
-        image (or an (H, W, 3) array in [0, 1] for output_type='np'). Defaults: g = 7.5, g_img = 1.5,
-        the model's steps and sampler.
+        """Edit `image` following an instruction; the options are EditRequest's fields (also
+        prompt= for the instruction and diffusers' num_inference_steps / num_images_per_prompt).
+        Returns one output (a PIL image, an (H, W, 3) array, a (3, H, W) tensor or (C, h, w)
+        latents, per output_type), or, with num_images > 1, all of them as generate does.
         """
-        return self.run(build_request(EditRequest, image=image, instruction=instruction, **options), progress=progress)[0]
+        request = build_request(EditRequest, image=image, instruction=instruction, **options)
+        outputs = self.run(request, progress=progress)
+        return outputs[0] if request.num_images == 1 else outputs

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from PIL import Image
 # 2048x2048; SD1.5's native size is 512x512). Pipelines and engines take max_pixels= to change it.
 DEFAULT_MAX_PIXELS = 4 * 1024 * 1024
 
-OUTPUT_TYPES = ("pil", "np")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class PipelineError(ValueError):
@@ -194,13 +194,28 @@ def _latents(name, value):
     return value
 
 
-def _seed(value) -> int:
-    """A given seed, or a fresh one drawn now so the request records the seed it ran with."""
+def _seed(value, generator) -> int | None:
+    """A given seed, or a fresh one drawn now so the request records the seed it ran with (none
+    when generators are given: they are the source of noise)."""
     if value is None:
-        return int(torch.randint(0, 2**31 - 1, ()).item())
+        return None if generator is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    if generator is not None:
+        raise PipelineError("seed: give at most one of seed, generator")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
         raise PipelineError(f"seed: expected a non-negative integer or None, got {describe(value)}")
     return int(value)
+
+
+def _generators(value, count: int):
+    """None, one torch.Generator (shared by every image, drawn from in image order, as diffusers
+    draws a batch from one generator), or a list of `count` generators, one per image."""
+    if value is None or isinstance(value, torch.Generator):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(g, torch.Generator) for g in value):
+        if len(value) != count:
+            raise PipelineError(f"generator: expected one generator per image ({count}), got {len(value)}")
+        return list(value)
+    raise PipelineError(f"generator: expected a torch.Generator or a list of them, got {describe(value)}")
 
 
 def _set(request, name, value):
@@ -210,29 +225,72 @@ def _set(request, name, value):
 # -- the requests -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GenerateRequest:
-    """Text to image.
+class _Sampling:
+    """What generate and edit share. None takes the model's default (`pipe.defaults`, from its
+    scheduler config and its authors' settings).
 
-    prompt, or prompt_embeds (L, D) / (1, L, D); negative_prompt (default "") or
-    negative_prompt_embeds for the unconditional branch. steps, guidance_scale, sampler, height,
-    width: None takes the model's (guidance_scale <= 1 runs without guidance). seed: image i uses
-    seed + i (None: drawn when the request is built). latents: (num_images, C, h, w) initial noise
+    steps: denoising steps (alias num_inference_steps, diffusers' name). guidance_scale: text
+    guidance (SD/InstructPix2Pix: 7.5). sampler: a fastdiff.samplers name (default: the scheduler
+    config's class). num_images: images per prompt (diffusers' num_images_per_prompt). seed:
+    image i uses a generator seeded with seed + i (None: drawn when the request is built);
+    generator: a torch.Generator or one per image instead of seed, as diffusers' `generator=`.
+    output_type: "pil" (PIL images), "np" ((N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W) in [0, 1])
+    or "latent" (the final latents, undecoded). callback_on_step_end: diffusers' hook,
+    called after every step as fn(pipe, step_index, timestep, {"latents": (N, C, h, w)}); a dict
+    it returns with "latents" replaces them.
+    """
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+    output_type: str = "pil"
+    callback_on_step_end: Callable | None = None
+
+    @property
+    def total_images(self) -> int:
+        return self.num_images
+
+    def _check_sampling(self) -> None:
+        if self.steps is not None:
+            _set(self, "steps", _positive_int("steps", self.steps))
+        if self.guidance_scale is not None:
+            _set(self, "guidance_scale", _scale("guidance_scale", self.guidance_scale))
+        if self.sampler is not None and not isinstance(self.sampler, str):
+            raise PipelineError(f"sampler: expected a sampler name or None, got {describe(self.sampler)}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise PipelineError(f"output_type: expected one of {OUTPUT_TYPES}, got {describe(self.output_type)}")
+        if self.callback_on_step_end is not None and not callable(self.callback_on_step_end):
+            raise PipelineError(f"callback_on_step_end: expected a callable, got {describe(self.callback_on_step_end)}")
+        _set(self, "num_images", _positive_int("num_images", self.num_images))
+        _set(self, "generator", _generators(self.generator, self.total_images))
+        _set(self, "seed", _seed(self.seed, self.generator))
+        if self.latents is not None and (_latents("latents", self.latents).dim() != 4
+                                         or self.latents.shape[0] != self.total_images):
+            raise PipelineError(f"latents: expected a float tensor of shape ({self.total_images}, C, h, w): one "
+                                f"initial noise per image, got {describe(self.latents)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateRequest(_Sampling):
+    """Text to image (fields shared with edit: see _Sampling).
+
+    prompt: a string or a list of them (num_images each), or prompt_embeds (L, D) / (1, L, D);
+    negative_prompt (default "", or one per prompt) or negative_prompt_embeds for the
+    unconditional branch (used when guidance_scale > 1). height, width: default the UNet's
+    sample size times the VAE factor (512 for SD1.5). latents: (images, C, h, w) initial noise
     before the sampler's init_noise_sigma, as diffusers' `latents=`.
     """
 
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
-    seed: int | None = None
-    sampler: str | None = None
-    num_images: int = 1
-    latents: torch.Tensor | None = None
-    output_type: str = "pil"
 
     def __post_init__(self):
         if (self.prompt is None) == (self.prompt_embeds is None):
@@ -240,111 +298,107 @@ class GenerateRequest:
         if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
             raise PipelineError("negative_prompt: give at most one of negative_prompt, negative_prompt_embeds")
         for name in ("prompt", "negative_prompt"):
-            if getattr(self, name) is not None:
-                _text(name, getattr(self, name))
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise PipelineError(f"{name}: expected a string or a non-empty list of strings, got an empty list")
+                _set(self, name, [_text(name, text) for text in value])
+            elif value is not None:
+                _text(name, value)
+        if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != len(self.prompts):
+            raise PipelineError(f"negative_prompt: expected one per prompt ({len(self.prompts)}), "
+                                f"got {len(self.negative_prompt)}")
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             if getattr(self, name) is not None:
                 _embeds(name, getattr(self, name))
-        _check_common(self)
-        _set(self, "num_images", _positive_int("num_images", self.num_images))
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 _set(self, name, _positive_int(name, getattr(self, name)))
-        if self.latents is not None and (_latents("latents", self.latents).dim() != 4
-                                         or self.latents.shape[0] != self.num_images):
-            raise PipelineError(f"latents: expected a float tensor of shape (num_images={self.num_images}, C, h, w), "
-                                f"got {describe(self.latents)}")
+        self._check_sampling()
 
     @property
-    def kind(self) -> str:
-        return "generate"
+    def prompts(self) -> list:
+        """One entry per prompt: the strings, or [None] when prompt_embeds condition instead."""
+        return self.prompt if isinstance(self.prompt, list) else [self.prompt]
 
-    def pixels(self, default_size: int) -> int:
-        return (self.height or default_size) * (self.width or default_size) * self.num_images
+    @property
+    def total_images(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    def negative_for(self, index: int) -> str:
+        """The negative prompt of prompt `index` (diffusers' default: the empty prompt)."""
+        if isinstance(self.negative_prompt, list):
+            return self.negative_prompt[index]
+        return self.negative_prompt or ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EditRequest:
-    """Edit `image` following an instruction (InstructPix2Pix / MGIE).
+class EditRequest(_Sampling):
+    """Edit `image` following an instruction (InstructPix2Pix / MGIE; shared fields: see _Sampling).
 
     image: a PIL image, an HxW / HxWxC (C = 1, 3, 4) uint8 or float [0, 1] array, or a path; sides
     are rounded down to a multiple of the VAE factor. The instruction is one of: text
-    (`instruction`), `instruction_embeds` (L, D) with the optional unconditional
-    `negative_instruction_embeds` (default: the empty prompt's), or `img_hidden_states` (8, 4096):
-    an MLLM's [IMG] states mapped by MGIE's edit head. Guidance is 3-way, on when
-    guidance_scale > 1 and image_guidance_scale >= 1 (diffusers' rule). latents: (1, C, h, w)
-    initial noise as diffusers' `latents=`. None takes the model's default.
+    (`instruction`, alias prompt), `instruction_embeds` (L, D), or `img_hidden_states` (8, 4096):
+    an MLLM's [IMG] states mapped by MGIE's edit head. The unconditional text is negative_prompt
+    (default "", as InstructPix2Pix) or negative_instruction_embeds; MGIE's is its edit head
+    applied to zeros. Guidance is 3-way, on when guidance_scale > 1 and image_guidance_scale >= 1
+    (diffusers' rule); image_guidance_scale defaults to 1.5 (InstructPix2Pix/MGIE).
     """
 
     image: object
     instruction: str | None = None
+    negative_prompt: str | None = None
     instruction_embeds: torch.Tensor | None = None
     negative_instruction_embeds: torch.Tensor | None = None
     img_hidden_states: torch.Tensor | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
     image_guidance_scale: float | None = None
-    seed: int | None = None
-    sampler: str | None = None
-    latents: torch.Tensor | None = None
-    output_type: str = "pil"
 
     def __post_init__(self):
         given = [n for n in ("instruction", "instruction_embeds", "img_hidden_states") if getattr(self, n) is not None]
         if len(given) != 1:
             raise PipelineError(f"instruction: give exactly one of instruction, instruction_embeds, img_hidden_states "
                                 f"(got {given or 'none'})")
-        if self.instruction is not None:
-            _text("instruction", self.instruction)
+        for name in ("instruction", "negative_prompt"):
+            if getattr(self, name) is not None:
+                _text(name, getattr(self, name))
         for name in ("instruction_embeds", "negative_instruction_embeds", "img_hidden_states"):
             if getattr(self, name) is not None:
                 _embeds(name, getattr(self, name))
-        if self.negative_instruction_embeds is not None and self.img_hidden_states is not None:
-            raise PipelineError("negative_instruction_embeds: not with img_hidden_states (MGIE's null conditioning is "
-                                "its edit head applied to zeros)")
+        if self.negative_prompt is not None and self.negative_instruction_embeds is not None:
+            raise PipelineError("negative_prompt: give at most one of negative_prompt, negative_instruction_embeds")
+        if self.img_hidden_states is not None and (self.negative_instruction_embeds is not None
+                                                   or self.negative_prompt is not None):
+            raise PipelineError("negative_prompt: not with img_hidden_states (MGIE's null conditioning is its edit "
+                                "head applied to zeros)")
         if not isinstance(self.image, (Image.Image, np.ndarray, str, os.PathLike)):
             raise PipelineError(f"image: expected a PIL image, a numpy array or a path, got {type(self.image).__name__}")
-        _check_common(self)
         if self.image_guidance_scale is not None:
             _set(self, "image_guidance_scale", _scale("image_guidance_scale", self.image_guidance_scale))
-        if self.latents is not None and (_latents("latents", self.latents).dim() == 4 and self.latents.shape[0] != 1):
-            raise PipelineError(f"latents: expected a float (1, C, h, w) tensor, got {describe(self.latents)}")
-
-    @property
-    def kind(self) -> str:
-        return "edit"
-
-    @property
-    def num_images(self) -> int:
-        return 1
-
-
-def _check_common(request) -> None:
-    """The fields generate and edit share; normalises them in place (frozen dataclass)."""
-    if request.steps is not None:
-        _set(request, "steps", _positive_int("steps", request.steps))
-    if request.guidance_scale is not None:
-        _set(request, "guidance_scale", _scale("guidance_scale", request.guidance_scale))
-    if request.sampler is not None and not isinstance(request.sampler, str):
-        raise PipelineError(f"sampler: expected a sampler name or None, got {describe(request.sampler)}")
-    if request.output_type not in OUTPUT_TYPES:
-        raise PipelineError(f"output_type: expected one of {OUTPUT_TYPES}, got {describe(request.output_type)}")
-    _set(request, "seed", _seed(request.seed))
+        self._check_sampling()
 
 
 Request = GenerateRequest | EditRequest
 
-# The public keyword lists, derived from the dataclasses (the one place they are written).
-GENERATE_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest))
-EDIT_FIELDS = tuple(f.name for f in dataclasses.fields(EditRequest))
+# diffusers' names for fastdiff's fields, accepted where users type them
+ALIASES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}
+EDIT_ALIASES = {"prompt": "instruction"}
 
 
 def build_request(request_class, **arguments) -> Request:
-    """request_class(**arguments), with an unknown keyword reported as a PipelineError naming it."""
+    """request_class(**arguments), taking diffusers' names for its fields (ALIASES) and reporting
+    an unknown keyword as a PipelineError that names it."""
+    aliases = {**ALIASES, **(EDIT_ALIASES if request_class is EditRequest else {})}
+    for alias, field in aliases.items():
+        if alias in arguments:
+            value = arguments.pop(alias)
+            if arguments.get(field) is not None:
+                raise PipelineError(f"{alias}: give at most one of {alias}, {field} (the same argument)")
+            arguments[field] = value
     known = {f.name for f in dataclasses.fields(request_class)}
     unknown = sorted(set(arguments) - known)
     if unknown:
-        raise PipelineError(f"{unknown[0]}: not an argument of {request_class.__name__} (expected one of {sorted(known)})")
+        raise PipelineError(f"{unknown[0]}: not an argument of {request_class.__name__} (expected one of "
+                            f"{sorted(known | set(aliases))})")
     return request_class(**arguments)
 
 

@@ -275,6 +275,72 @@ def test_mgie_edit_matches_diffusers_with_edit_head_embeddings(folders, tmp_path
     assert np.abs(other - ours).max() > 10 * PARITY
 
 
+# -- diffusers' names: generator, prompt lists, callbacks, output types ---------------------------
+
+def _scale_latents_at_step_1(pipe, step, timestep, callback_kwargs):
+    """A callback_on_step_end that changes the latents (so ignoring its return value would show)."""
+    calls.append((step, float(timestep)))
+    return {"latents": callback_kwargs["latents"] * 0.9} if step == 1 else {}
+
+
+calls: list = []
+
+
+def test_diffusers_call_style_matches_diffusers(folders, t2i):
+    """One torch.Generator for four images (two prompts x num_images_per_prompt=2), an ancestral
+    sampler drawing fresh noise every step, per-prompt negative prompts, num_inference_steps and
+    a callback_on_step_end that edits the latents: the same images as diffusers' pipeline."""
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders / "t2i", safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    args = dict(negative_prompt=["red", "dog"], num_inference_steps=3, num_images_per_prompt=2, guidance_scale=5.0,
+                callback_on_step_end=_scale_latents_at_step_1, output_type="np")
+    calls.clear()
+    theirs = ref(["a cat", "a red dog"], generator=torch.Generator().manual_seed(11), **args).images
+    their_calls = list(calls)
+    calls.clear()
+    ours = t2i.generate(["a cat", "a red dog"], generator=torch.Generator().manual_seed(11), sampler="euler_ancestral",
+                        progress=False, **args)
+    assert calls == their_calls and len(calls) == 3
+    assert_parity(ours, theirs, "generate, diffusers call style")
+
+
+def test_generator_lists_and_output_types(t2i):
+    one = t2i.generate("a cat", steps=2, generator=[torch.Generator().manual_seed(3)], output_type="np", progress=False)
+    seeded = t2i.generate("a cat", steps=2, seed=3, output_type="np", progress=False)
+    np.testing.assert_array_equal(one, seeded)  # seed s is generator(s): the same noise
+    pt = t2i.generate("a cat", steps=2, seed=3, output_type="pt", progress=False)
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), seeded, atol=1e-6)
+    latents = t2i.generate("a cat", steps=2, seed=3, output_type="latent", progress=False)
+    assert latents.shape == (1, 4, LATENT, LATENT)
+    decoded = t2i.decode([latents], "np")
+    np.testing.assert_allclose(decoded, seeded, atol=1e-6)
+    with pytest.raises(PipelineError, match=r"^generator: expected one generator per image \(2\), got 1"):
+        t2i.generate("a cat", num_images=2, generator=[torch.Generator()], progress=False)
+    with pytest.raises(PipelineError, match="^seed: give at most one of seed, generator"):
+        t2i.generate("a cat", seed=1, generator=torch.Generator(), progress=False)
+    with pytest.raises(PipelineError, match="^num_inference_steps: give at most one"):
+        t2i.generate("a cat", steps=2, num_inference_steps=3, progress=False)
+    with pytest.raises(PipelineError, match=r"^negative_prompt: expected one per prompt \(2\), got 1"):
+        t2i.generate(["a cat", "a dog"], negative_prompt=["x"], progress=False)
+    with pytest.raises(PipelineError, match="^callback_on_step_end: expected a callable"):
+        t2i.generate("a cat", callback_on_step_end="print", progress=False)
+    with pytest.raises(PipelineError, match="^callback_on_step_end: returned latents of"):
+        t2i.generate("a cat", steps=2, callback_on_step_end=lambda *a: {"latents": torch.zeros(3)}, progress=False)
+
+
+def test_edit_takes_negative_prompt_and_num_images(folders, ip2p):
+    """InstructPix2Pix with a negative prompt and two images per call, against diffusers."""
+    ref = reference_pipeline(diffusers.StableDiffusionInstructPix2PixPipeline, folders / "ip2p", "euler")
+    theirs = ref("make it red", image=make_image(), negative_prompt="blue", num_images_per_prompt=2,
+                 num_inference_steps=3, latents=noise(2), output_type="np").images
+    ours = ip2p.edit(make_image(), prompt="make it red", negative_prompt="blue", num_images=2, steps=3,
+                     latents=noise(2), output_type="np", progress=False)
+    assert_parity(ours, theirs, "edit, negative prompt, 2 images")
+
+
 # -- inputs, outputs, errors -------------------------------------------------------------------------
 
 def test_image_inputs_are_equivalent(ip2p, tmp_path):

@@ -83,8 +83,8 @@ def test_run_takes_a_request_and_matches_the_keyword_call(generator):
 def test_unknown_keywords_name_themselves(generator, editor):
     with pytest.raises(PipelineError, match=r"^stepz: not an argument of GenerateRequest"):
         generator.generate("a cat", stepz=3)
-    with pytest.raises(PipelineError, match=r"^prompt: not an argument of EditRequest"):
-        editor.edit(image(), prompt="snow")
+    with pytest.raises(PipelineError, match=r"^height: not an argument of EditRequest"):
+        editor.edit(image(), "snow", height=64)
     with pytest.raises(PipelineError, match=r"^stepz: not an argument"):
         fastdiff.generate("a cat", model="small", stepz=3)
 
