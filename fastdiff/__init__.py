@@ -23,6 +23,7 @@ _LAZY = {
     "EngineClosed": "fastdiff.engine",
     "generate": "fastdiff.api",
     "edit": "fastdiff.api",
+    "accelerate": "fastdiff.accelerate",
 }
 
 __all__ = ["ops", "__version__", *_LAZY]

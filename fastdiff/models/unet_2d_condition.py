@@ -352,9 +352,13 @@ class UNet2DCondition(nn.Module):
         return sample, timestep, encoder_hidden_states.to(self.dtype)
 
     @torch.no_grad()
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
-        encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W).
+        ControlNet residuals, as diffusers takes them: down_block_additional_residuals, one tensor per
+        skip feature (conv_in's output first), added to the skips; mid_block_additional_residual added
+        to the mid block's output."""
         x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
 
         # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
@@ -374,11 +378,22 @@ class UNet2DCondition(nn.Module):
             if block.downsamplers is not None:
                 x = block.downsamplers[0](x)  # (B, C, ceil(h/2), ceil(w/2))
                 skips.append(x)
+        if down_block_additional_residuals is not None:
+            residuals = list(down_block_additional_residuals)
+            if len(residuals) != len(skips) or any(r.shape != s.shape for r, s in zip(residuals, skips)):
+                raise ValueError(f"down_block_additional_residuals: expected {len(skips)} tensors of shapes "
+                                 f"{[tuple(s.shape) for s in skips]}, got {[tuple(r.shape) for r in residuals]}")
+            skips = [s + r.to(dtype=s.dtype, memory_format=torch.channels_last) for s, r in zip(skips, residuals)]
 
         # 4. mid
         if self.mid_block is not None:
             x = self.mid_block.resnets[0](x, temb)
             x = self.mid_block.resnets[1](self.mid_block.attention(0, x, context), temb)
+        if mid_block_additional_residual is not None:
+            if mid_block_additional_residual.shape != x.shape:
+                raise ValueError(f"mid_block_additional_residual: expected shape {tuple(x.shape)}, "
+                                 f"got {tuple(mid_block_additional_residual.shape)}")
+            x = x + mid_block_additional_residual.to(dtype=x.dtype, memory_format=torch.channels_last)
 
         # 5. up: concat the matching skip on channels before each resnet; upsample to the next
         #    skip's size (2x, or the odd size the downsampler rounded up from)

@@ -1,0 +1,260 @@
+"""fastdiff.accelerate(pipe): a diffusers pipeline with its UNet and VAE running on fastdiff.
+
+    pipe = StableDiffusionPipeline.from_pretrained(...)
+    pipe = fastdiff.accelerate(pipe, dtype="bf16")
+
+`pipe.unet` (a diffusers UNet2DConditionModel) and `pipe.vae` (an AutoencoderKL) are replaced by
+thin adapters around fastdiff.UNet2DCondition and fastdiff.AutoencoderKL that take the calls
+diffusers' pipelines make and return diffusers' output types; everything else (text encoder,
+scheduler, ControlNet, image processing) stays diffusers'. The adapters present the original
+dtype to the pipeline: with dtype="bf16" the fastdiff models compute in bf16, inputs are cast in
+and outputs cast back, so latents and scheduler arithmetic keep the pipeline's precision.
+
+What fastdiff cannot run exactly raises UnsupportedError naming the feature, at accelerate time
+when the pipeline shows it then, else at the call that asks for it: never a silently wrong image.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn as nn
+
+from fastdiff.models.unet_2d_condition import UNet2DCondition
+from fastdiff.models.vae import AutoencoderKL
+from fastdiff.requests import resolve_dtype
+
+__all__ = ["accelerate", "UnsupportedError", "DiffusersUNet", "DiffusersVAE"]
+
+# Attention processors whose output fastdiff's attention reproduces (diffusers' defaults).
+DEFAULT_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
+class UnsupportedError(NotImplementedError):
+    """A diffusers feature fastdiff.accelerate does not run; the message names it."""
+
+
+def accelerate(pipe, *, dtype=None):
+    """Replace `pipe.unet` and `pipe.vae` with fastdiff-backed modules; returns `pipe` (changed in place).
+
+    dtype: None (the UNet's own dtype), a torch.dtype or a name ("bf16", "fp32", ...): what the
+    fastdiff models compute in. Raises TypeError if `pipe` has no diffusers UNet2DConditionModel
+    `unet` and AutoencoderKL `vae`, UnsupportedError for a feature fastdiff does not run.
+    """
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import UNet2DConditionModel
+
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    if isinstance(unet, DiffusersUNet) and isinstance(vae, DiffusersVAE):
+        wanted = resolve_dtype(dtype if dtype is not None else unet.dtype, unet.device)
+        if wanted != unet.model.dtype:
+            raise UnsupportedError(f"dtype: pipe is already accelerated in {unet.model.dtype}; accelerate the plain "
+                                   f"pipeline to run in {wanted}")
+        return pipe
+    if not isinstance(unet, UNet2DConditionModel):
+        raise TypeError(f"pipe: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel, got "
+                        f"{type(pipe).__name__} with unet={type(unet).__name__}")
+    if not isinstance(vae, DiffusersAutoencoderKL):
+        raise TypeError(f"pipe: expected a diffusers pipeline whose `vae` is an AutoencoderKL, got "
+                        f"{type(pipe).__name__} with vae={type(vae).__name__}")
+    compute_dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, unet.device)
+    new_unet = DiffusersUNet.from_diffusers(unet, compute_dtype)
+    new_vae = DiffusersVAE.from_diffusers(vae, compute_dtype)
+    pipe.unet, pipe.vae = new_unet, new_vae
+    return pipe
+
+
+# -- checks shared by both models ------------------------------------------------------------------
+
+def _check_processors(model, owner: str):
+    """Custom attention processors (IP-Adapter's, fused QKV, xformers, user-written) compute
+    something fastdiff's attention does not: refuse them by class name."""
+    odd = sorted({type(p).__name__ for p in model.attn_processors.values()} - set(DEFAULT_PROCESSORS))
+    if odd:
+        raise UnsupportedError(f"{owner}: attention processors {odd} are not supported by fastdiff.accelerate "
+                               f"(only diffusers' defaults {list(DEFAULT_PROCESSORS)})")
+
+
+def _fused_state_dict(model, owner: str) -> dict:
+    """The model's state_dict with peft LoRA layers reduced to their base layers, which hold the
+    LoRA deltas once fused (pipe.fuse_lora()). Unfused adapters would be lost: refused."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft, no LoRA layers can be in the model
+        return model.state_dict()
+    tuners = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    unfused = [name for name, m in model.named_modules()
+               if isinstance(m, BaseTunerLayer) and (not m.merged or m.disable_adapters)]
+    if unfused:
+        raise UnsupportedError(
+            f"{owner}: unfused LoRA (peft layers at {unfused[:3]}{' ...' if len(unfused) > 3 else ''}) is not supported by "
+            f"fastdiff.accelerate, nor a LoRA scale in cross_attention_kwargs: call pipe.fuse_lora(lora_scale=...) "
+            f"before accelerate")
+    state = {}
+    for key, value in model.state_dict().items():
+        owner_layer = next((t for t in tuners if key.startswith(t + ".")), None)
+        if owner_layer is None:
+            state[key] = value
+        elif key.startswith(owner_layer + ".base_layer."):
+            state[owner_layer + key[len(owner_layer) + len(".base_layer"):]] = value
+        # else: the adapter's own lora_A/lora_B weights, already merged into the base layer
+    return state
+
+
+def _build(fastdiff_cls, model, compute_dtype, owner: str):
+    """fastdiff_cls.from_diffusers on `model`'s config and fused weights; config fields fastdiff
+    cannot build are reported as unsupported features of `owner`."""
+    source = types.SimpleNamespace(config=model.config, state_dict=lambda: _fused_state_dict(model, owner))
+    try:
+        return fastdiff_cls.from_diffusers(source, dtype=compute_dtype, device=model.device)
+    except ValueError as error:
+        raise UnsupportedError(f"{owner}: {error}") from error
+
+
+class _Adapter(nn.Module):
+    """Holds a fastdiff model; presents `interface_dtype` (the diffusers model's) to the pipeline."""
+
+    def __init__(self, model: nn.Module, config, interface_dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.config = config  # the diffusers model's FrozenDict, as pipelines read it
+        self._interface_dtype = interface_dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the pipeline feeds and gets back; the fastdiff model computes in `self.model.dtype`."""
+        return self._interface_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, *args, **kwargs):
+        """Device moves only (what pipe.to(device) asks); a dtype change would silently change what
+        `accelerate(dtype=...)` chose, so it is refused."""
+        target = torch.empty(0, dtype=self.dtype, device=self.device).to(*args, **kwargs)
+        if target.dtype != self.dtype:
+            raise UnsupportedError(f"{type(self).__name__}.to: changing the dtype of an accelerated model is not "
+                                   f"supported; call fastdiff.accelerate(pipe, dtype=...) on the plain pipeline")
+        self.model.to(target.device)
+        return self
+
+
+# -- the UNet ----------------------------------------------------------------------------------
+
+class DiffusersUNet(_Adapter):
+    """fastdiff.UNet2DCondition called as diffusers' UNet2DConditionModel."""
+
+    @classmethod
+    def from_diffusers(cls, unet, compute_dtype: torch.dtype) -> "DiffusersUNet":
+        config = unet.config
+        if getattr(unet, "encoder_hid_proj", None) is not None:
+            raise UnsupportedError("pipe.unet: IP-Adapter (unet.encoder_hid_proj is set) is not supported by fastdiff.accelerate")
+        if config.get("addition_embed_type") is not None:
+            raise UnsupportedError(f"pipe.unet: added conditioning addition_embed_type={config['addition_embed_type']!r} "
+                                   f"(SDXL-style micro-conditioning) is not supported by fastdiff.accelerate")
+        if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+            raise UnsupportedError("pipe.unet: class embeddings (class_embed_type / num_class_embeds) are not supported "
+                                   "by fastdiff.accelerate")
+        if any(getattr(block, "b1", None) is not None for block in unet.up_blocks):
+            raise UnsupportedError("pipe.unet: FreeU (pipe.enable_freeu) is not supported by fastdiff.accelerate; "
+                                   "call pipe.disable_freeu() first")
+        _check_processors(unet, "pipe.unet")
+        model = _build(UNet2DCondition, unet, compute_dtype, "pipe.unet")
+        return cls(model, config, unet.dtype)
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels
+
+    @property
+    def encoder_hid_proj(self):
+        # pipelines reach for it only to run IP-Adapter images
+        raise UnsupportedError("IP-Adapter (ip_adapter_image / ip_adapter_image_embeds) is not supported by fastdiff.accelerate")
+
+    def enable_freeu(self, **_):
+        raise UnsupportedError("FreeU (pipe.enable_freeu) is not supported by fastdiff.accelerate")
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
+                cross_attention_kwargs=None, added_cond_kwargs=None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
+                encoder_attention_mask=None, return_dict=True):
+        """diffusers' UNet2DConditionModel.forward signature; returns UNet2DConditionOutput (or a
+        1-tuple with return_dict=False) in the input sample's dtype."""
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        refused = {
+            "timestep_cond": (timestep_cond is not None, "LCM-style guidance embedding"),
+            "attention_mask": (attention_mask is not None, "attention masks"),
+            "encoder_attention_mask": (encoder_attention_mask is not None, "attention masks"),
+            "cross_attention_kwargs": (bool(cross_attention_kwargs), "e.g. a LoRA scale on unfused LoRA: fuse LoRA "
+                                       "with pipe.fuse_lora(lora_scale=...) before fastdiff.accelerate"),
+            "added_cond_kwargs": (bool(added_cond_kwargs), "IP-Adapter image embeddings / SDXL added conditioning"),
+            "down_intrablock_additional_residuals": (down_intrablock_additional_residuals is not None,
+                                                     "T2I-Adapter residuals"),
+        }
+        for name, (given, what) in refused.items():
+            if given:
+                raise UnsupportedError(f"{name}: not supported by fastdiff.accelerate ({what})")
+        noise = self.model(sample, timestep, encoder_hidden_states,
+                           down_block_additional_residuals=down_block_additional_residuals,
+                           mid_block_additional_residual=mid_block_additional_residual)
+        noise = noise.to(sample.dtype).contiguous()  # diffusers returns contiguous NCHW
+        return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+
+# -- the VAE -----------------------------------------------------------------------------------
+
+class DiffusersVAE(_Adapter):
+    """fastdiff.AutoencoderKL called as diffusers' AutoencoderKL (encode -> latent_dist, decode)."""
+
+    @classmethod
+    def from_diffusers(cls, vae, compute_dtype: torch.dtype) -> "DiffusersVAE":
+        if getattr(vae, "use_tiling", False):
+            raise UnsupportedError("pipe.vae: tiled decoding (pipe.vae.enable_tiling) is not supported by fastdiff.accelerate")
+        _check_processors(vae, "pipe.vae")
+        adapter = cls(_build(AutoencoderKL, vae, compute_dtype, "pipe.vae"), vae.config, vae.dtype)
+        adapter.use_slicing = getattr(vae, "use_slicing", False)
+        return adapter
+
+    def enable_slicing(self):
+        """One image at a time through the decoder (less memory; same images)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, *_, **__):
+        raise UnsupportedError("tiled decoding (vae.enable_tiling) is not supported by fastdiff.accelerate")
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """images in [-1, 1] -> AutoencoderKLOutput(latent_dist) with diffusers' own
+        DiagonalGaussianDistribution, so .sample(generator) draws the same noise as diffusers."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        mean, logvar = self.model.encode_moments(x.to(self.model.dtype))
+        dist = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1).to(x.dtype))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        """UNSCALED latents -> DecoderOutput(sample) in z's dtype. `generator` is accepted as
+        diffusers' AutoencoderKL.decode accepts it (and does not use it)."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        parts = z.split(1) if self.use_slicing else (z,)
+        image = torch.cat([self.model.decode(part.to(self.model.dtype)) for part in parts]).to(z.dtype)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+class _CallableModule(types.ModuleType):
+    """`import fastdiff.accelerate` binds this module to the name `fastdiff.accelerate`, replacing
+    the function the package exports lazily; calling the module calls the function, so
+    fastdiff.accelerate(pipe) works whichever of the two the name holds."""
+
+    def __call__(self, pipe, *, dtype=None):
+        return accelerate(pipe, dtype=dtype)
+
+
+sys.modules[__name__].__class__ = _CallableModule
