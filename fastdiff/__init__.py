@@ -20,6 +20,7 @@ _LAZY = {
     "GenerateRequest": "fastdiff.requests",
     "EditRequest": "fastdiff.requests",
     "Engine": "fastdiff.engine",
+    "MGIE": "fastdiff.mgie",
     "EngineClosed": "fastdiff.engine",
     "generate": "fastdiff.api",
     "edit": "fastdiff.api",

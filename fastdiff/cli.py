@@ -173,10 +173,46 @@ def _edit(args) -> int:
     from fastdiff.images import load_image
 
     _check_output(args.output)
+    if any(getattr(args, flag) is not None for flag in ("mgie", "llava", "ip2p", "vision")):
+        return _edit_mgie(args)
     request = EditRequest(image=load_image(args.image), instruction=args.instruction, steps=args.steps,
                           guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
                           seed=args.seed, sampler=args.sampler)
     return _run(args, "edit", request)
+
+
+def _edit_mgie(args) -> int:
+    """MGIE end to end: LLaVA reads the instruction, its [IMG] states condition the edit."""
+    import time
+
+    from fastdiff.mgie import MGIE, check_instruction
+
+    for flag in ("mgie", "llava", "ip2p"):
+        if getattr(args, flag) is None:
+            raise PipelineError(f"--{flag}: needed for an MGIE edit (--mgie MGIE_DIR --llava LLAVA_DIR --ip2p IP2P_DIR)")
+    if args.model is not None:
+        raise PipelineError("--model: not with --mgie (MGIE's editor is the --ip2p folder)")
+    check_instruction(args.instruction)
+    start = time.perf_counter()
+    # 7B weights: bf16 unless asked otherwise (fp32 would need ~27 GB)
+    mgie = MGIE.from_pretrained(args.llava, args.mgie, args.ip2p, vision_dir=args.vision, dtype=args.dtype or "bf16")
+    print(f"model: {mgie!r}, loaded in {time.perf_counter() - start:.1f} s")
+    options = dict(steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+                   sampler=args.sampler)
+    result = mgie.edit(args.image, args.instruction, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    result.image.save(args.output)
+    t = result.timings
+    print(f"expressive instruction: {result.expressive_instruction}")
+    print(f"  MLLM vision + embed  {t['vision_s']:8.2f} s")
+    print(f"  MLLM prefill         {t['prefill_s']:8.2f} s  ({t['prompt_tokens']} tokens, "
+          f"{t['prompt_tokens'] / t['prefill_s']:.1f} tokens/s)")
+    print(f"  MLLM decode          {t['decode_s']:8.2f} s  ({t['new_tokens']} tokens, "
+          f"{max(t['new_tokens'] - 1, 0) / max(t['decode_s'], 1e-9):.2f} tokens/s)")
+    print(f"  VAE encode, edit head{t['encode_s']:8.2f} s")
+    print(f"  UNet                 {t['unet_s']:8.2f} s  ({t['steps']} steps, {t['unet_s'] / t['steps']:.2f} s/step)")
+    print(f"  VAE decode           {t['vae_decode_s']:8.2f} s")
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _bench(args) -> int:
@@ -219,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default 1.5)")
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--sampler", help="euler_ancestral (default), euler, ddim, dpmpp_2m")
-    ed.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
+    ed.add_argument("--dtype", choices=DTYPE_CHOICES, help="default fp32 (bf16 with --mgie); fp16 runs on CUDA only")
+    ed.add_argument("--mgie", metavar="MGIE_DIR", help="MGIE end to end: its unet.pt and mllm.pt (with --llava, --ip2p)")
+    ed.add_argument("--llava", metavar="LLAVA_DIR", help="MGIE: the LLaVA-7B-v1 folder")
+    ed.add_argument("--ip2p", metavar="IP2P_DIR", help="MGIE: InstructPix2Pix in diffusers' layout")
+    ed.add_argument("--vision", metavar="VISION_DIR", help="MGIE: the CLIP vision tower, if mm_vision_tower is not local")
     ed.set_defaults(run=_edit)
     val = sub.add_parser("validate", parents=[common], help="every kernel against its reference twin, and the models against diffusers")
     val.add_argument("--model", help="a diffusers pipeline folder whose unet/ and vae/ to check (default: small random models)")

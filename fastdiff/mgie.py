@@ -1,0 +1,287 @@
+"""MGIE end to end (Apple, ICLR 2024): an image and an instruction in; the edited image and the
+MLLM's own reading of the instruction (its "expressive instruction") out.
+
+    mgie = fastdiff.MGIE.from_pretrained("LLaVA-7B-v1", "mgie_7b", "instruct-pix2pix", dtype="bf16")
+    result = mgie.edit("in.png", "make it snowy", seed=13331)
+    result.image.save("out.png"); print(result.expressive_instruction)
+
+The procedure is MGIE's inference (apple/ml-mgie, ml_mgie/mgie.py), step by step:
+  1. the image is shrunk to fit 512 x 512 (PIL thumbnail; max_size); the MLLM sees its centre
+     square resized to 512, through CLIP's own preprocessing;
+  2. prompt: vicuna_v1_1 around "what will this image be like if {instruction}", a newline and
+     <im_start> + <im_patch> x (image_size / patch_size)^2 + <im_end>;
+  3. LLaVA-v1 (fastdiff.models.llava) decodes greedily, 96 new tokens at most, no 3-gram
+     repeated (the prompt's ids included), keeping the last layer's hidden states;
+  4. p = min(index of the first [IMG0] in prompt + output - 1, or len(hid) - 9 without one;
+     len(hid) - 9); hid[p:p+8] are the [IMG] states; the output text without its special
+     tokens is the expressive instruction;
+  5. the InstructPix2Pix pipeline with MGIE's UNet, conditioned by edit_head(hid, emb) against
+     edit_head(zeros, emb) (fastdiff.Pipeline's img_hidden_states), 3-way guidance, Euler
+     ancestral, 100 steps, scales 7.5 / 1.5 by default.
+Steps 1-4 run per request in the caller's thread; step 5 is an ordinary EditRequest, so in an
+Engine its denoising shares the step-level UNet batch with every other edit (`submit`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fastdiff import loading
+from fastdiff.images import load_image
+from fastdiff.jobs import step_jobs
+from fastdiff.models.checkpoint import CheckpointError
+from fastdiff.models.llava import IMAGE_END, IMAGE_PATCH, IMAGE_START, LlavaV1, read_llava_config, read_weights
+from fastdiff.pipeline import Pipeline
+from fastdiff.requests import DEFAULT_MAX_PIXELS, EditRequest, PipelineError, build_request, describe, resolve_dtype
+
+__all__ = ["MGIE", "MGIEReading", "MGIEEdit", "IMG_TOKENS"]
+
+IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
+# vicuna_v1_1: system, " ", "USER: " + message, " ", "ASSISTANT:" (the assistant's turn left open)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+QUESTION = "what will this image be like if {instruction}"
+MAX_NEW_TOKENS, NO_REPEAT_NGRAM = 96, 3
+MAX_SIZE = 512  # MGIE shrinks the input to fit this square, and shows the MLLM a square of this side
+
+
+@dataclasses.dataclass(frozen=True)
+class MGIEReading:
+    """What the MLLM made of an instruction: its text, the 8 [IMG] hidden states (8, W) that
+    condition the edit, where they were taken (img_position, in prompt + output positions), the
+    image as the diffusion sees it, and timings (s) and token counts."""
+
+    expressive_instruction: str
+    img_hidden_states: torch.Tensor
+    img_position: int
+    image: Image.Image
+    generated_ids: list[int]
+    timings: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class MGIEEdit:
+    """mgie.edit's result: the edited image (PIL unless output_type says otherwise), the expressive
+    instruction, and timings per stage in seconds."""
+
+    image: object
+    expressive_instruction: str
+    timings: dict
+
+
+def _folder(name: str, value) -> Path:
+    if not isinstance(value, (str, Path)) or not Path(value).is_dir():
+        raise PipelineError(f"{name}: expected a folder, got {describe(value)}" + (
+            " (no such directory)" if isinstance(value, (str, Path)) else ""))
+    return Path(value)
+
+
+def _renamed(argument: str, load):
+    """load() with its PipelineError and CheckpointError messages re-headed by the argument at fault."""
+    try:
+        return load()
+    except (PipelineError, CheckpointError) as exc:
+        message = str(exc)
+        head, sep, rest = message.partition(": ")
+        if sep and head in ("folder", "mgie", "llava_dir", "path"):
+            message = rest
+        raise PipelineError(f"{argument}: {message}") from exc
+
+
+def _vision_tower(name: str, llava_dir: Path, vision_dir, dtype, device):
+    """CLIPVisionModel + CLIPImageProcessor from vision_dir, else from mm_vision_tower as a local
+    folder or a name already in the Hugging Face cache (nothing is downloaded)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    if vision_dir is not None:
+        source = str(_folder("vision_dir", vision_dir))
+    else:
+        source = next((str(c) for c in (Path(name), llava_dir / name) if c.is_dir()), name)
+    try:
+        vision = CLIPVisionModel.from_pretrained(source, dtype=dtype, local_files_only=True).to(device)
+        processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        if vision_dir is None:
+            raise PipelineError(f"vision_dir: the vision tower {name!r} (mm_vision_tower in {llava_dir / 'config.json'}) "
+                                f"is not found locally; download it (e.g. `huggingface-cli download {name} --local-dir "
+                                f"clip`) and pass vision_dir=that folder (CLI: --vision)") from exc
+        raise PipelineError(f"vision_dir: cannot load a CLIP vision model and its preprocessor_config.json from "
+                            f"{source} ({exc})") from exc
+    return vision, processor
+
+
+def _center_square(image: Image.Image, side: int) -> Image.Image:
+    """The largest centred square, resized to side x side (what MGIE shows its MLLM)."""
+    w, h = image.size
+    m = min(w, h)
+    left, top = (w - m) // 2, (h - m) // 2
+    return image.crop((left, top, left + m, top + m)).resize((side, side))
+
+
+def check_instruction(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PipelineError(f"instruction: expected a non-empty string, got {describe(value)}")
+    return value
+
+
+def _max_size(value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+        raise PipelineError(f"max_size: expected an integer >= 8 or None, got {describe(value)}")
+    return value
+
+
+class MGIE:
+    """The MLLM (LlavaV1 + its tokenizer and CLIP image processor) and the editing Pipeline whose
+    edit head and [IMG] embeddings (mllm.pt's emb) turn the MLLM's states into UNet conditioning."""
+
+    def __init__(self, *, llava: LlavaV1, tokenizer, image_processor, pipe: Pipeline, eos_token_id: int | None,
+                 use_im_start_end: bool):
+        self.llava, self.tokenizer, self.image_processor, self.pipe = llava, tokenizer, image_processor, pipe
+        self.eos_token_id = eos_token_id
+        self.img0_id = tokenizer.convert_tokens_to_ids(IMG_TOKENS[0])
+        vision = llava.vision.config
+        patches = IMAGE_PATCH * (vision.image_size // vision.patch_size) ** 2
+        self.image_placeholder = f"{IMAGE_START}{patches}{IMAGE_END}" if use_im_start_end else patches
+
+    def __repr__(self):
+        llm = self.llava.llm.config
+        return f"MGIE(LLaVA {llm.num_hidden_layers} layers x {llm.hidden_size}, {self.pipe!r})"
+
+    @classmethod
+    def from_pretrained(cls, llava_dir, mgie_dir, ip2p_dir, *, vision_dir=None, dtype=None, device=None,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> "MGIE":
+        """llava_dir: LLaVA-7B-v1 as on disk (config.json "model_type": "llava", tokenizer,
+        pytorch_model-*.bin or safetensors). mgie_dir: MGIE's unet.pt and mllm.pt. ip2p_dir:
+        InstructPix2Pix in diffusers' layout (timbrooks/instruct-pix2pix). vision_dir: the CLIP
+        vision tower (openai/clip-vit-large-patch14) when mm_vision_tower is not found locally.
+        dtype: as Pipeline.from_pretrained (bf16 on the CPU keeps 7B at ~13.5 GB)."""
+        from transformers import AutoTokenizer
+
+        dtype = resolve_dtype(dtype, device)
+        llava_dir, mgie_dir, ip2p_dir = _folder("llava_dir", llava_dir), _folder("mgie_dir", mgie_dir), _folder("ip2p_dir", ip2p_dir)
+        if not (mgie_dir / "mllm.pt").is_file():
+            raise PipelineError(f"mgie_dir: mllm.pt missing from {mgie_dir} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
+        mllm = {k: v() for k, (_, v) in _renamed("mgie_dir", lambda: read_weights(mgie_dir / "mllm.pt")).items()}
+        if "emb" not in mllm:
+            raise PipelineError(f"mgie_dir: {mgie_dir / 'mllm.pt'} has no 'emb' (MGIE's [IMG] token embeddings, added to "
+                                f"the MLLM states by the edit head); keys start {sorted(mllm)[:6]}")
+        _, mm = _renamed("llava_dir", lambda: read_llava_config(llava_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(llava_dir), local_files_only=True)
+        # MGIE's order: the [IMG] tokens, the embeddings resized to this vocabulary, then LLaVA's
+        # image tokens, which LLaVA-v1's tokenizer already holds (so they need no new rows)
+        tokenizer.add_tokens(list(IMG_TOKENS), special_tokens=True)
+        vocab_size = len(tokenizer)
+        image_tokens = [IMAGE_PATCH] + ([IMAGE_START, IMAGE_END] if mm.get("mm_use_im_start_end") else [])
+        tokenizer.add_tokens(image_tokens, special_tokens=True)
+        beyond = [t for t in image_tokens if tokenizer.convert_tokens_to_ids(t) >= vocab_size]
+        if beyond:
+            raise PipelineError(f"llava_dir: its tokenizer lacks {beyond} (LLaVA-v1's tokenizer holds {image_tokens} "
+                                f"before MGIE's [IMG] tokens)")
+        vision, processor = _vision_tower(mm["mm_vision_tower"], llava_dir, vision_dir, dtype, device)
+        overrides = {k: v for k, v in mllm.items() if k != "emb" and not k.startswith("edit_head.")}
+        llava = _renamed("llava_dir", lambda: LlavaV1.from_pretrained(
+            llava_dir, vision, vocab_size=vocab_size, patch_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PATCH),
+            overrides=overrides, dtype=dtype, device=device))
+        emb = mllm["emb"]
+        if emb.numel() != len(IMG_TOKENS) * llava.width:
+            raise PipelineError(f"mgie_dir: emb in mllm.pt is {tuple(emb.shape)}; expected ({len(IMG_TOKENS)}, "
+                                f"{llava.width}) for this LLaVA")
+        parts = _renamed("ip2p_dir", lambda: loading.load_pipeline_parts(ip2p_dir, dtype=dtype, device=device))
+        parts.update(_renamed("mgie_dir", lambda: loading.load_mgie(mgie_dir, parts["unet"], dtype=dtype, device=device)))
+        # MGIE conditions the edit head on mllm.pt's emb (load_mgie's default is embed_tokens' last rows)
+        parts["img_token_embeddings"] = emb.reshape(len(IMG_TOKENS), -1).to(device=device, dtype=dtype)
+        parts["name"] = f"mgie:{mgie_dir.name}+{ip2p_dir.name}"
+        pipe = _renamed("mgie_dir", lambda: Pipeline(**parts, max_pixels=max_pixels))
+        eos = llava.llm.config.eos_token_id
+        return cls(llava=llava, tokenizer=tokenizer, image_processor=processor, pipe=pipe,
+                   eos_token_id=eos[0] if isinstance(eos, list) else eos, use_im_start_end=bool(mm.get("mm_use_im_start_end")))
+
+    # -- the MLLM -------------------------------------------------------------------------------
+
+    def prompt(self, instruction: str) -> str:
+        """The full prompt for `instruction` (vicuna_v1_1 around MGIE's question and the image tokens)."""
+        question = QUESTION.format(instruction=instruction) + "\n" + self.image_placeholder
+        return f"{VICUNA_SYSTEM} USER: {question} ASSISTANT:"
+
+    def describe(self, image, instruction: str, *, max_size: int | None = MAX_SIZE) -> MGIEReading:
+        """Run only the MLLM: the expressive instruction and the [IMG] hidden states for `image`."""
+        instruction, max_size = check_instruction(instruction), _max_size(max_size)
+        image = load_image(image, max_pixels=self.pipe.max_pixels)  # a new RGB image: safe to shrink in place
+        if max_size is not None:
+            image.thumbnail((max_size, max_size))
+        timings = {}
+        start = time.perf_counter()
+        device = self.llava.mm_projector.weight.device
+        pixels = self.image_processor(images=_center_square(image, MAX_SIZE), return_tensors="pt").pixel_values
+        ids = self.tokenizer(self.prompt(instruction)).input_ids
+        embeds = self.llava.embed(torch.tensor([ids], device=device), pixels.to(device))  # (1, L, W)
+        timings["vision_s"] = time.perf_counter() - start
+        generated, hidden = self.llava.greedy(ids, embeds, max_new_tokens=MAX_NEW_TOKENS,
+                                              no_repeat_ngram_size=NO_REPEAT_NGRAM, eos_token_id=self.eos_token_id,
+                                              timings=timings)  # hidden: (L + n - 1, W)
+        sequence = ids + generated
+        last = len(hidden) - len(IMG_TOKENS) - 1
+        position = min(sequence.index(self.img0_id) - 1, last) if self.img0_id in sequence else last
+        states = hidden[position:position + len(IMG_TOKENS)]  # (8, W)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        timings.update(prompt_tokens=len(ids), new_tokens=len(generated))
+        return MGIEReading(text, states.clone(), position, image, generated, timings)
+
+    # -- editing --------------------------------------------------------------------------------
+
+    def _request(self, image, instruction, max_size, options) -> tuple[EditRequest, MGIEReading]:
+        """The EditRequest for MGIE's conditioning: options checked (by the request and the pipeline)
+        before the MLLM runs, then its [IMG] states and the shrunk image filled in."""
+        placeholder = torch.zeros(len(IMG_TOKENS), self.llava.width)
+        request = build_request(EditRequest, image=image, img_hidden_states=placeholder, **options)
+        self.pipe.resolve(request)
+        reading = self.describe(image, instruction, max_size=max_size)
+        request = dataclasses.replace(request, image=reading.image, img_hidden_states=reading.img_hidden_states.float())
+        return request, reading
+
+    def edit(self, image, instruction: str, *, steps: int = 100, guidance_scale: float = 7.5,
+             image_guidance_scale: float = 1.5, seed: int | None = None, max_size: int | None = MAX_SIZE,
+             **options) -> MGIEEdit:
+        """Edit `image` (PIL, array or path) following `instruction`. seed: None draws one (MGIE's demo
+        uses 13331); max_size: the input is shrunk to fit max_size x max_size first (MGIE: 512; None
+        keeps it); further options are EditRequest's (sampler, generator, latents, output_type, ...)."""
+        request, reading = self._request(image, instruction, max_size, dict(
+            steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, seed=seed, **options))
+        timings = dict(reading.timings)
+        start = time.perf_counter()
+        prepared = self.pipe.prepare(request)  # VAE encoder, edit head on the states and on zeros
+        timings["encode_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        while not all(job.done for job in prepared.jobs):
+            step_jobs(self.pipe.unet, [job for job in prepared.jobs if not job.done])
+            prepared.step_end()
+        timings["unet_s"], timings["steps"] = time.perf_counter() - start, prepared.jobs[0].run.num_steps
+        start = time.perf_counter()
+        outputs = prepared.finish()
+        timings["vae_decode_s"] = time.perf_counter() - start
+        return MGIEEdit(outputs[0], reading.expressive_instruction, timings)
+
+    def submit(self, engine, image, instruction: str, *, max_size: int | None = MAX_SIZE, **options) -> Future:
+        """Run the MLLM here, then queue the edit on `engine` (a fastdiff.Engine over `self.pipe`),
+        where its denoising joins the shared UNet batch. The Future gives an MGIEEdit (timings: the
+        MLLM's only). Options as edit (the pipeline's defaults: 100 steps, 7.5 / 1.5)."""
+        if getattr(engine, "pipe", None) is not self.pipe:
+            raise PipelineError("engine: expected a fastdiff.Engine over this MGIE's pipeline: Engine(mgie.pipe)")
+        request, reading = self._request(image, instruction, max_size, options)
+        inner, outer = engine.submit(request), Future()
+
+        def relay(done: Future):
+            if done.cancelled():
+                outer.cancel()
+            elif done.exception() is not None:
+                outer.set_exception(done.exception())
+            else:
+                outer.set_result(MGIEEdit(done.result(), reading.expressive_instruction, dict(reading.timings)))
+
+        inner.add_done_callback(relay)
+        return outer

@@ -1,0 +1,276 @@
+"""fastdiff.MGIE end to end against MGIE's procedure re-done here with transformers and diffusers
+on the same tiny random weights, saved in the real layouts: a LLaVA-v1 folder ("model_type":
+"llava", pytorch_model-*.bin shards holding model.mm_projector.*), a CLIP vision folder, an
+InstructPix2Pix diffusers folder (Euler ancestral, as timbrooks/instruct-pix2pix) and MGIE's
+unet.pt / mllm.pt. Same expressive text, same image within PARITY (fp32), with the [IMG] tokens
+generated and with the fallback position."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from fastdiff import cli  # noqa: E402
+from fastdiff.engine import Engine  # noqa: E402
+from fastdiff.mgie import MGIE  # noqa: E402
+from fastdiff.requests import PipelineError  # noqa: E402
+from test_pipeline import SD_SCHEDULER, _perturbed, make_image, tiny_parts, tiny_unet  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+PARITY = 1e-3
+WIDTH, VISION_WIDTH = 64, 32
+IMG = [f"[IMG{i}]" for i in range(8)]
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+MISSING_TOWER = "fastdiff-tests/no-such-clip"  # in no Hugging Face cache: the folder must be passed
+STEPS = 3
+INSTRUCTION = "make it snowy"
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer (no merges) with LLaVA-v1's image tokens already added, as the real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_tokens(["<im_patch>", "<im_start>", "<im_end>"], special_tokens=True)
+    return fast
+
+
+def save_llava(folder, tokenizer, *, projector=True, seed=0):
+    """LLaVA-v1 as on disk: LLaMA-v1-era config fields plus mm_*, weights in two .bin shards."""
+    folder.mkdir()
+    tokenizer.save_pretrained(folder)
+    llama = dict(hidden_size=WIDTH, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, rms_norm_eps=1e-6,
+                 vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, hidden_act="silu", initializer_range=0.02,
+                 tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    llm = _perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)), seed)
+    config = {**llama, "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "max_sequence_length": 2048,
+              "torch_dtype": "float32", "use_cache": True, "mm_vision_tower": MISSING_TOWER, "mm_hidden_size": VISION_WIDTH,
+              "mm_use_im_start_end": True, "mm_vision_select_layer": -2, "use_mm_proj": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.clone() for k, v in llm.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    if projector:
+        state["model.mm_projector.weight"] = torch.randn(WIDTH, VISION_WIDTH, generator=g) / VISION_WIDTH**0.5
+        state["model.mm_projector.bias"] = 0.1 * torch.randn(WIDTH, generator=g)
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, folder / file)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    return state
+
+
+def save_vision(folder):
+    torch.manual_seed(4)
+    config = transformers.CLIPVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=40, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8)  # 16 patches
+    _perturbed(transformers.CLIPVisionModel(config), 4).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def save_mgie(folder, vocab, *, img_bias, seed=11):
+    """unet.pt (another tiny IP2P UNet) and mllm.pt: full embed_tokens / lm_head with the 8 new rows,
+    the edit head under edit_head.*, and emb. img_bias scales [IMG0]'s lm_head row: how readily the
+    tiny LLM writes it."""
+    from fastdiff.models.edit_head import EditHead
+
+    folder.mkdir()
+    torch.save(tiny_unet(8, seed).state_dict(), folder / "unet.pt")
+    g = torch.Generator().manual_seed(seed)
+    head = _perturbed(EditHead(llm_dim=WIDTH, hidden_dim=32, out_dim=32, num_queries=77, num_heads=4, num_encoder_layers=1,
+                               num_decoder_layers=2, dim_feedforward=48), seed)
+    lm_head = torch.randn(vocab, WIDTH, generator=g) * 0.2
+    lm_head[vocab - 8] = img_bias * torch.ones(WIDTH)
+    mllm = {"model.embed_tokens.weight": torch.randn(vocab, WIDTH, generator=g), "lm_head.weight": lm_head,
+            "emb": torch.randn(1, 8, WIDTH, generator=g)}
+    mllm.update({f"edit_head.{k}": v.clone() for k, v in head.state_dict().items()})
+    torch.save(mllm, folder / "mllm.pt")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mgie")
+    tokenizer = byte_tokenizer()
+    save_llava(root / "llava", tokenizer)
+    save_vision(root / "clip")
+    _, text_encoder, vae = tiny_parts(root)
+    tokenizer_clip = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer_src")
+    diffusers.StableDiffusionInstructPix2PixPipeline(
+        unet=tiny_unet(8, 3), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer_clip,
+        scheduler=diffusers.EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).save_pretrained(root / "ip2p")
+    vocab = len(tokenizer) + 8
+    save_mgie(root / "mgie_img", vocab, img_bias=IMG_BIAS)
+    save_mgie(root / "mgie_fallback", vocab, img_bias=0.0)  # a zero logit: never the greedy choice
+    return root
+
+
+IMG_BIAS = 0.3
+
+
+class EditMapper(torch.nn.Module):
+    """MGIE's edit head, written here on torch.nn.Transformer (the reference for fastdiff's EditHead)."""
+
+    def __init__(self, state):
+        super().__init__()
+        hidden, llm = state["llm2hid.weight"].shape
+        self.llm2hid = torch.nn.Linear(llm, hidden)
+        self.query = torch.nn.Parameter(state["query"].clone())
+        self.mapper = torch.nn.Transformer(batch_first=True, norm_first=True, d_model=hidden, nhead=4, num_encoder_layers=1,
+                                           num_decoder_layers=2, dim_feedforward=48, dropout=0.0)
+        self.hid2feat = torch.nn.Linear(hidden, state["hid2feat.weight"].shape[0])
+        self.load_state_dict(state)
+
+    def forward(self, llm, emb):
+        return self.hid2feat(self.mapper(self.llm2hid(llm + emb), self.query.repeat(llm.shape[0], 1, 1)))
+
+
+def reference(root, mgie_name, image, instruction, seed):
+    """MGIE's inference with transformers and diffusers: (expressive text, image (1, H, W, 3), sequence, prompt length)."""
+    llava, mgie = root / "llava", root / mgie_name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llava)
+    tokenizer.add_tokens(IMG, special_tokens=True)
+    fields = {k: v for k, v in json.loads((llava / "config.json").read_text()).items()
+              if not k.startswith("mm_") and k not in ("model_type", "architectures", "max_sequence_length")}
+    llm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    state = {}
+    for shard in sorted(llava.glob("pytorch_model-*.bin")):
+        state.update(torch.load(shard, weights_only=True))
+    projector = torch.nn.Linear(VISION_WIDTH, WIDTH)
+    projector.load_state_dict({"weight": state.pop("model.mm_projector.weight"), "bias": state.pop("model.mm_projector.bias")})
+    llm.load_state_dict(state)
+    llm.resize_token_embeddings(len(tokenizer))
+    mllm = torch.load(mgie / "mllm.pt", weights_only=True)
+    llm.load_state_dict(mllm, strict=False)
+    vision = transformers.CLIPVisionModel.from_pretrained(root / "clip").eval()
+    processor = transformers.CLIPImageProcessor.from_pretrained(root / "clip")
+
+    image = image.copy()
+    image.thumbnail((512, 512))
+    w, h = image.size
+    m = min(w, h)
+    square = image.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m)).resize((512, 512))
+    pixels = processor(images=square, return_tensors="pt").pixel_values
+    prompt = (f"{SYSTEM} USER: what will this image be like if {instruction}\n<im_start>{'<im_patch>' * 16}<im_end> "
+              f"ASSISTANT:")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        features = projector(vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        embeds = llm.get_input_embeddings()(ids)
+        embeds[ids == tokenizer.convert_tokens_to_ids("<im_patch>")] = features[0]
+        out = llm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids), do_sample=False,
+                           num_beams=1, max_new_tokens=96, no_repeat_ngram_size=3, return_dict_in_generate=True,
+                           output_hidden_states=True)
+    sequence = out.sequences[0].tolist()
+    hid = torch.cat([step[-1] for step in out.hidden_states], dim=1)[0]
+    img0 = tokenizer.convert_tokens_to_ids("[IMG0]")
+    p = min(sequence.index(img0) - 1 if img0 in sequence else len(hid) - 9, len(hid) - 9)
+    text = tokenizer.decode(sequence[ids.shape[1]:], skip_special_tokens=True).strip()
+
+    head = EditMapper({k[len("edit_head."):]: v for k, v in mllm.items() if k.startswith("edit_head.")})
+    with torch.no_grad():
+        prompt_embeds = head(hid[p:p + 8][None], mllm["emb"])
+        null = head(torch.zeros(1, 8, WIDTH), mllm["emb"])
+    pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(root / "ip2p", safety_checker=None,
+                                                                            requires_safety_checker=False)
+    pipe.unet.load_state_dict(torch.load(mgie / "unet.pt", weights_only=True))
+    pipe.set_progress_bar_config(disable=True)
+    edited = pipe(image=image, prompt_embeds=prompt_embeds, negative_prompt_embeds=null, num_inference_steps=STEPS,
+                  guidance_scale=7.5, image_guidance_scale=1.5, generator=torch.Generator().manual_seed(seed),
+                  output_type="np").images
+    return text, edited, sequence, ids.shape[1]
+
+
+def load(root, mgie_name, **kwargs):
+    return MGIE.from_pretrained(root / "llava", root / mgie_name, root / "ip2p", vision_dir=root / "clip", **kwargs)
+
+
+@pytest.mark.parametrize("mgie_name", ["mgie_img", "mgie_fallback"])
+def test_edit_matches_mgie_procedure(folders, mgie_name):
+    image = make_image(48, 32)  # not square: the MLLM sees its centre square
+    text, theirs, sequence, prompt_length = reference(folders, mgie_name, image, INSTRUCTION, seed=13331)
+    img0 = len(byte_tokenizer())
+    if mgie_name == "mgie_img":  # the case is what it claims: [IMG0] written after some text
+        assert img0 in sequence[prompt_length + 1:], sequence[prompt_length:]
+    else:
+        assert img0 not in sequence
+    mgie = load(folders, mgie_name)
+    result = mgie.edit(image, INSTRUCTION, steps=STEPS, seed=13331, output_type="np")
+    assert result.expressive_instruction == text and text
+    diff = float(np.abs(result.image - theirs[0]).max())
+    print(f"parity mgie {mgie_name}: max |diff| = {diff:.2e}, text {text!r}")
+    assert result.image.shape == theirs[0].shape and diff <= PARITY
+    assert set(result.timings) >= {"prefill_s", "decode_s", "unet_s", "vae_decode_s"}
+
+
+def test_engine_batches_mgie_edits(folders):
+    """Two MGIE edits through one Engine: their denoising shares UNet calls, each gets its own image."""
+    mgie = load(folders, "mgie_img")
+    image = make_image(32, 32)
+    alone = [mgie.edit(image, instruction, steps=STEPS, seed=i, output_type="np") for i, instruction in
+             enumerate(["make it snowy", "add a red hat"])]
+    calls = []
+    forward = mgie.pipe.unet.forward
+    mgie.pipe.unet.forward = lambda sample, *a, **k: calls.append(sample.shape[0]) or forward(sample, *a, **k)
+    with Engine(mgie.pipe, max_batch=4, max_wait_ms=2000) as engine:
+        futures = [mgie.submit(engine, image, instruction, steps=STEPS, seed=i, output_type="np")
+                   for i, instruction in enumerate(["make it snowy", "add a red hat"])]
+        results = [f.result() for f in futures]
+    assert max(calls) == 6  # both edits' three guidance branches in one UNet call
+    for one, batched in zip(alone, results):
+        assert batched.expressive_instruction == one.expressive_instruction
+        np.testing.assert_allclose(batched.image, one.image, atol=1e-4)
+
+
+def test_bf16_loads_without_a_float_copy(folders):
+    mgie = load(folders, "mgie_img", dtype="bf16")
+    dtypes = {p.dtype for p in (*mgie.llava.parameters(), *mgie.pipe.unet.parameters())}
+    assert dtypes == {torch.bfloat16}
+    reading = mgie.describe(make_image(32, 32), INSTRUCTION)
+    assert reading.img_hidden_states.shape == (8, WIDTH) and torch.isfinite(reading.img_hidden_states).all()
+
+
+def test_bad_input(folders, tmp_path):
+    no_projector = tmp_path / "llava"
+    save_llava(no_projector, byte_tokenizer(), projector=False)
+    with pytest.raises(PipelineError, match=r"^llava_dir: no model\.mm_projector\.weight/bias"):
+        MGIE.from_pretrained(no_projector, folders / "mgie_img", folders / "ip2p", vision_dir=folders / "clip")
+    no_emb = shutil.copytree(folders / "mgie_img", tmp_path / "mgie")
+    mllm = torch.load(no_emb / "mllm.pt", weights_only=True)
+    del mllm["emb"]
+    torch.save(mllm, no_emb / "mllm.pt")
+    with pytest.raises(PipelineError, match=r"^mgie_dir: .*mllm\.pt has no 'emb'"):
+        load(folders, no_emb)
+    with pytest.raises(PipelineError, match=rf"^vision_dir: the vision tower '{MISSING_TOWER}' .* not found locally.*pass vision_dir"):
+        MGIE.from_pretrained(folders / "llava", folders / "mgie_img", folders / "ip2p")
+    mgie = load(folders, "mgie_img")
+    with pytest.raises(PipelineError, match="^instruction: expected a non-empty string"):
+        mgie.edit(make_image(), "  ")
+
+
+def test_cli_prints_the_expressive_instruction_and_stage_timings(folders, tmp_path, capsys):
+    make_image(32, 32).save(tmp_path / "in.png")
+    code = cli.main(["edit", str(tmp_path / "in.png"), INSTRUCTION, "-o", str(tmp_path / "out.png"), "--steps", "2",
+                     "--mgie", str(folders / "mgie_img"), "--llava", str(folders / "llava"), "--ip2p",
+                     str(folders / "ip2p"), "--vision", str(folders / "clip"), "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "out.png").is_file()
+    assert "expressive instruction: " in out
+    for stage in ("MLLM prefill", "MLLM decode", "UNet", "VAE decode"):
+        assert stage in out
+    assert cli.main(["edit", str(tmp_path / "in.png"), INSTRUCTION, "-o", str(tmp_path / "x.png"), "--mgie", "m"]) == 1
+    assert "--llava: needed for an MGIE edit" in capsys.readouterr().err
