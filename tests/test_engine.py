@@ -363,3 +363,25 @@ def test_close_cancel_running(editor):
     assert len(calls) < 500
     for future in futures:
         assert future.cancelled() or isinstance(future.exception(timeout=TIMEOUT_S), EngineClosed)
+
+
+def test_callback_on_step_end_runs_in_the_engine_as_alone(editor):
+    """diffusers' callback_on_step_end is called after every step of its own request, and a
+    replacement of the latents takes effect, in the engine as in pipe.run."""
+    seen = {"engine": [], "alone": []}
+
+    def damp(where):
+        def callback(pipe, step, timestep, kwargs):
+            seen[where].append(step)
+            return {"latents": kwargs["latents"] * 0.5} if step == 0 else None
+        return callback
+
+    args = dict(image=image(32), instruction="snow", steps=3, seed=2, output_type="np")
+    with Engine(editor, max_batch=4) as engine:
+        others = [engine.submit_edit(image(32, i), "night", steps=4, seed=i) for i in range(2)]
+        result = engine.submit(EditRequest(callback_on_step_end=damp("engine"), **args)).result(timeout=TIMEOUT_S)
+        [f.result(timeout=TIMEOUT_S) for f in others]
+    alone = editor.run(EditRequest(callback_on_step_end=damp("alone"), **args), progress=False)[0]
+    plain = editor.run(EditRequest(**args), progress=False)[0]
+    assert seen["engine"] == seen["alone"] == [0, 1, 2]
+    assert max_diff(result, alone) <= BATCH_INVARIANCE and max_diff(alone, plain) > 10 * BATCH_INVARIANCE
