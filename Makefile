@@ -14,7 +14,7 @@ $(PY):
 # torch first (pinned CPU wheel), then the package built against it without build isolation.
 $(STAMP): $(PY) requirements-cpu.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q -r requirements-cpu.txt
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

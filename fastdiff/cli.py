@@ -1,4 +1,4 @@
-"""The `fastdiff` command: generate, edit, validate, bench, info.
+"""The `fastdiff` command: generate, edit, validate, bench, info, serve.
 
 Errors print one line naming what is wrong and exit non-zero; --debug shows the traceback.
 """
@@ -221,6 +221,46 @@ def _bench(args) -> int:
     return bench_main(args.rest, prog="fastdiff bench")
 
 
+def _autoscale(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _serve(args) -> int:
+    """The HTTP service (fastdiff.serving): one process under uvicorn, or Ray Serve replicas."""
+    import os
+
+    import torch
+
+    from fastdiff.serving import Limits
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("FASTDIFF_API_KEY")):
+        print(f"fastdiff serve: warning: listening on {args.host} without --api-key: anyone who reaches the port "
+              "can use it", file=sys.stderr)
+    given = dict(max_body_bytes=args.max_body_bytes, max_steps=args.max_steps, max_queue=args.max_queue,
+                 max_pixels=args.max_pixels)
+    limits = {name: value for name, value in given.items() if value is not None}  # the rest: Limits' defaults
+    if args.ray:
+        from fastdiff.serving.ray_serve import ServeArgs, serve_forever
+
+        options = ServeArgs(model=args.model, dtype=args.dtype, max_batch=args.max_batch, threads=args.threads,
+                            api_key=args.api_key, **limits)
+        return serve_forever(options, host=args.host, port=args.port, replicas=args.replicas, autoscale=args.autoscale,
+                             num_cpus=args.num_cpus, num_gpus=args.num_gpus, drain_timeout_s=args.drain_timeout)
+    if args.replicas or args.autoscale:
+        raise PipelineError("--replicas/--autoscale: only with --ray")
+    from fastdiff.serving import create_app, load_pipelines, serve_forever
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipes = load_pipelines(args.model, args.dtype)
+    app = create_app(pipes, api_key=args.api_key, max_batch=args.max_batch, limits=Limits(**limits))
+    print(f"fastdiff serve: {', '.join(p.name for p in pipes)} on http://{args.host}:{args.port}", flush=True)
+    return serve_forever(app, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description="fastdiff: diffusion inference on its own kernels")
     parser.add_argument("--version", action="version", version=f"fastdiff {fastdiff.__version__}")
@@ -268,6 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark tables: kernels, unet, ablations, engine (see `fastdiff bench -h`)",
                            add_help=False)
     bench.set_defaults(run=_bench)
+    srv = sub.add_parser("serve", parents=[common], help="HTTP service: POST /v1/generate, /v1/edit (needs fastdiff[serve])")
+    srv.add_argument("--model", help=model_help)
+    srv.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on all but /healthz ($FASTDIFF_API_KEY)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests denoised together per model (Engine max_batch)")
+    srv.add_argument("--max-queue", type=int, help="requests waiting beyond the batch before 429 (default 64)")
+    srv.add_argument("--max-steps", type=int, help="largest steps a request may ask for (default 150)")
+    srv.add_argument("--max-pixels", type=int, help="largest image in pixels (default: the model's, 4 megapixels)")
+    srv.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests may take to finish after SIGTERM")
+    srv.add_argument("--threads", type=int, help="torch threads (per replica with --ray)")
+    srv.add_argument("--ray", action="store_true", help="deploy on Ray Serve ($RAY_ADDRESS, or a local cluster)")
+    scale = srv.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="with --ray: this many replicas (default 1)")
+    scale.add_argument("--autoscale", type=_autoscale, metavar="MIN,MAX",
+                       help="with --ray: scale between MIN and MAX replicas on ongoing requests")
+    srv.add_argument("--num-cpus", type=float, default=1, help="with --ray: CPUs per replica")
+    srv.add_argument("--num-gpus", type=float, default=0, help="with --ray: GPUs per replica")
+    srv.set_defaults(run=_serve)
     return parser
 
 

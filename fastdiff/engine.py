@@ -79,6 +79,7 @@ class Engine:
         self._closing = False
         self._cancel_queued = False
         self._cancel_running = False
+        self._running_count = 0
         self._worker = threading.Thread(target=self._serve, name="fastdiff-engine", daemon=True)
         self._worker.start()
         _live_engines.add(self)
@@ -110,6 +111,21 @@ class Engine:
     def submit_edit(self, image, instruction=None, **options) -> Future:
         """submit(EditRequest(image=image, instruction=instruction, **options)): options as Pipeline.edit."""
         return self.submit(build_request(EditRequest, image=image, instruction=instruction, **options))
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to start (a metrics reading: it may change at once)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests being denoised at the last step boundary (a metrics reading)."""
+        return self._running_count
+
+    @property
+    def healthy(self) -> bool:
+        """The worker is alive and the engine takes requests (for health checks)."""
+        return self._worker.is_alive() and not self._closing
 
     def close(self, *, cancel_queued: bool = False, cancel_running: bool = False) -> None:
         """Stop taking requests; finish the running ones and, unless cancel_queued, the queued ones
@@ -240,9 +256,11 @@ class Engine:
                 for item in running:
                     item.future.set_exception(EngineClosed("engine: closed before this request finished"))
                 running.clear()
+            self._running_count = len(running)
             if not running:
                 with self._wakeup:
                     if self._closing and not self._queue:
                         return
                 continue
             running[:] = self._finish(self._step(running))
+            self._running_count = len(running)
