@@ -1,6 +1,7 @@
 """Backend choice: by device, forced by name (raises when it cannot run), automatic fallback (warns once)."""
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -38,12 +39,32 @@ def test_forced_reference_runs_the_twin():
 
 
 def test_use_backend_is_scoped_and_restored():
+    assert "forced_backend" in ops.__all__
     with ops.use_backend("reference"):
-        assert _dispatch._forced() == "reference"
+        assert ops.forced_backend() == "reference"
         with ops.use_backend("triton"):
-            assert _dispatch._forced() == "triton"
-        assert _dispatch._forced() == "reference"
-    assert _dispatch._forced() is None
+            assert ops.forced_backend() == "triton"
+        assert ops.forced_backend() == "reference"
+    assert ops.forced_backend() is None
+
+
+def test_forced_backend_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    assert ops.forced_backend() == "reference"
+    with ops.use_backend("cpp"):  # the thread's choice wins over the environment's
+        assert ops.forced_backend() == "cpp"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND"):
+        ops.forced_backend()
+
+
+def test_forced_backend_is_per_thread():
+    seen = []
+    with ops.use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(ops.forced_backend()))
+        thread.start()
+        thread.join()
+    assert seen == [None]
 
 
 def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):

@@ -11,9 +11,10 @@ import numbers
 
 import torch
 
-from ._dispatch import BACKENDS, backends, poison_outputs, select, selected_name, use_backend
+from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, select, selected_name, use_backend
 
-__all__ = ["attention", "separable_conv2d", "group_norm", "glu", "backends", "use_backend", "poison_outputs", "BACKENDS", "selected_name"]
+__all__ = ["attention", "separable_conv2d", "group_norm", "glu", "backends", "use_backend", "forced_backend",
+           "poison_outputs", "BACKENDS", "selected_name"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

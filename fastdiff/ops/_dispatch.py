@@ -60,7 +60,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _forced() -> str | None:
+def forced_backend() -> str | None:
+    """The backend forced in this thread (`use_backend`) or by FASTDIFF_BACKEND, or None when
+    the choice is automatic. An unknown FASTDIFF_BACKEND value raises ValueError."""
     name = getattr(_local, "forced", None) or os.environ.get("FASTDIFF_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"FASTDIFF_BACKEND / use_backend: expected one of {BACKENDS}, got {name!r}")
@@ -93,7 +95,7 @@ def _runnable_on(name: str, device_type: str) -> str | None:
 
 def select(op: str, device_type: str):
     """The backend module that runs `op` for tensors on `device_type`."""
-    forced = _forced()
+    forced = forced_backend()
     if forced is not None:
         why = _runnable_on(forced, device_type)
         if why is not None:
