@@ -1,5 +1,6 @@
 """fastdiff.models.checkpoint: weight files, model folders, state_dict matching and its errors."""
 import json
+import re
 
 import pytest
 import torch
@@ -68,6 +69,31 @@ def test_non_tensor_entries_are_refused(tmp_path, state):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nothing.safetensors"):
         read_state_dict(tmp_path / "nothing.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_file_error_names_the_file(tmp_path, state, suffix, damage):
+    good = tmp_path / f"good{suffix}"
+    save_file(state, good) if suffix == ".safetensors" else torch.save(state, good)
+    data = {"garbage": b"\x00\x17 not a weight file " * 40, "truncated": good.read_bytes()[: good.stat().st_size // 2], "empty": b""}[damage]
+    bad = tmp_path / f"diffusion_pytorch_model{suffix}"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+        read_state_dict(bad)
+
+
+def test_corrupt_shard_index_and_shard_are_named(tmp_path, state):
+    index = tmp_path / "m.safetensors.index.json"
+    for text in ("{not json", "[1, 2]"):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(str(index))):
+            read_state_dict(index)
+    shard = tmp_path / "m-00001-of-00001.safetensors"
+    shard.write_bytes(b"garbage" * 10)
+    index.write_text(json.dumps({"weight_map": {k: shard.name for k in state}}))
+    with pytest.raises(CheckpointError, match=re.escape(str(shard))):
+        read_state_dict(index)
 
 
 def write_model_folder(folder, state, fmt):

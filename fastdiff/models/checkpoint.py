@@ -62,7 +62,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"path: no weight file at {path}")
     if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(path.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as exc:  # not JSON, or JSON but not an object
+            raise CheckpointError(f"{path}: cannot read as a shard index ({type(exc).__name__}: {exc})") from exc
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path}: a shard index needs a 'weight_map' object")
         state_dict = {}
@@ -72,7 +75,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # bad header, truncated data: safetensors' message does not name the file
+            raise CheckpointError(f"{path}: cannot read as safetensors ({type(exc).__name__}: {exc})") from exc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpicklable under weights_only, truncated file, not a pickle
