@@ -1,5 +1,6 @@
 """CLIPTextEncoder on a tiny CLIP (random weights) and a tiny BPE vocabulary written here: no hub."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -53,11 +54,26 @@ def test_encode_shape_padding_and_values(pipeline_folder):
     assert not torch.allclose(out[0], out[1])
 
 
-def test_truncates_long_prompts(pipeline_folder):
+def test_truncates_long_prompts_with_a_warning_naming_the_dropped_part(pipeline_folder):
     enc = CLIPTextEncoder.from_pretrained(pipeline_folder)
-    ids = enc.tokenize("cat " * 200)
-    assert ids.shape == (1, 77) and ids[0, -1].item() == enc.tokenizer.get_vocab()["<|endoftext|>"]
-    assert enc.encode("cat " * 200).shape == (1, 77, 32)
+    vocab = enc.tokenizer.get_vocab()
+    fits, too_long = "cat " * 75, "cat " * 75 + "red dog"  # <bos> + 75 tokens + <eos> = 77: the most that fits
+    with pytest.warns(UserWarning, match=r"truncated because CLIP can only handle sequences up to 77 tokens: 'red dog'") as record:
+        ids = enc.tokenize([fits, too_long])
+    assert len(record) == 1  # the prompt that fits warns nothing
+    assert ids.shape == (2, 77) and torch.equal(ids[0], ids[1])
+    assert ids[1, -2].item() == vocab["cat</w>"] and ids[1, -1].item() == vocab["<|endoftext|>"]
+    with pytest.warns(UserWarning, match="up to 77 tokens: 'cat cat"):
+        assert enc.encode("cat " * 200).shape == (1, 77, 32)
+
+
+def test_prompts_that_fit_warn_nothing(pipeline_folder):
+    enc = CLIPTextEncoder.from_pretrained(pipeline_folder, max_length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.encode(["red dog", "cat " * 14])
+    with pytest.warns(UserWarning, match="up to 16 tokens: 'cat'"):
+        enc.encode("cat " * 15)
 
 
 def test_dtype_and_max_length(pipeline_folder):

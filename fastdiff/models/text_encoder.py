@@ -1,13 +1,15 @@
 """CLIP text encoder for the SD-family pipelines, through transformers (CLIPTextModel + CLIPTokenizer).
 
 Encodes prompts the way diffusers' StableDiffusion / InstructPix2Pix pipelines do: tokens padded
-(with the tokenizer's pad token) and truncated to max_length (77), no attention mask (CLIP's
+(with the tokenizer's pad token) and truncated to max_length (77) with a warning naming the
+dropped text, no attention mask (CLIP's
 causal mask already keeps padding out of the real tokens), output = last_hidden_state
 (B, 77, hidden): 768 for SD1.5's ViT-L/14.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,8 +58,20 @@ class CLIPTextEncoder:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a string or a non-empty list of strings, got {prompts!r}")
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                              return_tensors="pt").input_ids
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        self._warn_truncated(prompts)
+        return ids
+
+    def _warn_truncated(self, prompts) -> None:
+        """Warn, as diffusers' pipelines do, naming the tokens dropped from each prompt that does
+        not fit: the text between max_length - 1 kept tokens and the final <eos>."""
+        for prompt in prompts:
+            full = self.tokenizer(prompt, truncation=False).input_ids  # <bos> ... <eos>, unpadded
+            if len(full) > self.max_length:
+                removed = self.tokenizer.decode(full[self.max_length - 1:-1])
+                warnings.warn(f"The following part of your input was truncated because CLIP can only handle sequences "
+                              f"up to {self.max_length} tokens: {removed!r}", UserWarning, stacklevel=3)
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
