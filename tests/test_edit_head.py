@@ -97,6 +97,46 @@ def test_mgie_sizes_batch_1():
     assert rel_error(out, truth) <= FP32_BOUND
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_emb_broadcasts_over_the_batch(backend):
+    """MGIE calls the head with a batch of llm and one (1, 8, llm_dim) emb: each row must get
+    what it gets alone, and what the torch twin (plain broadcasting) gives."""
+    twin, head = twin_and_head(SMALL)
+    llm, emb = inputs(3, SMALL)
+    shared = emb[:1]  # (1, 8, llm_dim)
+    with torch.no_grad(), ops.use_backend(backend):
+        out = head(llm, shared)
+        rows = torch.cat([head(llm[i:i + 1], shared) for i in range(3)])
+        expanded = head(llm, shared.expand(3, -1, -1))
+        unbatched = head(llm, shared[0])
+        truth = twin.double()(llm.double(), shared.double())
+    assert out.shape == (3, 77, SMALL["out_dim"])
+    assert torch.equal(out, expanded) and torch.equal(out, unbatched)
+    assert rel_error(out, rows) <= FP32_BOUND
+    assert rel_error(out, truth) <= FP32_BOUND
+    assert not torch.allclose(out[0], out[1])  # the rows differ: llm reaches each of them
+
+
+@pytest.mark.parametrize("emb_shape", [(2, 8, 96), (8, 8, 96), (1, 7, 96), (8, 95), (1, 1, 8, 96)])
+def test_emb_of_another_batch_or_size_is_refused(emb_shape):
+    _, head = twin_and_head(SMALL)
+    with pytest.raises(ValueError, match=r"emb: expected \(3, 8, 96\), \(1, 8, 96\) or \(8, 96\)"):
+        head(torch.randn(3, 8, 96), torch.randn(*emb_shape))
+
+
+def test_called_outside_no_grad_it_runs_inference_only():
+    """Parameters require grad (a fresh module): forward runs under no_grad, as the pipelines call it."""
+    twin, head = twin_and_head(SMALL)
+    assert all(p.requires_grad for p in head.parameters()) and torch.is_grad_enabled()
+    llm, emb = inputs(2, SMALL)
+    out = head(llm, emb)
+    assert not out.requires_grad
+    with torch.no_grad():
+        assert rel_error(out, twin.double()(llm.double(), emb.double())) <= FP32_BOUND
+    assert (head.dtype, head.device) == (torch.float32, torch.device("cpu"))
+    assert head.bfloat16().dtype == torch.bfloat16
+
+
 def test_load_from_mllm_pt(tmp_path):
     """mllm.pt as MGIE's extract_ckpt.ipynb writes it: fp16 LLM entries next to `edit_head.*`."""
     twin, _ = twin_and_head(SMALL)

@@ -120,6 +120,10 @@ class Transformer(nn.Module):
         return self.decoder.norm(out)
 
 
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def extract_edit_head_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The edit head's entries of a larger state_dict (MGIE's mllm.pt: `edit_head.*` next to the
     LLM's embed_tokens / lm_head), with the prefix ending in 'edit_head.' removed."""
@@ -134,7 +138,8 @@ def extract_edit_head_state(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 
 
 class EditHead(nn.Module):
-    """MGIE's EditMapper. Defaults are MGIE-7B's sizes; `forward(llm, emb)` -> (B, num_queries, out_dim)."""
+    """MGIE's EditMapper. Defaults are MGIE-7B's sizes; `forward(llm, emb)` -> (B, num_queries, out_dim).
+    Inference only: forward runs under torch.no_grad()."""
 
     def __init__(self, llm_dim: int = 4096, hidden_dim: int = 512, out_dim: int = 768, num_queries: int = 77,
                  num_heads: int = 4, num_encoder_layers: int = 4, num_decoder_layers: int = 4,
@@ -145,14 +150,26 @@ class EditHead(nn.Module):
         self.mapper = Transformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, eps)
         self.hid2feat = nn.Linear(hidden_dim, out_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm2hid.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm2hid.weight.device
+
+    @torch.no_grad()
     def forward(self, llm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """llm: (B, T, llm_dim) LLM hidden states at the [IMG] tokens; emb: their input embeddings
-        (B, T, llm_dim) (MGIE: embed_tokens.weight[-8:]), or (T, llm_dim) shared by the batch."""
-        if llm.dim() != 3 or llm.shape[-1] != self.llm2hid.in_features:
-            raise ValueError(f"llm: expected (batch, tokens, {self.llm2hid.in_features}), got {tuple(llm.shape)}")
-        if emb.shape[-2:] != llm.shape[-2:] or emb.dim() not in (2, 3) or (emb.dim() == 3 and emb.shape[0] != llm.shape[0]):
-            raise ValueError(f"emb: expected {tuple(llm.shape)} or {tuple(llm.shape[1:])} to match llm, got {tuple(emb.shape)}")
-        hid = self.llm2hid(llm + emb)  # (B, T, hidden)
+        """llm: (B, T, llm_dim) LLM hidden states at the [IMG] tokens; emb: their input embeddings,
+        (B, T, llm_dim), or (1, T, llm_dim) / (T, llm_dim) shared by the batch (MGIE passes
+        embed_tokens.weight[-8:].unsqueeze(0) with a batch of llm)."""
+        if not isinstance(llm, torch.Tensor) or llm.dim() != 3 or llm.shape[-1] != self.llm2hid.in_features:
+            raise ValueError(f"llm: expected a (batch, tokens, {self.llm2hid.in_features}) tensor, got {_shape(llm)}")
+        B, T, D = llm.shape
+        if not isinstance(emb, torch.Tensor) or emb.shape[-2:] != (T, D) or emb.dim() not in (2, 3) \
+                or (emb.dim() == 3 and emb.shape[0] not in (1, B)):
+            raise ValueError(f"emb: expected ({B}, {T}, {D}), (1, {T}, {D}) or ({T}, {D}) to match llm, got {_shape(emb)}")
+        hid = self.llm2hid(llm + emb)  # (B, T, hidden); a shared emb broadcasts over the batch
         query = self.query.expand(llm.shape[0], -1, -1)  # (B, Q, hidden), no copy
         return self.hid2feat(self.mapper(hid, query))  # (B, Q, out_dim)
 
