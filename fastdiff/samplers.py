@@ -24,10 +24,13 @@ dtype, so latents kept in fp32 stay fp32 even when the model runs in bf16.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 
-__all__ = ["make_sampler", "Sampler", "SamplerRun", "SAMPLERS", "randn"]
+from fastdiff.noise import randn
+
+__all__ = ["make_sampler", "Sampler", "SamplerRun", "SAMPLERS"]
 
 # Scheduler-config keys whose non-default values change the maths in ways not implemented here:
 # refuse them rather than sample from a different distribution than diffusers would.
@@ -44,21 +47,6 @@ _UNSUPPORTED = {
     "timestep_type": "discrete",
     "lambda_min_clipped": -math.inf,
 }
-
-
-def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Gaussian noise drawn exactly as diffusers' `randn_tensor`: one generator draws the whole
-    tensor; a list of generators draws one batch row each; a CPU generator draws on the CPU."""
-    device = torch.device(device or "cpu")
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator: expected one generator per batch row ({shape[0]}), got {len(generator)}")
-        if len(generator) == 1:
-            generator = generator[0]
-        else:
-            return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
-    draw_device = generator.device if generator is not None and generator.device.type == "cpu" else device
-    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def _betas(cfg: dict) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastdiff import ops
 from fastdiff.models import checkpoint
 from fastdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, from_tokens, group_norm, to_tokens
-from fastdiff.samplers import randn
+from fastdiff.noise import randn
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "pil_to_tensor", "tensor_to_pil"]
 
