@@ -39,8 +39,9 @@ def accelerate(pipe, *, dtype=None):
     """Replace `pipe.unet` and `pipe.vae` with fastdiff-backed modules; returns `pipe` (changed in place).
 
     dtype: None (the UNet's own dtype), a torch.dtype or a name ("bf16", "fp32", ...): what the
-    fastdiff models compute in. Raises TypeError if `pipe` has no diffusers UNet2DConditionModel
-    `unet` and AutoencoderKL `vae`, UnsupportedError for a feature fastdiff does not run.
+    fastdiff models compute in. Raises TypeError if `pipe` has no `unet` and `vae`, UnsupportedError
+    for a feature fastdiff does not run (a UNet or VAE class other than diffusers' UNet2DConditionModel
+    and AutoencoderKL among them).
     """
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers import UNet2DConditionModel
@@ -52,12 +53,14 @@ def accelerate(pipe, *, dtype=None):
             raise UnsupportedError(f"dtype: pipe is already accelerated in {unet.model.dtype}; accelerate the plain "
                                    f"pipeline to run in {wanted}")
         return pipe
+    if unet is None or vae is None:
+        raise TypeError(f"pipe: expected a diffusers pipeline with a `unet` and a `vae`, got {type(pipe).__name__}")
     if not isinstance(unet, UNet2DConditionModel):
-        raise TypeError(f"pipe: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel, got "
-                        f"{type(pipe).__name__} with unet={type(unet).__name__}")
+        raise UnsupportedError(f"pipe.unet: {type(unet).__name__} is not supported by fastdiff.accelerate "
+                               f"(only diffusers' UNet2DConditionModel)")
     if not isinstance(vae, DiffusersAutoencoderKL):
-        raise TypeError(f"pipe: expected a diffusers pipeline whose `vae` is an AutoencoderKL, got "
-                        f"{type(pipe).__name__} with vae={type(vae).__name__}")
+        raise UnsupportedError(f"pipe.vae: {type(vae).__name__} is not supported by fastdiff.accelerate "
+                               f"(only diffusers' AutoencoderKL)")
     compute_dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, unet.device)
     new_unet = DiffusersUNet.from_diffusers(unet, compute_dtype)
     new_vae = DiffusersVAE.from_diffusers(vae, compute_dtype)

@@ -7,6 +7,8 @@ pipeline at most the tolerance table's bf16 bound (fastdiff/validate.py: LOW_PRE
 diffusers' own bf16-autocast error, at least LOW_PRECISION_FLOOR). Unsupported features raise
 UnsupportedError naming them.
 """
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -223,8 +225,18 @@ def test_bad_dtype_is_named(folders, dtype, match):
 
 
 def test_not_a_unet_pipeline():
-    with pytest.raises(TypeError, match="pipe: expected a diffusers pipeline whose `unet` is a UNet2DConditionModel"):
+    with pytest.raises(TypeError, match="pipe: expected a diffusers pipeline with a `unet` and a `vae`"):
         fastdiff.accelerate(object())
+
+
+def test_unknown_unet_and_vae_classes(folders):
+    pipe = load(diffusers.StableDiffusionPipeline, folders / "t2i")
+    other = diffusers.UNet2DModel(block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2,
+                                  up_block_types=("UpBlock2D",) * 2, norm_num_groups=8, sample_size=8)
+    with pytest.raises(UnsupportedError, match="pipe.unet: UNet2DModel is not supported"):
+        fastdiff.accelerate(types.SimpleNamespace(unet=other, vae=pipe.vae))
+    with pytest.raises(UnsupportedError, match="pipe.vae: UNet2DModel is not supported"):
+        fastdiff.accelerate(types.SimpleNamespace(unet=pipe.unet, vae=other))
 
 
 def test_vae_slicing_gives_the_same_images(folders):

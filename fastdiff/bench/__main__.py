@@ -11,6 +11,7 @@ TABLES = {
     "ablations": "fastdiff.bench.ablations",
     "unet": "fastdiff.bench.unet",
     "engine": "fastdiff.bench.engine",
+    "pipeline": "fastdiff.bench.pipeline",
 }
 
 
