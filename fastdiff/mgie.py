@@ -163,15 +163,31 @@ class MGIE:
         from transformers import AutoTokenizer
 
         dtype = resolve_dtype(dtype, device)
-        llava_dir, mgie_dir, ip2p_dir = _folder("llava_dir", llava_dir), _folder("mgie_dir", mgie_dir), _folder("ip2p_dir", ip2p_dir)
+        llava_dir, mgie_dir = _folder("llava_dir", llava_dir), _folder("mgie_dir", mgie_dir)
+        ip2p_dir = _folder("ip2p_dir", ip2p_dir)
         if not (mgie_dir / "mllm.pt").is_file():
             raise PipelineError(f"mgie_dir: mllm.pt missing from {mgie_dir} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
         mllm = {k: v() for k, (_, v) in _renamed("mgie_dir", lambda: read_weights(mgie_dir / "mllm.pt")).items()}
         if "emb" not in mllm:
             raise PipelineError(f"mgie_dir: {mgie_dir / 'mllm.pt'} has no 'emb' (MGIE's [IMG] token embeddings, added to "
                                 f"the MLLM states by the edit head); keys start {sorted(mllm)[:6]}")
+        # the diffusion half first: its problems show in seconds, before the 7B weights are read
+        parts = _renamed("ip2p_dir", lambda: loading.load_pipeline_parts(ip2p_dir, dtype=dtype, device=device))
+        parts.update(_renamed("mgie_dir", lambda: loading.load_mgie(mgie_dir, parts["unet"], dtype=dtype, device=device)))
+        width = parts["edit_head"].llm2hid.in_features
+        if mllm["emb"].numel() != len(IMG_TOKENS) * width:
+            raise PipelineError(f"mgie_dir: emb in mllm.pt is {tuple(mllm['emb'].shape)}; expected ({len(IMG_TOKENS)}, "
+                                f"{width}), the edit head's input")
+        # MGIE conditions the edit head on mllm.pt's emb (load_mgie's default is embed_tokens' last rows)
+        parts["img_token_embeddings"] = mllm["emb"].reshape(len(IMG_TOKENS), width).to(device=device, dtype=dtype)
+        parts["name"] = f"mgie:{mgie_dir.name}+{ip2p_dir.name}"
+        pipe = _renamed("mgie_dir", lambda: Pipeline(**parts, max_pixels=max_pixels))
+
         _, mm = _renamed("llava_dir", lambda: read_llava_config(llava_dir))
-        tokenizer = AutoTokenizer.from_pretrained(str(llava_dir), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(llava_dir), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"llava_dir: cannot load the tokenizer from {llava_dir} ({exc})") from exc
         # MGIE's order: the [IMG] tokens, the embeddings resized to this vocabulary, then LLaVA's
         # image tokens, which LLaVA-v1's tokenizer already holds (so they need no new rows)
         tokenizer.add_tokens(list(IMG_TOKENS), special_tokens=True)
@@ -187,16 +203,8 @@ class MGIE:
         llava = _renamed("llava_dir", lambda: LlavaV1.from_pretrained(
             llava_dir, vision, vocab_size=vocab_size, patch_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PATCH),
             overrides=overrides, dtype=dtype, device=device))
-        emb = mllm["emb"]
-        if emb.numel() != len(IMG_TOKENS) * llava.width:
-            raise PipelineError(f"mgie_dir: emb in mllm.pt is {tuple(emb.shape)}; expected ({len(IMG_TOKENS)}, "
-                                f"{llava.width}) for this LLaVA")
-        parts = _renamed("ip2p_dir", lambda: loading.load_pipeline_parts(ip2p_dir, dtype=dtype, device=device))
-        parts.update(_renamed("mgie_dir", lambda: loading.load_mgie(mgie_dir, parts["unet"], dtype=dtype, device=device)))
-        # MGIE conditions the edit head on mllm.pt's emb (load_mgie's default is embed_tokens' last rows)
-        parts["img_token_embeddings"] = emb.reshape(len(IMG_TOKENS), -1).to(device=device, dtype=dtype)
-        parts["name"] = f"mgie:{mgie_dir.name}+{ip2p_dir.name}"
-        pipe = _renamed("mgie_dir", lambda: Pipeline(**parts, max_pixels=max_pixels))
+        if llava.width != width:
+            raise PipelineError(f"llava_dir: the LLM is {llava.width} wide but MGIE's edit head takes {width}-wide states")
         eos = llava.llm.config.eos_token_id
         return cls(llava=llava, tokenizer=tokenizer, image_processor=processor, pipe=pipe,
                    eos_token_id=eos[0] if isinstance(eos, list) else eos, use_im_start_end=bool(mm.get("mm_use_im_start_end")))

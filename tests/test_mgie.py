@@ -31,6 +31,7 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 MISSING_TOWER = "fastdiff-tests/no-such-clip"  # in no Hugging Face cache: the folder must be passed
 STEPS = 3
 INSTRUCTION = "make it snowy"
+IMG_BIAS = 0.3  # [IMG0]'s lm_head row: ones x this makes the tiny LLM write it after some text
 
 
 def byte_tokenizer():
@@ -70,7 +71,8 @@ def save_llava(folder, tokenizer, *, projector=True, seed=0):
               "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
     for file, keys in shards.items():
         torch.save({k: state[k] for k in keys}, folder / file)
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return state
 
 
@@ -117,9 +119,6 @@ def folders(tmp_path_factory):
     save_mgie(root / "mgie_img", vocab, img_bias=IMG_BIAS)
     save_mgie(root / "mgie_fallback", vocab, img_bias=0.0)  # a zero logit: never the greedy choice
     return root
-
-
-IMG_BIAS = 0.3
 
 
 class EditMapper(torch.nn.Module):
@@ -199,8 +198,21 @@ def load(root, mgie_name, **kwargs):
     return MGIE.from_pretrained(root / "llava", root / mgie_name, root / "ip2p", vision_dir=root / "clip", **kwargs)
 
 
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """fp32 MGIE per mgie folder, loaded once for the module."""
+    cache = {}
+
+    def get(mgie_name):
+        if mgie_name not in cache:
+            cache[mgie_name] = load(folders, mgie_name)
+        return cache[mgie_name]
+
+    return get
+
+
 @pytest.mark.parametrize("mgie_name", ["mgie_img", "mgie_fallback"])
-def test_edit_matches_mgie_procedure(folders, mgie_name):
+def test_edit_matches_mgie_procedure(folders, loaded, mgie_name):
     image = make_image(48, 32)  # not square: the MLLM sees its centre square
     text, theirs, sequence, prompt_length = reference(folders, mgie_name, image, INSTRUCTION, seed=13331)
     img0 = len(byte_tokenizer())
@@ -208,7 +220,7 @@ def test_edit_matches_mgie_procedure(folders, mgie_name):
         assert img0 in sequence[prompt_length + 1:], sequence[prompt_length:]
     else:
         assert img0 not in sequence
-    mgie = load(folders, mgie_name)
+    mgie = loaded(mgie_name)
     result = mgie.edit(image, INSTRUCTION, steps=STEPS, seed=13331, output_type="np")
     assert result.expressive_instruction == text and text
     diff = float(np.abs(result.image - theirs[0]).max())
@@ -217,15 +229,16 @@ def test_edit_matches_mgie_procedure(folders, mgie_name):
     assert set(result.timings) >= {"prefill_s", "decode_s", "unet_s", "vae_decode_s"}
 
 
-def test_engine_batches_mgie_edits(folders):
+def test_engine_batches_mgie_edits(loaded, monkeypatch):
     """Two MGIE edits through one Engine: their denoising shares UNet calls, each gets its own image."""
-    mgie = load(folders, "mgie_img")
+    mgie = loaded("mgie_img")
     image = make_image(32, 32)
     alone = [mgie.edit(image, instruction, steps=STEPS, seed=i, output_type="np") for i, instruction in
              enumerate(["make it snowy", "add a red hat"])]
     calls = []
     forward = mgie.pipe.unet.forward
-    mgie.pipe.unet.forward = lambda sample, *a, **k: calls.append(sample.shape[0]) or forward(sample, *a, **k)
+    monkeypatch.setattr(mgie.pipe.unet, "forward",
+                        lambda sample, *a, **k: calls.append(sample.shape[0]) or forward(sample, *a, **k))
     with Engine(mgie.pipe, max_batch=4, max_wait_ms=2000) as engine:
         futures = [mgie.submit(engine, image, instruction, steps=STEPS, seed=i, output_type="np")
                    for i, instruction in enumerate(["make it snowy", "add a red hat"])]
@@ -236,15 +249,25 @@ def test_engine_batches_mgie_edits(folders):
         np.testing.assert_allclose(batched.image, one.image, atol=1e-4)
 
 
-def test_bf16_loads_without_a_float_copy(folders):
-    mgie = load(folders, "mgie_img", dtype="bf16")
+def test_bf16_from_safetensors(folders, tmp_path):
+    """The same LLaVA folder with its weights in model.safetensors, loaded in bf16."""
+    from safetensors.torch import save_file
+
+    llava = shutil.copytree(folders / "llava", tmp_path / "llava")
+    state = {}
+    for shard in sorted(llava.glob("pytorch_model*")):
+        state.update(torch.load(shard, weights_only=True) if shard.suffix == ".bin" else {})
+        shard.unlink()
+    save_file(state, llava / "model.safetensors")
+    mgie = MGIE.from_pretrained(llava, folders / "mgie_img", folders / "ip2p", vision_dir=folders / "clip", dtype="bf16")
     dtypes = {p.dtype for p in (*mgie.llava.parameters(), *mgie.pipe.unet.parameters())}
     assert dtypes == {torch.bfloat16}
+    torch.testing.assert_close(mgie.llava.mm_projector.weight.float(), state["model.mm_projector.weight"], rtol=1e-2, atol=1e-2)
     reading = mgie.describe(make_image(32, 32), INSTRUCTION)
     assert reading.img_hidden_states.shape == (8, WIDTH) and torch.isfinite(reading.img_hidden_states).all()
 
 
-def test_bad_input(folders, tmp_path):
+def test_bad_input(folders, loaded, tmp_path):
     no_projector = tmp_path / "llava"
     save_llava(no_projector, byte_tokenizer(), projector=False)
     with pytest.raises(PipelineError, match=r"^llava_dir: no model\.mm_projector\.weight/bias"):
@@ -255,11 +278,11 @@ def test_bad_input(folders, tmp_path):
     torch.save(mllm, no_emb / "mllm.pt")
     with pytest.raises(PipelineError, match=r"^mgie_dir: .*mllm\.pt has no 'emb'"):
         load(folders, no_emb)
-    with pytest.raises(PipelineError, match=rf"^vision_dir: the vision tower '{MISSING_TOWER}' .* not found locally.*pass vision_dir"):
+    missing_tower = rf"^vision_dir: the vision tower '{MISSING_TOWER}' .* not found locally.*pass vision_dir"
+    with pytest.raises(PipelineError, match=missing_tower):
         MGIE.from_pretrained(folders / "llava", folders / "mgie_img", folders / "ip2p")
-    mgie = load(folders, "mgie_img")
     with pytest.raises(PipelineError, match="^instruction: expected a non-empty string"):
-        mgie.edit(make_image(), "  ")
+        loaded("mgie_img").edit(make_image(), "  ")
 
 
 def test_cli_prints_the_expressive_instruction_and_stage_timings(folders, tmp_path, capsys):

@@ -15,6 +15,7 @@ that mm_vision_tower names (or vision_dir).
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -176,10 +177,12 @@ class LlavaV1(nn.Module):
 
         from transformers import DynamicCache
 
-        cache = DynamicCache()
+        # the KV cache's keyword: `cache` in recent transformers, `past_key_values` before
+        cache_kw = "cache" if "cache" in inspect.signature(self.llm.model.forward).parameters else "past_key_values"
+        cache = {cache_kw: DynamicCache()}
         sequence, generated, hidden = list(ids), [], []
         start = perf_counter()
-        out = self.llm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        out = self.llm.model(inputs_embeds=embeds, use_cache=True, **cache)
         while True:
             hidden.append(out.last_hidden_state[0])  # (positions run, W)
             logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()[0]  # (V,)
@@ -188,13 +191,12 @@ class LlavaV1(nn.Module):
             token = int(logits.argmax())
             sequence.append(token)
             generated.append(token)
-            if not generated[1:] and timings is not None:
+            if len(generated) == 1 and timings is not None:  # the first token ends the prefill
                 timings["prefill_s"] = perf_counter() - start
                 start = perf_counter()
             if token == eos_token_id or len(generated) == max_new_tokens:
                 break
-            out = self.llm.model(input_ids=torch.tensor([[token]], device=embeds.device), past_key_values=cache,
-                                 use_cache=True)
+            out = self.llm.model(input_ids=torch.tensor([[token]], device=embeds.device), use_cache=True, **cache)
         if timings is not None:
             timings["decode_s"] = perf_counter() - start
         return generated, torch.cat(hidden)
