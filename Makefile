@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds
+
+# On a CUDA machine: GPU tests, kernel and UNet benchmarks, report in gpu-report/ (README: GPU check);
+# without one it says so and exits 0. Never builds .venv (the GPU image is offline): .venv's python
+# when it exists, else $(PYTHON). Options: make gpu-check GPU_CHECK_ARGS="--only tests,kernels".
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m fastdiff.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastdiff/*.so *.egg-info

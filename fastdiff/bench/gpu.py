@@ -332,11 +332,13 @@ UNET_BASELINES = {"sd15": "diffusers fp16 SDPA", "mobilediffusion": "plain PyTor
 
 
 def unet_rows(model: str, *, device: str, batches: Iterable[int] = (1, 8), dtype: torch.dtype = torch.float16,
-              tiny: bool = False, rounds: int = 5, budget_s: float = 10.0, warmup: int = 1, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
+              tiny: bool = False, side: int | None = None, rounds: int = 5, budget_s: float = 10.0, warmup: int = 1, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """One denoising step of `model` at each batch: fastdiff (Triton backend) and its baseline in
-    `dtype`, plus the accuracy check at the first batch (both against the fp32 baseline)."""
+    `dtype`, plus the accuracy check at the first batch (both against the fp32 baseline).
+    side: the latent side (default the config's: 64, 512x512 pixels; tiny: 8 or 16)."""
     base_name = UNET_BASELINES[model].replace("fp16", dtype_name(dtype))
-    source, in_channels, width, side = _unet_models(model, device=device, tiny=tiny)
+    source, in_channels, width, config_side = _unet_models(model, device=device, tiny=tiny)
+    side = side or config_side
     generator = torch.Generator(device=device).manual_seed(1)
     batches = list(batches)
     biggest = max(batches)

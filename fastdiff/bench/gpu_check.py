@@ -9,14 +9,14 @@ also capped by --total-budget-s, 465 by default):
                  without the C++ extension (FASTDIFF_SKIP_EXT=1) when fastdiff.kernels does not
                  import, and unpacks the bundle of pure-Python packages the GPU image lacks
                  (diffusers; made here by --make-bundle, see below). Always runs.
-  tests    (170) the GPU test set: `pytest tests -k "(triton or gpu) and not sm90 and not gpu_check"`,
+  tests    (200) the GPU test set: `pytest tests -k "(triton or gpu) and not sm90 and not gpu_check"`,
                  i.e. every test marked `gpu` (the Triton kernels against their float64 twins at
                  real sizes, fp32/fp16/bf16) and every Triton-backend test (which on CUDA also
                  runs bf16 tl.dot, wrong in the interpreter). pytest-xdist (-n 4) when installed.
-  kernels  (110) fastdiff.bench.gpu.kernel_rows: every model case of fastdiff.shapes in fp16 and
+  kernels  (100) fastdiff.bench.gpu.kernel_rows: every model case of fastdiff.shapes in fp16 and
                  bf16, Triton vs SDPA (default, flash, cuDNN, mem-efficient), cuDNN convs,
                  F.group_norm, chunk+act+mul, with an output check per row.
-  unet     (110) fastdiff.bench.gpu.unet_rows: SD1.5 (vs diffusers fp16 SDPA) and MobileDiffusion
+  unet     (100) fastdiff.bench.gpu.unet_rows: SD1.5 (vs diffusers fp16 SDPA) and MobileDiffusion
                  (vs the same module in plain PyTorch + SDPA), batch 1 and 8, fp16, 512x512, with
                  an accuracy check against the fp32 baseline. Half the remaining budget per model.
 
@@ -60,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("setup", "tests", "kernels", "unet")
 SELECTABLE = STAGES[1:]
-BUDGET_S = {"setup": 45, "tests": 170, "kernels": 110, "unet": 110}
+BUDGET_S = {"setup": 45, "tests": 200, "kernels": 100, "unet": 100}
 TOTAL_BUDGET_S = 465  # the 8 minutes, less the report and the interpreter's start
 PYTEST_K = "(triton or gpu) and not sm90 and not gpu_check"
 BUNDLE = ("diffusers",)  # pure-Python packages the GPU image lacks
@@ -271,6 +271,8 @@ def consolidate_tests(lines: list[dict]) -> list[dict]:
     rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
     tests: dict[str, dict] = {}
     for line in lines:
+        if "nodeid" not in line:
+            continue
         row = tests.setdefault(line["nodeid"], {"nodeid": line["nodeid"], "outcome": "passed", "duration": 0.0})
         row["duration"] = round(row["duration"] + line.get("duration", 0.0), 4)
         if rank.get(line["outcome"], 3) > rank[row["outcome"]]:
@@ -290,7 +292,15 @@ def stage_tests(args, budget_s: float, ctx: dict) -> Stage:
         stage.notes.append("pytest-xdist is not installed: tests ran in one process")
     env = dict(ctx["env"], FASTDIFF_PYTEST_ROWS=str(rows_path))
     code, stage.seconds, stage.log_tail = run_budgeted(cmd, budget_s=budget_s, log_path=ctx["log"], env=env, cwd=REPO)
-    stage.rows = consolidate_tests(read_rows(rows_path))
+    lines = read_rows(rows_path)
+    stage.rows = consolidate_tests(lines)
+    for line in lines:
+        if "collection" in line:
+            selected, marked = set(line["collection"]["selected"]), set(line["collection"]["gpu_marked"])
+            stage.notes.append(f"selected {len(selected)} tests: {len(selected & marked)} marked gpu (real sizes), "
+                               f"{len(selected - marked)} other Triton-backend tests")
+            if marked - selected:
+                stage.notes.append(f"{len(marked - selected)} gpu-marked tests NOT selected by -k, e.g. {sorted(marked - selected)[0]}")
     counts = {k: sum(r["outcome"] == k for r in stage.rows) for k in ("passed", "failed", "error", "skipped")}
     stage.summary = ", ".join(f"{n} {k}" for k, n in counts.items()) + f" (pytest -k '{args.pytest_k}')"
     if code is None:
@@ -581,7 +591,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _plan(args) -> str:
     stages = [s for s in SELECTABLE if (args.only is None or s in args.only) and s not in args.skip]
     what = {"tests": f"the GPU tests (pytest -k '{args.pytest_k}')",
-            "kernels": "the kernel benchmark (Triton vs SDPA flash/cuDNN/mem-efficient, cuDNN convs, torch norms, fp16+bf16)",
+            "kernels": f"the kernel benchmark (Triton vs SDPA flash/cuDNN/mem-efficient, cuDNN convs, torch norms, {'+'.join(args.dtypes or ['fp16', 'bf16'])})",
             "unet": f"the UNet step ({'+'.join(args.models)} vs diffusers-style fp16 SDPA, batch 1 and 8)"}
     return "; ".join(["setup (versions; fastdiff made importable offline)"] + [what[s] for s in stages]) + f"; report in {args.out}/"
 

@@ -5,14 +5,19 @@
 Lines are flushed one by one, so a run killed at its time budget keeps every result so far
 (a JUnit file is written only at the end). Under pytest-xdist only the controller writes.
 Each line: nodeid, when (collect/setup/call/teardown), outcome (passed/failed/skipped/error),
-duration in seconds, and for failures and skips the message (its last 2000 characters).
+duration in seconds, and for failures and skips the message (its last 2000 characters). One line
+{"collection": {"selected": [...], "gpu_marked": [...]}} when collection ends: the node ids run,
+and every `gpu`-marked one collected before -k/-m deselection (not written under xdist, whose
+controller does not collect).
 """
 from __future__ import annotations
 
 import json
 import os
 
-_state = {"file": None}
+import pytest
+
+_state = {"file": None, "gpu_marked": []}
 
 
 def pytest_configure(config):
@@ -37,6 +42,15 @@ def _message(report) -> str:
     if report.skipped and isinstance(report.longrepr, tuple):  # (file, line, reason)
         return str(report.longrepr[2])
     return str(report.longrepr or "")[-2000:]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselect anything
+def pytest_collection_modifyitems(session, config, items):
+    _state["gpu_marked"] = [item.nodeid for item in items if item.get_closest_marker("gpu") is not None]
+
+
+def pytest_collection_finish(session):
+    _write({"collection": {"selected": [item.nodeid for item in session.items], "gpu_marked": _state["gpu_marked"]}})
 
 
 def pytest_collectreport(report):
