@@ -47,8 +47,8 @@ def accelerate(pipe, *, dtype=None):
     from diffusers import UNet2DConditionModel
 
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if isinstance(unet, DiffusersUNet) and isinstance(vae, DiffusersVAE):
-        wanted = resolve_dtype(dtype if dtype is not None else unet.dtype, unet.device)
+    if isinstance(unet, DiffusersUNet) and isinstance(vae, DiffusersVAE):  # again: a no-op unless the dtype changes
+        wanted = unet.model.dtype if dtype is None else resolve_dtype(dtype, unet.device)
         if wanted != unet.model.dtype:
             raise UnsupportedError(f"dtype: pipe is already accelerated in {unet.model.dtype}; accelerate the plain "
                                    f"pipeline to run in {wanted}")

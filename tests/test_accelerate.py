@@ -186,6 +186,7 @@ def test_bf16_within_the_tolerance_table(folders):
     plain, fast = plain_and_accelerated(diffusers.StableDiffusionPipeline, folders / "t2i", dtype="bf16")
     assert fast.unet.model.dtype == fast.vae.model.dtype == torch.bfloat16
     assert fast.unet.dtype == fast.vae.dtype == torch.float32  # what the pipeline sees: latents stay fp32
+    assert fastdiff.accelerate(fast) is fast and fast.unet.model.dtype == torch.bfloat16  # dtype=None: unchanged
     truth = torch.from_numpy(run(plain, prompt=PROMPT))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast_error = rel_error(torch.from_numpy(run(plain, prompt=PROMPT)), truth)
