@@ -264,7 +264,7 @@ TINY_CASES = ["keys1", "3x40x7x13-g8", "f24", "2x40x7x13-to24"]
 @needs_triton
 def test_kernel_rows_in_the_interpreter(one_thread):
     rows = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32, torch.float16], names=TINY_CASES, rounds=1)
-    assert [(r["case"], r["dtype"]) for r in rows] == [(c, d) for c in TINY_CASES for d in ("fp32", "fp16")]
+    assert [(r["case"], r["dtype"]) for r in rows] == [(c, d) for d in ("fp32", "fp16") for c in TINY_CASES]
     for r in rows:
         assert r["check"] == "ok", r
         assert r["fastdiff_ms"] > 0 and r["baselines"]
@@ -286,6 +286,15 @@ def test_kernel_row_catches_a_wrong_kernel(monkeypatch, one_thread):
 
 
 @needs_triton
+def test_kernel_order_lets_every_op_take_turns(monkeypatch):
+    """dtype by dtype, one case of each op in turn: a run cut short still has every op."""
+    monkeypatch.setattr(gpu, "kernel_row", lambda case, dtype, device, **kw: {"case": case.name, "dtype": gpu.dtype_name(dtype)})
+    names = ["keys1", "d8", "3x40x7x13-g8", "f24", "f3"]  # table order: attention x2, group_norm, glu x2
+    rows = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float16, torch.float32], names=names)
+    order = ["keys1", "3x40x7x13-g8", "f24", "d8", "f3"]
+    assert [(r["dtype"], r["case"]) for r in rows] == [(d, c) for d in ("fp16", "fp32") for c in order]
+
+
 def test_kernel_cases_are_the_models_cases_of_shapes():
     from fastdiff import shapes
 

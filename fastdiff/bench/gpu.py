@@ -224,10 +224,16 @@ def kernel_row(case, dtype: torch.dtype, device: str, *, rounds: int = 10, budge
 
 def kernel_rows(*, device: str, size: str, dtypes: Iterable[torch.dtype], names=None, ops_filter=None,
                 rounds: int = 10, budget_s: float = 2.0, emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """kernel_row for every case x dtype; each row is passed to emit as soon as it is measured."""
-    rows = []
+    """kernel_row for every dtype x case; each row is passed to emit as soon as it is measured.
+    Order: dtype by dtype, the ops taking turns (one case of each op, then the next), so a run cut
+    by its time budget still has rows of every op in the first dtype."""
+    by_op: dict[str, list] = {}
     for case in kernel_cases(size=size, names=names, ops_filter=ops_filter):
-        for dtype in dtypes:
+        by_op.setdefault(case.op, []).append(case)
+    turns = [c for i in range(max(map(len, by_op.values()), default=0)) for cases in by_op.values() for c in cases[i:i + 1]]
+    rows = []
+    for dtype in dtypes:
+        for case in turns:
             row = kernel_row(case, dtype, device, rounds=rounds, budget_s=budget_s)
             emit(row)
             rows.append(row)

@@ -592,7 +592,7 @@ def _plan(args) -> str:
     stages = [s for s in SELECTABLE if (args.only is None or s in args.only) and s not in args.skip]
     what = {"tests": f"the GPU tests (pytest -k '{args.pytest_k}')",
             "kernels": f"the kernel benchmark (Triton vs SDPA flash/cuDNN/mem-efficient, cuDNN convs, torch norms, {'+'.join(args.dtypes or ['fp16', 'bf16'])})",
-            "unet": f"the UNet step ({'+'.join(args.models)} vs diffusers-style fp16 SDPA, batch 1 and 8)"}
+            "unet": f"the UNet step ({'+'.join(args.models)} vs diffusers-style SDPA, batch {','.join(map(str, args.batches or [1, 8]))})"}
     return "; ".join(["setup (versions; fastdiff made importable offline)"] + [what[s] for s in stages]) + f"; report in {args.out}/"
 
 
