@@ -42,8 +42,9 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: floa
 
 
 @contextlib.contextmanager
-def serve_process(*args: str, env: dict | None = None):
-    """`fastdiff serve --model small --threads 1 *args` on a free port: yields (url, process)."""
+def serve_process(*args: str, env: dict | None = None, while_starting=None):
+    """`fastdiff serve --model small --threads 1 *args` on a free port: yields (url, process).
+    while_starting: called while the server starts (its start-up is mostly imports and model building)."""
     port = free_port()
     command = [os.path.join(os.path.dirname(sys.executable), "fastdiff"), "serve", "--model", "small", "--threads", "1",
                "--port", str(port), *args]
@@ -51,6 +52,8 @@ def serve_process(*args: str, env: dict | None = None):
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+        if while_starting is not None:
+            while_starting()
         wait_healthy(url, proc)
         yield url, proc
     finally:

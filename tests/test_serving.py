@@ -31,16 +31,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def server():
-    """The CLI's server: API key from the environment, small limits to hit; shared by this module."""
-    with serve_process("--max-batch", "8", "--max-queue", "32", "--max-steps", "50",
-                       "--max-body-bytes", str(MAX_BODY), env={"FASTDIFF_API_KEY": KEY}) as (url, _):
-        yield url
+def served():
+    """The CLI's server: API key from the environment, small limits to hit; shared by this module
+    (its last test stops it with SIGTERM: one server start-up less)."""
+    def build_references_meanwhile():
+        default_pipeline("generate", "small"), default_pipeline("edit", "small")
+
+    with serve_process("--max-batch", "8", "--max-queue", "32", "--max-steps", "50", "--drain-timeout", "60",
+                       "--max-body-bytes", str(MAX_BODY), env={"FASTDIFF_API_KEY": KEY},
+                       while_starting=build_references_meanwhile) as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return default_pipeline("generate", "small"), default_pipeline("edit", "small")
+    return default_pipeline("generate", "small"), default_pipeline("edit", "small")  # cached: built once
 
 
 def source_image(seed: int, side: int = 32) -> np.ndarray:
@@ -231,31 +241,38 @@ def test_queue_limit_refuses_with_retry_after(pipes):
     engine.close()
 
 
-def test_sigterm_finishes_in_flight_refuses_new_exits_0():
-    with serve_process("--max-batch", "4", "--drain-timeout", "60") as (url, proc):
-        body = {"image": b64(png_bytes(source_image(2, 32))), "instruction": "x", "steps": 8}
-        answers = []
-        senders = [threading.Thread(target=lambda s=s: answers.append(
-            httpx.post(f"{url}/v1/edit", json={**body, "seed": s}, timeout=TIMEOUT_S).status_code)) for s in range(6)]
-        for sender in senders:
-            sender.start()
-        deadline = time.monotonic() + 60
-        while metric(httpx.get(f"{url}/metrics").text, "fastdiff_running_batch_size", model="edit") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        try:
-            late = httpx.post(f"{url}/v1/generate", json={"prompt": "x"}, timeout=10).status_code
-        except httpx.TransportError:
-            late = "refused"
-        for sender in senders:
-            sender.join(TIMEOUT_S)
-        assert proc.wait(60) == 0
-        assert answers == [200] * 6
-        assert late in ("refused", 503)
-
-
 def test_cli_refuses_replicas_without_ray(capsys):
     assert cli_main(["serve", "--replicas", "2"]) == 1
     assert "--replicas/--autoscale: only with --ray" in capsys.readouterr().err
+
+
+def test_sigterm_finishes_in_flight_refuses_new_exits_0(served):
+    """Last in this module: it stops the module's server."""
+    url, proc = served
+    body = {"image": b64(png_bytes(source_image(2, 32))), "instruction": "x", "steps": 40}
+    answers = []
+    senders = [threading.Thread(target=lambda s=s: answers.append(
+        httpx.post(f"{url}/v1/edit", json={**body, "seed": s}, headers=AUTH, timeout=TIMEOUT_S).status_code))
+        for s in range(12)]  # more than --max-batch 8: some are still queued at the signal
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 60
+    while True:  # all 12 in the engine, running or queued, when the signal comes
+        text = httpx.get(f"{url}/metrics", headers=AUTH).text
+        in_engine = metric(text, "fastdiff_running_batch_size", model="edit") + metric(text, "fastdiff_queue_depth",
+                                                                                      model="edit")
+        if in_engine == 12:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    try:
+        late = httpx.post(f"{url}/v1/generate", json={"prompt": "x"}, headers=AUTH, timeout=10).status_code
+    except httpx.TransportError:
+        late = "refused"
+    for sender in senders:
+        sender.join(TIMEOUT_S)
+    assert proc.wait(60) == 0
+    assert answers == [200] * 12
+    assert late in ("refused", 503)

@@ -11,6 +11,7 @@ TABLES = {
     "ablations": "fastdiff.bench.ablations",
     "unet": "fastdiff.bench.unet",
     "engine": "fastdiff.bench.engine",
+    "serve": "fastdiff.bench.serve",
     "mgie": "fastdiff.bench.mgie",
     "pipeline": "fastdiff.bench.pipeline",
 }

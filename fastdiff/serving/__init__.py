@@ -6,9 +6,9 @@
 
 Needs the `serve` extra (pip install 'fastdiff[serve]'). Ray is imported only by `app`.
 """
-from fastdiff.serving.server import Limits, create_app, decode_image, load_pipelines, serve_forever
+from fastdiff.serving.server import Limits, create_app, load_pipelines, serve_forever
 
-__all__ = ["Limits", "app", "create_app", "decode_image", "load_pipelines", "serve_forever"]
+__all__ = ["Limits", "app", "create_app", "load_pipelines", "serve_forever"]
 
 
 def app(args: dict):
