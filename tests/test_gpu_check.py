@@ -182,9 +182,11 @@ def test_other_not_selected():
 '''
 
 
-def _tests_stage(tmp_path, source, budget_s, pytest_k="fake"):
+def _tests_stage(tmp_path, source, budget_s, pytest_k="fake", **more_files):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "test_sample.py").write_text(source)
+    for name, text in more_files.items():
+        (tmp_path / "t" / f"{name}.py").write_text(text)
     args = gpu_check.parse_args(["--device", "cpu", "--test-paths", str(tmp_path / "t"), "--pytest-k", pytest_k])
     args.workers = 1
     ctx = {"env": gpu_check._child_env([], "cpu"), "log": tmp_path / "log", "work": tmp_path}
@@ -192,12 +194,17 @@ def _tests_stage(tmp_path, source, budget_s, pytest_k="fake"):
 
 
 def test_tests_stage_records_each_test(tmp_path):
-    stage = _tests_stage(tmp_path, FAKE_TESTS, budget_s=240)
-    outcomes = {r["nodeid"].rsplit("::", 1)[1]: r["outcome"] for r in stage.rows}
+    """Each test's outcome and message; a module that does not import for want of a third-party
+    package is skipped with the reason, one that does not import for another reason is an error."""
+    stage = _tests_stage(tmp_path, FAKE_TESTS, budget_s=240, test_missing_package="import no_such_package_gc\n",
+                         test_broken_import="import fastdiff.no_such_module_gc\n")
+    outcomes = {r["nodeid"].rsplit("::", 1)[-1].rsplit("/", 1)[-1]: r["outcome"] for r in stage.rows}
     assert outcomes == {"test_fake_pass": "passed", "test_fake_fail": "failed", "test_fake_skip": "skipped",
-                        "test_fake_fixture_error": "error"}
-    assert stage.status == "failed" and stage.summary.startswith("1 passed, 1 failed, 1 error, 1 skipped")
-    messages = {r["nodeid"].rsplit("::", 1)[1]: r.get("message", "") for r in stage.rows}
+                        "test_fake_fixture_error": "error", "test_missing_package.py": "skipped", "test_broken_import.py": "error"}
+    assert stage.status == "failed" and stage.summary.startswith("1 passed, 1 failed, 2 error, 2 skipped")
+    messages = {r["nodeid"].rsplit("::", 1)[-1].rsplit("/", 1)[-1]: r.get("message", "") for r in stage.rows}
+    assert messages["test_missing_package.py"] == "not collected: no module named 'no_such_package_gc' on this machine"
+    assert "fastdiff.no_such_module_gc" in messages["test_broken_import.py"]
     assert "one is not two" in messages["test_fake_fail"] and "fixture broke" in messages["test_fake_fixture_error"]
     assert messages["test_fake_skip"] == "Skipped: not here"
 
@@ -207,6 +214,12 @@ def test_tests_stage_cut_by_its_budget_keeps_finished_tests(tmp_path):
     stage = _tests_stage(tmp_path, source, budget_s=45)
     assert stage.status == "timed out" and stage.seconds < 100
     assert [(r["nodeid"].rsplit("::", 1)[1], r["outcome"]) for r in stage.rows] == [("test_fake_a", "passed")]
+
+
+def test_a_module_missing_a_package_does_not_fail_the_stage(tmp_path):
+    stage = _tests_stage(tmp_path, "def test_fake_ok():\n    pass\n", budget_s=240, test_missing_package="import no_such_package_gc\n")
+    assert stage.status == "passed", stage.summary
+    assert sorted(r["outcome"] for r in stage.rows) == ["passed", "skipped"]
 
 
 def test_no_selected_test_is_a_failure(tmp_path):
