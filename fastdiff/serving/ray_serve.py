@@ -146,13 +146,13 @@ def serve_forever(args: ServeArgs, *, host: str, port: int, replicas: int | None
 
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # a local cluster's proxy inherits it
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(args, replicas=replicas, autoscale=autoscale, num_cpus=num_cpus, num_gpus=num_gpus,
                     drain_timeout_s=drain_timeout_s), name=name, route_prefix="/")
     print(f"fastdiff serve: Ray Serve application {name!r} on http://{host}:{port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1):  # a timed wait: the signal handler runs between waits
         pass
     serve.delete(name)
