@@ -15,6 +15,7 @@ _LAZY = {
     "MobileDiffusionConfig": "fastdiff.models.mobilediffusion",
     "EditHead": "fastdiff.models.edit_head",
     "AutoencoderKL": "fastdiff.models.vae",
+    "AutoencoderTiny": "fastdiff.models.autoencoder_tiny",
     "Pipeline": "fastdiff.pipeline",
     "PipelineError": "fastdiff.requests",
     "GenerateRequest": "fastdiff.requests",

@@ -3,7 +3,8 @@ machine with nothing downloaded. Their images are noise; they exist for timing a
 the API. Point fastdiff at real weights with FASTDIFF_MODEL=DIR / model=DIR (a diffusers folder).
 
     "mobilediffusion"   the paper-size MobileDiffusion UNet (386M parameters), one-step x0 mode,
-                        a 3-channel VAE and a CLIP ViT-L/14-sized text encoder: 512x512 images
+                        a 3-channel VAE and a CLIP ViT-L/14-sized text encoder: 512x512 images;
+                        text-to-image decodes with a TAESD-size AutoencoderTiny (vae="kl": the KL VAE)
     "small"             the same architectures at test size: 128x128 images in milliseconds
     editor ("edit")     a small InstructPix2Pix-style UNet (6 input channels: noisy latent + image
                         latent) sharing the VAE and text encoder, Euler ancestral, 3-way guidance
@@ -33,10 +34,12 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0
 SIZES = {
     # text encoder (CLIP), VAE, MobileDiffusion preset, editor UNet widths
     "mobilediffusion": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
-                            vae=(64, 128, 256, 256), unet_preset="mobilediffusion", unet_changes={},
+                            vae=(64, 128, 256, 256), tiny_vae=dict(),  # TAESD's own sizes unet_preset="mobilediffusion", unet_changes={},
                             editor=dict(block_out_channels=(128, 256, 256), attention_head_dim=8, norm_num_groups=32)),
     "small": dict(text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
-                  vae=(32, 32, 32, 32), unet_preset="tiny", unet_changes={"text_length": 77},
+                  vae=(32, 32, 32, 32),
+                  tiny_vae=dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
+                                num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4), unet_preset="tiny", unet_changes={"text_length": 77},
                   editor=dict(block_out_channels=(32, 64), attention_head_dim=4, norm_num_groups=8)),
 }
 
@@ -78,18 +81,31 @@ def _vae(widths, dtype):
                          norm_num_groups=min(32, widths[0]), scaling_factor=0.18215).to(dtype).eval()
 
 
+def _tiny_vae(fields, dtype):
+    from fastdiff.models.autoencoder_tiny import AutoencoderTiny
+
+    return AutoencoderTiny(latent_channels=3, **fields).to(dtype).eval()
+
+
 @functools.lru_cache(maxsize=4)
-def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtype: torch.dtype = torch.float32) -> Pipeline:
+def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtype: torch.dtype = torch.float32,
+                     vae: str | None = None) -> Pipeline:
     """The embedded default pipeline (cached): kind "generate" (MobileDiffusion) or "edit" (the small editor);
-    size "mobilediffusion" (paper size, 512x512) or "small" (128x128, for quick runs)."""
+    size "mobilediffusion" (paper size, 512x512) or "small" (128x128, for quick runs); vae "tiny"
+    (AutoencoderTiny, text-to-image's default) or "kl" (AutoencoderKL, the editor's: its UNet takes
+    the KL VAE's unscaled image latents)."""
     if kind not in ("generate", "edit"):
         raise ValueError(f"kind: expected 'generate' or 'edit', got {kind!r}")
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    vae = vae or ("tiny" if kind == "generate" else "kl")
+    allowed = ("tiny", "kl") if kind == "generate" else ("kl",)
+    if vae not in allowed:
+        raise ValueError(f"vae: expected one of {allowed} for kind {kind!r}, got {vae!r}")
     sizes = SIZES[size]
     torch.manual_seed(SEED)
     text_encoder = _text_encoder(sizes["text"], dtype)
-    vae = _vae(sizes["vae"], dtype)
+    vae = _tiny_vae(sizes["tiny_vae"], dtype) if vae == "tiny" else _vae(sizes["vae"], dtype)
     if kind == "generate":
         from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
 

@@ -5,7 +5,8 @@
                                    sampling defaults (e.g. MobileDiffusion's one-step mode)
       unet/config.json + diffusion_pytorch_model.safetensors|.bin
                                    "_class_name": UNet2DConditionModel or MobileDiffusionUNet
-      vae/  text_encoder/  tokenizer/  scheduler/scheduler_config.json
+      vae/                         "_class_name": AutoencoderKL, or AutoencoderTiny (TAESD)
+      text_encoder/  tokenizer/  scheduler/scheduler_config.json
 
     mgie/unet.pt                   MGIE's UNet state_dict (replaces unet/'s weights)
     mgie/mllm.pt                   MGIE's MLLM state_dict: its edit_head.* and embed_tokens (the
@@ -85,19 +86,50 @@ def _own_aligned_memory(module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=None) -> dict:
-    """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring); every
-    part is loaded in `dtype` (resolved by the caller: requests.resolve_dtype)."""
-    from fastdiff.models.text_encoder import CLIPTextEncoder
+def _vae_folder(folder: Path, vae) -> Path:
+    """The VAE folder for from_pretrained's `vae`: None (the folder's vae/), "tiny" (vae/ must hold
+    an AutoencoderTiny: nothing is downloaded) or a diffusers VAE folder replacing vae/."""
+    if vae is None:
+        return _require_dir(folder, "vae")
+    if vae == "tiny":
+        own = folder / "vae" / "config.json"
+        if own.is_file() and _read_json(own, "the VAE config").get("_class_name") == "AutoencoderTiny":
+            return folder / "vae"
+        raise PipelineError(f"vae='tiny': {folder / 'vae'} holds no AutoencoderTiny and nothing is downloaded; pass "
+                            f"vae=DIR, a diffusers AutoencoderTiny folder (TAESD: config.json + weights, e.g. a local "
+                            f"copy of madebyollin/taesd for SD1.x/2.x latents)")
+    if not Path(vae).is_dir():
+        raise PipelineError(f"vae: expected None, 'tiny' or a diffusers VAE folder, got {vae!r} (no such directory)")
+    return Path(vae)
+
+
+def load_vae(folder: Path, *, dtype: torch.dtype, device=None):
+    """A diffusers VAE folder (or a pipeline folder's vae/): AutoencoderTiny or AutoencoderKL, by its config's _class_name."""
+    config = _read_json(checkpoint.resolve_model_folder(folder, "vae") / "config.json", "the VAE config")
+    if config.get("_class_name") == "AutoencoderTiny":
+        from fastdiff.models.autoencoder_tiny import AutoencoderTiny
+
+        return AutoencoderTiny.from_diffusers(folder, dtype=dtype, device=device)
     from fastdiff.models.vae import AutoencoderKL
+
+    return AutoencoderKL.from_diffusers(folder, dtype=dtype, device=device)
+
+
+def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=None, vae=None) -> dict:
+    """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring); every
+    part is loaded in `dtype` (resolved by the caller: requests.resolve_dtype). vae: see _vae_folder."""
+    from fastdiff.models.text_encoder import CLIPTextEncoder
 
     if not folder.is_dir():
         raise PipelineError(f"folder: no directory at {folder}")
     index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)")
     scheduler_config = _read_json(_require_dir(folder, "scheduler") / "scheduler_config.json", "the scheduler config")
-    unet_folder, vae_folder = _require_dir(folder, "unet"), _require_dir(folder, "vae")
+    unet_folder, vae_folder = _require_dir(folder, "unet"), _vae_folder(folder, vae)
     unet, sample_size = _load_part("unet", lambda: load_unet(unet_folder, dtype=dtype, device=device))
-    vae = _load_part("vae", lambda: AutoencoderKL.from_diffusers(vae_folder, dtype=dtype, device=device))
+    vae = _load_part("vae", lambda: load_vae(vae_folder, dtype=dtype, device=device))
+    if unet.config.in_channels == 2 * vae.config.latent_channels and type(vae).__name__ == "AutoencoderTiny":
+        # InstructPix2Pix-style UNets take the KL VAE's unscaled image latents; TAESD's are scaled
+        raise PipelineError("vae: an editor UNet needs the KL VAE's image latents; an AutoencoderTiny (TAESD) cannot encode them")
     text_encoder = None
     if (folder / "text_encoder").is_dir():
         _require_dir(folder, "tokenizer")
@@ -159,12 +191,13 @@ def save_pipeline(pipe, folder) -> None:
     unet_config = {"_class_name": unet_class, **dataclasses.asdict(pipe.unet.config)}
     unet_config.setdefault("sample_size", pipe.defaults.size // pipe.vae_scale)
     _save_model(pipe.unet, folder / "unet", unet_config)
-    _save_model(pipe.vae, folder / "vae", {"_class_name": "AutoencoderKL", **dataclasses.asdict(pipe.vae.config)})
+    vae_class = type(pipe.vae).__name__  # AutoencoderKL or AutoencoderTiny: diffusers' class names
+    _save_model(pipe.vae, folder / "vae", {"_class_name": vae_class, **dataclasses.asdict(pipe.vae.config)})
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
     index = {"_class_name": "StableDiffusionInstructPix2PixPipeline" if pipe.is_editor else "StableDiffusionPipeline",
              "unet": ["fastdiff" if unet_class == "MobileDiffusionUNet" else "diffusers", unet_class],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "")],
+             "vae": ["diffusers", vae_class], "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "")],
              "fastdiff": {"defaults": dataclasses.asdict(pipe.defaults)}}
     if pipe.text_encoder is not None:
         pipe.text_encoder.model.save_pretrained(str(folder / "text_encoder"))

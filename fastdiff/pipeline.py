@@ -150,7 +150,8 @@ class Pipeline:
     # -- loading ------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder, *, dtype=None, device=None, mgie=None, max_pixels=DEFAULT_MAX_PIXELS) -> "Pipeline":
+    def from_pretrained(cls, folder, *, dtype=None, device=None, mgie=None, vae=None,
+                        max_pixels=DEFAULT_MAX_PIXELS) -> "Pipeline":
         """Load a diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
 
         dtype: None (float32), a torch.dtype or "fp32"/"float32"/"bf16"/"bfloat16" ("fp16"/"float16"
@@ -158,10 +159,14 @@ class Pipeline:
         (UNet2DConditionModel; 8 input channels for InstructPix2Pix) or a MobileDiffusion checkpoint
         (unet/config.json with "_class_name": "MobileDiffusionUNet"). mgie: a folder with MGIE's
         unet.pt (replaces the UNet weights) and mllm.pt (the edit head and the [IMG] token
-        embeddings). Problems raise PipelineError naming the folder part.
+        embeddings). vae: None (the folder's vae/, an AutoencoderKL or an AutoencoderTiny), "tiny"
+        (vae/ must be an AutoencoderTiny; nothing is downloaded, so otherwise PipelineError) or a
+        diffusers VAE folder used instead of vae/, e.g. a TAESD (AutoencoderTiny) folder: its latents
+        are already in the UNet's space (scaling_factor 1.0), so text-to-image only. Problems raise
+        PipelineError naming the folder part.
         """
         dtype = resolve_dtype(dtype, device)
-        parts = loading.load_pipeline_parts(Path(folder), dtype=dtype, device=device, mgie=mgie)
+        parts = loading.load_pipeline_parts(Path(folder), dtype=dtype, device=device, mgie=mgie, vae=vae)
         return cls(**parts, max_pixels=max_pixels)
 
     # -- checking a request against this model ------------------------------------------------
