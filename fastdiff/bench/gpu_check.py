@@ -42,6 +42,7 @@ call must carry; setup unpacks it there when the package is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -97,7 +98,7 @@ def run_budgeted(cmd: list[str], *, budget_s: float, log_path: Path | None = Non
             code = proc.wait(timeout=max(budget_s, 0.1))
         except subprocess.TimeoutExpired:
             code = None
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         seconds = time.perf_counter() - began
@@ -108,14 +109,6 @@ def run_budgeted(cmd: list[str], *, budget_s: float, log_path: Path | None = Non
             log.write(f"\n===== {' '.join(cmd)}\n===== exit {code if code is not None else f'killed at its {budget_s:.0f} s budget'}, {seconds:.1f} s\n")
             log.write(text)
     return code, seconds, text[-4000:]
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -204,25 +197,17 @@ def versions(device: str) -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                     sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
-        with _suppress_all():
+        with contextlib.suppress(Exception):
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
             info["driver"] = smi.stdout.strip() or None
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
     for name in ("triton", "diffusers", "transformers", "pytest"):
-        with _suppress_all():
+        with contextlib.suppress(Exception):
             from importlib.metadata import version
 
             info[name] = version(name)
     return info
-
-
-class _suppress_all:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], Exception)
 
 
 def stage_setup(args, budget_s: float, ctx: dict) -> Stage:
@@ -540,6 +525,9 @@ def render_markdown(report: dict) -> str:
                       *_table(["test", "outcome", "s"], [[r["nodeid"], r["outcome"], f"{r['duration']:.2f}"] for r in s["rows"]]),
                       "", "</details>", ""]
         elif s["name"] == "kernels" and s["rows"]:
+            lines += ["Median ms per call over back-to-back calls (CUDA events); inputs made once per row, so a small "
+                      "case's data may stay in L2 for fastdiff and baselines alike. check: fastdiff's output against the "
+                      "first baseline's, relative L2 error (gross-error bound; accuracy is the tests' job).", ""]
             lines += _kernel_tables(s["rows"])
         elif s["name"] == "unet" and s["rows"]:
             lines += [*_unet_table(s["rows"]), ""]
@@ -570,7 +558,7 @@ def _budget(text: str) -> tuple[str, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastdiff.bench.gpu_check", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastdiff.bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu-report", help="report folder (default gpu-report)")
     p.add_argument("--only", type=_csv, default=None, help=f"stages to run, from {','.join(SELECTABLE)} (setup always runs)")
@@ -621,7 +609,7 @@ def _cuda_available() -> tuple[bool, str]:
 
 
 def _git_head() -> str:
-    with _suppress_all():
+    with contextlib.suppress(Exception):
         run = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
         return run.stdout.strip() or "?"
     return "?"
