@@ -65,25 +65,25 @@ def _mllm_rows(args, dtype):
     with torch.device("meta"):
         llm = LlamaForCausalLM(config)
     llm = _fill_random(llm).to(dtype)
-    with torch.device("cpu"):  # the rotary frequencies, left on meta by to_empty
+    with torch.device("cpu"):  # the rotary frequencies: a buffer that to_empty left uninitialised
         llm.model.rotary_emb = type(llm.model.rotary_emb)(config=config)
     llava = LlavaV1(llm, None, None, select_layer=-2, patch_token_id=0)
     ids = torch.randint(3, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     embeds = llm.get_input_embeddings()(ids)
     n = args.new_tokens
 
-    fastdiff_runs = []
-    for _ in range(args.repeats + 1):  # the first run warms up
-        timings = {}
-        llava.greedy(ids[0].tolist(), embeds, max_new_tokens=n, no_repeat_ngram_size=3, eos_token_id=None, timings=timings)
-        fastdiff_runs.append(timings)
-    fastdiff_runs = fastdiff_runs[1:]
     generate = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
                     no_repeat_ngram_size=3, return_dict_in_generate=True, output_hidden_states=True)
-    with torch.inference_mode():
-        llm.generate(**generate, max_new_tokens=2)  # warm-up
-        prefill = [_timed(lambda: llm.generate(**generate, max_new_tokens=1)) for _ in range(args.repeats)]
-        total = [_timed(lambda: llm.generate(**generate, max_new_tokens=n, min_new_tokens=n)) for _ in range(args.repeats)]
+    fastdiff_runs, prefill, total = [], [], []
+    for repeat in range(args.repeats + 1):  # interleaved, so a change in the machine's load hits both; run 0 warms up
+        timings = {}
+        llava.greedy(ids[0].tolist(), embeds, max_new_tokens=n, no_repeat_ngram_size=3, eos_token_id=None, timings=timings)
+        first = _timed(lambda: llm.generate(**generate, max_new_tokens=1))
+        whole = _timed(lambda: llm.generate(**generate, max_new_tokens=n, min_new_tokens=n))
+        if repeat:
+            fastdiff_runs.append(timings)
+            prefill.append(first)
+            total.append(whole)
     hidden = torch.randn(1, args.prompt_tokens, config.hidden_size, dtype=dtype)
     fixed_prefill = median_ms(lambda: llm.lm_head(llm.model.norm(hidden)[:, -1:])) / 1e3
     fixed_decode = median_ms(lambda: llm.lm_head(llm.model.norm(hidden[:, :1]))) / 1e3

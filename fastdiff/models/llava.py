@@ -103,8 +103,9 @@ class LlavaV1(nn.Module):
     def from_pretrained(cls, folder: Path, vision, *, vocab_size: int, patch_token_id: int,
                         overrides: dict[str, torch.Tensor], dtype: torch.dtype, device=None) -> "LlavaV1":
         """The LLaVA-v1 model of `folder` with its vocabulary grown to `vocab_size`; `overrides` are
-        tensors loaded on top (MGIE's mllm.pt: full embed_tokens / lm_head with the new rows), which
-        must cover every row the LLaVA weights lack. `vision`: the CLIPVisionModel to use."""
+        tensors loaded on top, non-strictly (MGIE's mllm.pt: full embed_tokens / lm_head with the
+        new rows, which must cover every row the LLaVA weights lack; names of neither the LLM nor
+        the projector are ignored). `vision`: the CLIPVisionModel to use."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
         llama_fields, mm = read_llava_config(folder)
@@ -116,6 +117,7 @@ class LlavaV1(nn.Module):
         # that does not fit fails in seconds, not after minutes of loading
         sources = {name: stored for path in llava_weight_files(folder) for name, stored in read_weights(path).items()}
         projector = {k[len(PROJECTOR):]: read() for k, (_, read) in sources.items() if k.startswith(PROJECTOR)}
+        projector.update({k[len(PROJECTOR):]: v for k, v in overrides.items() if k.startswith(PROJECTOR)})
         sources = {k: v for k, v in sources.items() if not k.startswith((PROJECTOR, VISION_TOWER)) and k not in overrides}
         sources.update({k: (tuple(v.shape), lambda v=v: v) for k, v in overrides.items() if k in expected})
         missing = [k for k in expected if k not in sources]
