@@ -110,7 +110,7 @@ def run(args) -> int:
     caps = torch.backends.cpu.get_cpu_capability()
     print(f"StableDiffusionPipeline (SD1.5 architecture, random weights), {args.res}x{args.res}, {args.steps} PNDM steps, "
           f"batch 1, guidance 7.5, end to end; {_cpu_name()}, torch CPU capability {caps}, {torch.get_num_threads()} threads; "
-          f"{args.rounds} interleaved rounds, median; speedup = plain fp32 / run", flush=True)
+          f"{args.rounds} interleaved round(s), median; speedup = plain fp32 / run", flush=True)
     plain, fast = build_pipelines()
 
     def call(pipe, steps, res):
