@@ -90,3 +90,29 @@ def test_errors(pipeline_folder, tmp_path):
         CLIPTextEncoder(enc.model, enc.tokenizer, max_length=100)
     with pytest.raises(ValueError, match="folder"):
         CLIPTextEncoder.from_pretrained(tmp_path / "absent")
+
+
+def test_tokenize_is_thread_safe():
+    """Pipelines are called from several threads (servers): every call gets its own padded ids,
+    though a fast tokenizer keeps its padding/truncation settings in one shared backend."""
+    import threading
+
+    from fastdiff.default_model import default_pipeline
+
+    encoder = default_pipeline("generate", "small").text_encoder
+    prompts = [f"prompt number {i} " * (1 + i % 7) for i in range(8)]
+    expected = {p: encoder.tokenize(p) for p in prompts}
+    wrong = []
+
+    def worker(prompt):
+        for _ in range(30):
+            ids = encoder.tokenize(prompt)
+            if ids.shape != expected[prompt].shape or not torch.equal(ids, expected[prompt]):
+                wrong.append(prompt)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong

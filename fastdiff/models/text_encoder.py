@@ -9,6 +9,7 @@ causal mask already keeps padding out of the real tokens), output = last_hidden_
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,9 @@ class CLIPTextEncoder:
     def __init__(self, model, tokenizer, max_length: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # a fast tokenizer sets padding/truncation on its shared Rust backend for every call:
+        # concurrent calls (pipelines used from several threads) would see each other's settings
+        self._tokenizer_lock = threading.Lock()
         # Tokenizers saved without model_max_length report a huge sentinel: use the position table's size.
         limit = model.config.max_position_embeddings
         self.max_length = max_length or (tokenizer.model_max_length if tokenizer.model_max_length <= limit else limit)
@@ -58,9 +62,10 @@ class CLIPTextEncoder:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a string or a non-empty list of strings, got {prompts!r}")
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        self._warn_truncated(prompts)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt").input_ids
+            self._warn_truncated(prompts)
         return ids
 
     def _warn_truncated(self, prompts) -> None:
