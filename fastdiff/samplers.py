@@ -4,7 +4,7 @@ Each reproduces one diffusers scheduler step for step (same timesteps, same sigm
 same noise draws), but is split for a batching engine that steps each request on its own:
 
     sampler = make_sampler("euler_ancestral", scheduler_config)   # shared, immutable
-    run = sampler.start(num_steps)                                 # one per request
+    run = sampler.start(num_steps)                                 # one per request, 1 <= num_steps <= sampler.max_steps
     x = run.initial_latents(shape, generator=g)                    # noise * init_noise_sigma
     for i, t in enumerate(run.timesteps):
         eps = unet(run.scale_model_input(x, i), t, ...)
@@ -102,17 +102,37 @@ class Sampler:
             raise ValueError(f"scheduler_config['trained_betas']: expected {self.num_train_timesteps} values, got {self.alphas_cumprod.shape[0]}")
         # sigma of the variance-exploding form x = x0 + sigma * eps, per training timestep (fp32, as diffusers)
         self.train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        offset = cfg["steps_offset"]
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < self.num_train_timesteps:
+            raise ValueError(f"scheduler_config['steps_offset']: expected an int in 0..{self.num_train_timesteps - 1}, got {offset!r}")
+        # the first count that fails bounds the range (one step always works): closed-form checks, O(T) integer work
+        self._max_steps = next((n - 1 for n in range(2, self.num_train_timesteps + 1) if not self._step_count_works(n)),
+                               self.num_train_timesteps)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps `start` takes: every count in 1..max_steps works. At most
+        num_train_timesteps; fewer where larger counts would repeat or overrun the training
+        timesteps under this config's spacing (diffusers fails at those counts)."""
+        return self._max_steps
+
     def start(self, num_steps: int) -> "SamplerRun":
-        """The schedule of one request: timesteps, sigmas, initial noise scale, fresh history."""
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_steps: expected an int in 1..{self.num_train_timesteps}, got {num_steps!r}")
+        """The schedule of one request: timesteps, sigmas, initial noise scale, fresh history.
+        num_steps: an int in 1..max_steps, else ValueError stating that range."""
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= self.max_steps:
+            raise ValueError(f"num_steps: expected an int in 1..{self.max_steps} for the {self.name} sampler with "
+                             f"{self.config['timestep_spacing']!r} timestep spacing over {self.num_train_timesteps} "
+                             f"training timesteps, got {num_steps!r}")
         return SamplerRun(self, num_steps)
 
     # -- per-algorithm pieces, called by SamplerRun ------------------------------------------
+    def _step_count_works(self, n: int) -> bool:
+        """Whether n steps give a schedule this update rule can take (the default: every count)."""
+        return True
+
     def _timesteps(self, n: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -128,15 +148,16 @@ class Sampler:
     def _step(self, run, out, i, x, draw_noise) -> torch.Tensor:
         raise NotImplementedError
 
-    def _spaced(self, n: int, *, leading_ratio=None) -> np.ndarray:
+    def _spaced(self, n: int) -> np.ndarray:
         """diffusers' timestep_spacing rule (float64 before each class casts/rounds)."""
         T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
         if spacing == "linspace":
             return np.linspace(0, T - 1, n)[::-1].copy()
         if spacing == "leading":
-            ratio = T // n if leading_ratio is None else leading_ratio
-            return (np.arange(0, n) * ratio).round()[::-1].copy() + self.config["steps_offset"]
-        return np.arange(T, 0, -T / n).round() - 1
+            return (np.arange(0, n) * (T // n)).round()[::-1].copy() + self.config["steps_offset"]
+        # diffusers' np.arange(T, 0, -T / n) holds the same values, plus a spurious t = -1 for 62 of
+        # the 1000 counts (e.g. 61) where rounding leaves T - n * (T / n) a hair above 0
+        return (T - np.arange(n) * (T / n)).round() - 1
 
 
 class SamplerRun:
@@ -230,8 +251,9 @@ class EulerAncestral(_SigmaSampler):
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x + (x - x0) / sigma * (sigma_down - sigma)
-        if sigma_up == 0:  # last step: diffusers draws noise here too but scales it by 0
+        if i == run.num_steps - 1:  # sigma_next = 0: diffusers draws noise here too, scales it by 0, draws no more
             return x
+        # a repeated sigma (leading spacing past T - 1) has sigma_up = 0, but diffusers draws all the same
         return x + draw_noise().to(x) * sigma_up
 
 
@@ -261,6 +283,12 @@ class DDIM(Sampler):
     def _timesteps(self, n):
         spaced = self._spaced(n)
         return (spaced.round() if self.config["timestep_spacing"] == "linspace" else spaced).astype(np.int64)
+
+    def _step_count_works(self, n):
+        # leading spacing plus steps_offset can put the top timestep past the schedule (diffusers: IndexError)
+        if self.config["timestep_spacing"] != "leading":
+            return True
+        return (n - 1) * (self.num_train_timesteps // n) + self.config["steps_offset"] < self.num_train_timesteps
 
     def _alpha(self, t):
         if t >= 0:
@@ -318,6 +346,17 @@ class DPMSolverPP2M(Sampler):
             return ((np.arange(0, n + 1) * ratio).round()[::-1][:-1] + self.config["steps_offset"]).astype(np.int64)
         return self._spaced(n).astype(np.int64)
 
+    def _step_count_works(self, n):
+        """The second-order update divides by the log-SNR step between the previous and the current
+        timestep: counts that give two timesteps one sigma (diffusers: NaN latents) do not work."""
+        T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
+        if spacing == "linspace":  # n + 1 points over T - 1 unit steps repeat from n = T on
+            return n < T
+        if spacing == "leading":  # spaced T // (n + 1) apart; the top two clamp together at T - 1 past it
+            ratio = T // (n + 1)
+            return ratio >= 1 and (n - 1) * ratio + self.config["steps_offset"] < T - 1
+        return True  # trailing: at least one timestep apart, all in 0..T-1
+
     def _sigmas(self, timesteps):
         sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         last = 0.0 if self.config["final_sigmas_type"] == "zero" else float(self.train_sigmas[0])
@@ -351,7 +390,9 @@ class DPMSolverPP2M(Sampler):
         h = lambda_t - lambda_s
         phi = alpha_t * math.expm1(-h)  # alpha_t (e^{-h} - 1)
         x = (std_t / std_s) * x - phi * x0
-        if not first_order:
+        # h = 0 (trailing spacing ending at t = 0, then final sigma_min = sigma(0)): an empty
+        # interval, x unchanged; diffusers' correction term is 0 there too (1 / inf)
+        if not first_order and h != 0:
             _, _, lambda_prev = self._alpha_sigma_lambda(float(run.sigmas[i - 1]))
             r = (lambda_s - lambda_prev) / h
             x = x - 0.5 * phi * (x0 - previous_x0) / r
@@ -365,6 +406,9 @@ class OneStepX0(Sampler):
     name = "x0"
     prediction_types = ("epsilon", "v_prediction", "sample")
     defaults = {**Sampler.defaults, "clip_sample": False, "clip_sample_range": 1.0}
+
+    def _step_count_works(self, n):
+        return n == 1
 
     def start(self, num_steps: int = 1) -> SamplerRun:
         if num_steps != 1:

@@ -128,6 +128,92 @@ def test_one_step_x0_matches_single_trailing_ddim_step(config):
     assert not torch.allclose(got, x)  # a real transformation, not the identity
 
 
+# ----------------------------------------------------------------------------------------------
+# step counts: every count in 1..max_steps works (and matches diffusers); the rest are refused at
+# `start`, where diffusers fails too (IndexError, NaN latents). Trajectories run on a 100-step
+# training schedule (cheap); the boundaries fall alike at SD's 1000.
+
+T = 100
+SD15_T100 = {**SD15, "num_train_timesteps": T}
+SPACINGS = ("linspace", "leading", "trailing")
+# with steps_offset 1 (SD's): how far max_steps falls short of T, under linspace, leading, trailing
+SHORTFALL = {
+    "euler_ancestral": (0, 0, 0),
+    "euler": (0, 0, 0),
+    "ddim": (0, 1, 0),  # leading: t = T at T steps
+    "dpmpp_2m": (1, 2, 0),  # linspace repeats a timestep at T steps; leading clamps two to T-1 at T-1
+}
+
+
+def diffusers_fails(name, config, num_steps):
+    cls, extra = DIFFUSERS[name]
+    ref = cls.from_config({**config, **extra})
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    try:
+        ref.set_timesteps(num_steps)
+        x = x * ref.init_noise_sigma
+        for t in ref.timesteps:
+            x = ref.step(fake_unet(ref.scale_model_input(x, t), t, 0.0), t, x,
+                         generator=torch.Generator().manual_seed(1)).prev_sample
+            if not torch.isfinite(x).all():
+                return True
+    except (IndexError, ZeroDivisionError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, T // 2, T - 2, T - 1, T])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", list(DIFFUSERS))
+def test_step_counts_work_like_diffusers_or_are_refused(name, spacing, num_steps):
+    config = {**SD15_T100, "timestep_spacing": spacing}
+    sampler = make_sampler(name, config)
+    assert sampler.max_steps == T - SHORTFALL[name][SPACINGS.index(spacing)]
+    if num_steps <= sampler.max_steps:
+        run_both(name, SD15_T100, num_steps, spacing)
+    else:
+        with pytest.raises(ValueError, match=rf"num_steps: expected an int in 1\.\.{sampler.max_steps} .*got {num_steps}"):
+            sampler.start(num_steps)
+        assert diffusers_fails(name, config, num_steps), f"diffusers runs {name} at {num_steps} steps: fastdiff should too"
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", list(DIFFUSERS))
+def test_max_steps_at_sd_training_length(name, spacing):
+    sampler = make_sampler(name, {**SD15, "timestep_spacing": spacing})
+    T_sd = SD15["num_train_timesteps"]
+    assert sampler.max_steps == T_sd - SHORTFALL[name][SPACINGS.index(spacing)]
+    assert len(sampler.start(sampler.max_steps).timesteps) == sampler.max_steps
+    for refused in range(sampler.max_steps + 1, T_sd + 1):
+        with pytest.raises(ValueError, match=rf"1\.\.{sampler.max_steps}"):
+            sampler.start(refused)
+
+
+@pytest.mark.parametrize("num_steps", [T * 2 // 3 + 1, T - 1, T])
+def test_dpmpp_2m_trailing_to_t0_with_final_sigma_min(num_steps):
+    """From T * 2/3 steps on, trailing spacing ends at t = 0 and the final sigma is sigma(0): an
+    empty last step (h = 0), which diffusers takes as the identity."""
+    run_both("dpmpp_2m", {**SD15_T100, "final_sigmas_type": "sigma_min"}, num_steps, "trailing")
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
+def test_trailing_counts_where_diffusers_adds_a_step_give_the_steps_asked_for(name):
+    """diffusers' float arange yields 62 timesteps for 61 steps, the last t = -1; fastdiff runs the
+    61 asked for (diffusers' first 61), the last of them down to sigma 0."""
+    cls, extra = DIFFUSERS[name]
+    ref = cls.from_config({**SD15, "timestep_spacing": "trailing", **extra})
+    ref.set_timesteps(61)
+    run = make_sampler(name, {**SD15, "timestep_spacing": "trailing"}).start(61)
+    assert len(run.timesteps) == 61 and int(run.timesteps[-1]) >= 0
+    assert run.timesteps.tolist() == ref.timesteps[:61].tolist()
+    if run.sigmas is not None:
+        assert run.sigmas[-1] == 0
+
+
+def test_max_steps_is_one_for_the_one_step_sampler():
+    assert make_sampler("x0", SD15).max_steps == 1
+
+
 def test_interleaved_requests_are_independent():
     """An engine steps requests in any interleaving; each must match its solo run exactly."""
     sampler = make_sampler("dpmpp_2m", SD15)
