@@ -34,12 +34,14 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0
 SIZES = {
     # text encoder (CLIP), VAE, MobileDiffusion preset, editor UNet widths
     "mobilediffusion": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
-                            vae=(64, 128, 256, 256), tiny_vae=dict(),  # TAESD's own sizes unet_preset="mobilediffusion", unet_changes={},
+                            vae=(64, 128, 256, 256), tiny_vae=dict(),  # tiny_vae: TAESD's own sizes
+                            unet_preset="mobilediffusion", unet_changes={},
                             editor=dict(block_out_channels=(128, 256, 256), attention_head_dim=8, norm_num_groups=32)),
     "small": dict(text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
                   vae=(32, 32, 32, 32),
                   tiny_vae=dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
-                                num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4), unet_preset="tiny", unet_changes={"text_length": 77},
+                                num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4),
+                  unet_preset="tiny", unet_changes={"text_length": 77},
                   editor=dict(block_out_channels=(32, 64), attention_head_dim=4, norm_num_groups=8)),
 }
 

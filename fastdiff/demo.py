@@ -1,6 +1,7 @@
 """The demo (`make demo`): one 512x512 image from the full-size MobileDiffusion UNet in its one-step
 mode, then one edit of it, on fastdiff's kernels and again on the reference (plain PyTorch)
-backend, with the time of each stage side by side.
+backend, with the time of each stage side by side. The image is decoded by the tiny VAE
+(AutoencoderTiny, TAESD's size), the edit by the KL VAE (its UNet takes KL image latents).
 
 The models are fastdiff's embedded defaults: UNTRAINED seeded random weights (nothing can be
 downloaded here), so the images are noise; the timings are real. Use real weights with
@@ -91,10 +92,12 @@ def main(argv=None) -> int:
                   f"{out / 'edit.png'} ('{instruction}', {args.edit_steps} steps)")
 
     rows = []
-    for task, index in (("generate (1 step)", 0), (f"edit ({args.edit_steps} steps, 3-way guidance)", 1)):
+    for task, index, pipe in (("generate (1 step)", 0, generator), (f"edit ({args.edit_steps} steps, 3-way guidance)", 1, editor)):
         stages = timings[backends[0]][index]
+        vae = "tiny" if type(pipe.vae).__name__ == "AutoencoderTiny" else "KL"  # text-to-image decodes with TAESD
         for stage in [s for s in ("text encoder", "VAE encoder", "UNet", "VAE decoder") if s in stages] + ["total"]:
-            row = [task if stage == "text encoder" else "", stage, f"{stages[stage]:.2f}"]
+            label = f"{stage} ({vae})" if stage.startswith("VAE") else stage
+            row = [task if stage == "text encoder" else "", label, f"{stages[stage]:.2f}"]
             if len(backends) > 1:
                 reference = timings["reference"][index][stage]
                 row += [f"{reference:.2f}", f"{reference / stages[stage]:.2f}x"]
