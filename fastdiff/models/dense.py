@@ -11,7 +11,8 @@ reference backend (fastdiff.ops.use_backend("reference")) they are plain F.linea
 The cache key holds the weight's storage, version, dtype and device, so `.to()`, `load_state_dict`
 or an in-place weight update repack on the next call. The packed copy is extra memory (the
 parameter stays, for state_dict). Elsewhere (CUDA, fp16, autograd, bf16 on CPUs where oneDNN has
-no bf16 path: without AVX-512 or AVX-NE-CONVERT its weight reorder raises) the plain F.linear / F.conv2d.
+no bf16 path: without AVX-512 or AVX-NE-CONVERT its weight reorder raises) the plain F.linear / F.conv2d,
+and so under torch.compile, where inductor generates the products itself.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def _onednn_bf16() -> bool:
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN where it pays; plain torch under the reference backend, so that a model run there is
     plain PyTorch throughout (the demo's comparison, the MAC counter's view of the products)."""
+    if torch.compiler.is_compiling():  # traced: plain products for inductor (no packing cache, no graph break)
+        return False
     return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
             and (x.dtype != torch.bfloat16 or _onednn_bf16())
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

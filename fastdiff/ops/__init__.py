@@ -4,6 +4,13 @@ Each op checks its arguments here (one clear ValueError/TypeError naming the arg
 runs on the backend that `_dispatch.select` picks for the tensors' device: Triton for CUDA,
 C++ for CPU, the reference twin (fastdiff.ops.reference) otherwise. Dtypes: fp32 and bf16 on
 every backend, fp16 on GPU; accumulation in fp32.
+
+Each op is a registered torch op (torch.ops.fastdiff.*, fastdiff/ops/_library.py) with a fake
+implementation, so torch.compile(fullgraph=True) traces it as one node and the backend is chosen
+when the op runs. Autograd: the forward runs on the kernel, the backward is the reference twin's
+(recomputed from the saved inputs), so gradients equal plain PyTorch's; nothing is cut silently.
+Under the reference backend the door calls the twin directly (plain aten ops, as a TorchDispatchMode
+such as the MAC counter or a tracer of plain PyTorch must see them).
 """
 from __future__ import annotations
 
@@ -11,10 +18,12 @@ import numbers
 
 import torch
 
-from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, select, selected_name, use_backend
+from . import _library, reference
+from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, reference_for, select, selected_name, use_backend
+from ._library import FAST_HEAD_DIMS  # head dims the C++ and Triton attention kernels take
 
 __all__ = ["attention", "separable_conv2d", "group_norm", "glu", "backends", "use_backend", "forced_backend",
-           "poison_outputs", "BACKENDS", "selected_name"]
+           "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,6 +36,13 @@ def _tensor(name, value, rank=None):
     if rank is not None and value.dim() != rank:
         raise ValueError(f"{name}: expected a rank-{rank} tensor, got shape {tuple(value.shape)}")
     return value
+
+
+def _plain_reference() -> bool:
+    """True when the reference backend is forced (use_backend / FASTDIFF_BACKEND) in eager mode: the
+    door then runs the twin's plain aten ops itself. Under torch.compile the registered op is traced
+    (one node) and makes the same choice when it runs."""
+    return not torch.compiler.is_compiling() and forced_backend() == "reference"
 
 
 def _same_kind(reference_name, reference, **others):
@@ -50,12 +66,15 @@ def _vector(name, value, length):
 def attention(q, k, v=None, *, scale=None, kind="softmax"):
     """Multi-head attention without materialising the (Lq, Lk) score matrix in memory.
 
-    q: (batch, seqlen_q, heads, headdim); k, v: (batch, seqlen_k, heads, headdim), headdim 8..256.
+    q: (batch, seqlen_q, heads, headdim); k, v: (batch, seqlen_k, heads, headdim), any headdim >= 1.
+    Head dims outside FAST_HEAD_DIMS (8..256), which the kernels do not cover (diffusers' tiny
+    configs have 4, a VAE-like single head 512), run on the reference twin, which does form the
+    score matrix; one warning per process and head dim says so.
     v=None: shared K/V (MobileDiffusion's single projection); k is read once for both roles.
     scale: defaults to 1/sqrt(headdim).
     kind: "softmax", or "relu" for weights relu(q·kᵀ·scale) / seqlen_k (MobileDiffusion's ReLU attention).
     Strided views (e.g. slices of a fused projection) are accepted without copies.
-    Returns (batch, seqlen_q, heads, headdim), contiguous.
+    Returns (batch, seqlen_q, heads, headdim), contiguous. Differentiable (the reference twin's backward).
     """
     _tensor("q", q, rank=4)
     _tensor("k", k, rank=4)
@@ -69,17 +88,17 @@ def attention(q, k, v=None, *, scale=None, kind="softmax"):
         )
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not 8 <= D <= 256:
-        raise ValueError(f"q: head dim must be in 8..256, got {D}")
-    if Lq < 1 or k.shape[1] < 1 or B < 1 or H < 1:
-        raise ValueError(f"q, k: batch, heads and sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Lq < 1 or k.shape[1] < 1 or B < 1 or H < 1 or D < 1:
+        raise ValueError(f"q, k: batch, heads, head dim and sequence lengths must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if kind not in ("softmax", "relu"):
         raise ValueError(f"kind: expected 'softmax' or 'relu', got {kind!r}")
     if scale is None:
         scale = D**-0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-    return select("attention", q.device.type).attention(q, k, v, scale=float(scale), kind=kind)
+    if _plain_reference():
+        return reference.attention(q, k, v, scale=float(scale), kind=kind)
+    return torch.ops.fastdiff.attention.default(q, k, v, float(scale), kind)  # backend and head-dim fallback chosen inside
 
 
 def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
@@ -88,7 +107,7 @@ def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
 
     x: (N, C, H, W), contiguous or channels_last; dw_weight: (C, 1, 3, 3); dw_bias: (C,) or None;
     pw_weight: (C_out, C, 1, 1) or (C_out, C); pw_bias: (C_out,) or None.
-    Returns (N, C_out, H, W) in channels_last memory format.
+    Returns (N, C_out, H, W) in channels_last memory format. Differentiable (the reference twin's backward).
     """
     _tensor("x", x, rank=4)
     C = x.shape[1]
@@ -103,14 +122,16 @@ def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
     _same_kind("x", x, dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight, pw_bias=pw_bias)
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    return select("separable_conv2d", x.device.type).separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias)
+    if _plain_reference():
+        return reference.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias)
+    return torch.ops.fastdiff.separable_conv2d.default(x, dw_weight, dw_bias, pw_weight, pw_bias)
 
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
     """GroupNorm with optional fused SiLU; statistics in fp32 whatever the input dtype.
 
     x: (N, C, H, W), contiguous or channels_last; num_groups divides C; weight, bias: (C,) or None.
-    Returns x's shape, dtype and memory format.
+    Returns x's shape, dtype and memory format. Differentiable (the reference twin's backward).
     """
     _tensor("x", x, rank=4)
     C = x.shape[1]
@@ -123,18 +144,22 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    return select("group_norm", x.device.type).group_norm(x, num_groups, weight, bias, float(eps), silu=bool(silu))
+    if _plain_reference():
+        return reference.group_norm(x, num_groups, weight, bias, float(eps), silu=bool(silu))
+    return torch.ops.fastdiff.group_norm.default(x, num_groups, weight, bias, float(eps), bool(silu))
 
 
 def glu(h, *, activation="gelu"):
     """Gated linear unit in one pass: a, gate = h.chunk(2, -1); a * act(gate).
 
     h: (..., 2 * F); activation "gelu" (exact; SD's GEGLU) or "silu" (MobileDiffusion's SwiGLU).
-    Returns (..., F), contiguous.
+    Returns (..., F), contiguous. Differentiable (the reference twin's backward).
     """
     _tensor("h", h)
     if h.dim() < 1 or h.shape[-1] % 2 or h.shape[-1] == 0:
         raise ValueError(f"h: expected a last dimension of even, non-zero size, got shape {tuple(h.shape)}")
     if activation not in ("gelu", "silu"):
         raise ValueError(f"activation: expected 'gelu' or 'silu', got {activation!r}")
-    return select("glu", h.device.type).glu(h, activation=activation)
+    if _plain_reference():
+        return reference.glu(h, activation=activation)
+    return torch.ops.fastdiff.glu.default(h, activation)

@@ -2,7 +2,8 @@
 
 FASTDIFF_BACKEND=reference|cpp|triton or `use_backend(name)` forces one. A backend chosen
 automatically that cannot run falls back to the reference (with one warning); a backend asked
-for by name that cannot run raises.
+for by name that cannot run raises, and so does an invalid backend setting (BackendConfigError,
+e.g. a FASTDIFF_SIMD value the C++ kernels do not know).
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ _load_errors: dict[str, str] = {}
 _warned: set[str] = set()
 
 
+class BackendConfigError(ValueError):
+    """A backend's setting (e.g. FASTDIFF_SIMD) is invalid: the user's to fix, so it is raised
+    wherever the backend is loaded, never a reason to fall back."""
+
+
 def _import(name: str):
     """The module implementing backend `name`, or None (reason kept in _load_errors)."""
     if name in _modules:
@@ -29,6 +35,8 @@ def _import(name: str):
     target = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.kernels"}[name]
     try:
         module = importlib.import_module(target)
+    except BackendConfigError:
+        raise
     except Exception as exc:  # missing extension, missing triton, broken build
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
@@ -109,6 +117,21 @@ def select(op: str, device_type: str):
         _warned.add(auto)
         warnings.warn(f"fastdiff: {auto} backend unavailable ({why}); using the reference backend", RuntimeWarning, stacklevel=3)
     return _import("reference")
+
+
+def reference_for(op: str, module, reason: str):
+    """The reference module in place of fast backend `module` for a call its kernel does not
+    cover (`reason` says why), with one warning per process per reason; `module` itself when it
+    already is the reference."""
+    reference = _import("reference")
+    if module is reference:
+        return module
+    key = f"{op}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastdiff.ops.{op}: {reason}; running it on the reference backend (plain PyTorch)",
+                      RuntimeWarning, stacklevel=3)
+    return reference
 
 
 def selected_name(device_type: str) -> str:
