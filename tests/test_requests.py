@@ -187,3 +187,12 @@ def test_nan_weights_in_the_engine_fail_only_that_request(editor):
         future = engine.submit(EditRequest(image=image(), instruction="snow", steps=2))
         with pytest.raises(PipelineError, match=r"^step 1 of 2:"):
             future.result(timeout=120)
+
+
+@pytest.mark.parametrize("sampler, top", [("ddim", 999), ("dpmpp_2m", 998), ("euler_ancestral", 1000)])
+def test_steps_beyond_the_samplers_range_are_refused_with_it(editor, no_model_runs, sampler, top):
+    """Every step count up to the schedule's length works or is refused at the door, naming the range
+    (DDIM at 1000 was an IndexError, DPM-Solver++ a ZeroDivisionError, mid-denoise)."""
+    for steps in (top + 1, 10**6):
+        with pytest.raises(PipelineError, match=rf"^steps: .* 1\.\.{top} for the {sampler} sampler"):
+            editor.edit(image(), "snow", steps=steps, sampler=sampler, progress=False)
