@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from fastdiff import ops  # noqa: E402
-from fastdiff.default_model import default_pipeline  # noqa: E402
+from fastdiff.default_model import SIZES, default_pipeline  # noqa: E402
 from fastdiff.loading import save_pipeline  # noqa: E402
 from fastdiff.models.autoencoder_tiny import AutoencoderTiny, AutoencoderTinyConfig  # noqa: E402
 from fastdiff.models.checkpoint import CheckpointError  # noqa: E402
@@ -178,6 +178,12 @@ def test_embedded_default_decodes_with_the_tiny_vae():
     latents = tiny.generate("a cat", seed=0, output_type="latent", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(out, (tiny.vae.decode(latents) / 2 + 0.5).clamp(0, 1))
+
+
+def test_paper_size_default_uses_taesd_sizes():
+    """Without building the 386M-parameter default: its entry is complete and its tiny VAE is TAESD's shape."""
+    assert set(SIZES["mobilediffusion"]) == set(SIZES["small"])
+    assert AutoencoderTinyConfig(latent_channels=3, **SIZES["mobilediffusion"]["tiny_vae"]) == AutoencoderTinyConfig(latent_channels=3)
 
 
 def test_vae_dir_replaces_the_folders_vae(kl_folder, taesd_folder):
