@@ -196,3 +196,12 @@ def test_steps_beyond_the_samplers_range_are_refused_with_it(editor, no_model_ru
     for steps in (top + 1, 10**6):
         with pytest.raises(PipelineError, match=rf"^steps: .* 1\.\.{top} for the {sampler} sampler"):
             editor.edit(image(), "snow", steps=steps, sampler=sampler, progress=False)
+
+
+def test_a_used_pipeline_can_be_deep_copied(editor):
+    """Packed weights (oneDNN's opaque tensors, cached per module after the first call) stay out of
+    the modules, so copy.deepcopy of a pipeline that has run works and the copy gives the same image."""
+    first = editor.edit(image(), "snow", steps=2, seed=1, output_type="np", progress=False)
+    twin = copy.deepcopy(editor)
+    np.testing.assert_allclose(twin.edit(image(), "snow", steps=2, seed=1, output_type="np", progress=False), first,
+                               atol=1e-6)

@@ -2,7 +2,7 @@
 
 On the CPU, in fp32 or bf16, they run through torch's oneDNN entry points
 (`mkldnn._linear_pointwise`, `mkldnn._convolution_pointwise`) with the weight reordered once into
-oneDNN's blocked layout and cached on the module: no per-call weight reorder, bias fused into the
+oneDNN's blocked layout and cached per module: no per-call weight reorder, bias fused into the
 GEMM (aten::addmm first copies the bias into the output), and an optional residual added by the
 GEMM's epilogue (binary "add" post-op) instead of a separate aten::add pass over the output.
 torch's fp32 Linear goes through MKL, about half oneDNN's speed on AMD Zen 4. Under the
@@ -17,6 +17,7 @@ and so under torch.compile, where inductor generates the products itself.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,9 @@ from fastdiff import ops
 __all__ = ["linear", "conv2d"]
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_CACHE_ATTR = "_fastdiff_packed_weight"
+# module -> (weight key, packed weight). Outside the module: oneDNN's opaque tensors cannot be
+# deep-copied or pickled, so a copy.deepcopy(model) must not see them (a copy repacks on first use).
+_packed_weights: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 @functools.cache
@@ -57,10 +60,10 @@ def _weight_key(weight: torch.Tensor) -> tuple:
 def _packed(module: nn.Module, weight: torch.Tensor, pack) -> torch.Tensor:
     """module's weight in oneDNN's layout, packed on first use and again whenever the weight changed."""
     key = _weight_key(weight)
-    cached = module.__dict__.get(_CACHE_ATTR)
+    cached = _packed_weights.get(module)
     if cached is None or cached[0] != key:
         cached = (key, pack(weight))
-        module.__dict__[_CACHE_ATTR] = cached  # a plain attribute: not a buffer, not in state_dict
+        _packed_weights[module] = cached
     return cached[1]
 
 

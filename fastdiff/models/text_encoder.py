@@ -38,6 +38,13 @@ class CLIPTextEncoder:
         if not 1 <= self.max_length <= limit:
             raise ValueError(f"max_length: expected 1..{limit} (the model's position embeddings), got {self.max_length}")
 
+    def __getstate__(self):  # copies and pickles get their own lock
+        return {k: v for k, v in self.__dict__.items() if k != "_tokenizer_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokenizer_lock = threading.Lock()
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, max_length: int | None = None) -> "CLIPTextEncoder":
