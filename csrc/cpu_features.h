@@ -1,9 +1,12 @@
 // Run-time SIMD choice: kernels are compiled for several targets in one binary (GCC target
-// attributes) and pick the widest one this CPU supports. FASTDIFF_SIMD=avx2|scalar caps it,
-// so the AVX2 path can be tested on an AVX-512 machine.
+// attributes) and pick the widest one this CPU supports. FASTDIFF_SIMD=scalar|avx2|avx512 caps
+// it, so the AVX2 path can be tested on an AVX-512 machine; any other non-empty value throws
+// std::invalid_argument (ValueError in Python) rather than being ignored.
 #pragma once
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace fastdiff {
 
@@ -17,11 +20,15 @@ inline Simd detect_simd() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     best = Simd::kAvx512;
   if (best == Simd::kAvx512 && __builtin_cpu_supports("avx512bf16")) best = Simd::kAvx512Bf16;
-  if (const char* cap = std::getenv("FASTDIFF_SIMD")) {
-    Simd limit = best;
+  const char* cap = std::getenv("FASTDIFF_SIMD");
+  if (cap != nullptr && *cap != '\0') {
+    Simd limit;
     if (!std::strcmp(cap, "scalar")) limit = Simd::kScalar;
     else if (!std::strcmp(cap, "avx2")) limit = Simd::kAvx2;
     else if (!std::strcmp(cap, "avx512")) limit = Simd::kAvx512;
+    else
+      throw std::invalid_argument(std::string("FASTDIFF_SIMD='") + cap +
+                                  "': expected one of scalar, avx2, avx512 (a cap on the kernels' SIMD level), or unset");
     if (limit < best) best = limit;
   }
   return best;

@@ -5,9 +5,25 @@ direct callers. CPU dtypes are fp32 and bf16.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastdiff import _C
+
+from ._dispatch import BackendConfigError
+
+SIMD_CAPS = ("scalar", "avx2", "avx512")  # the FASTDIFF_SIMD values csrc/cpu_features.h understands
+
+
+def _check_simd_cap():
+    cap = os.environ.get("FASTDIFF_SIMD")
+    if cap and cap not in SIMD_CAPS:
+        raise BackendConfigError(f"FASTDIFF_SIMD={cap!r}: expected one of {', '.join(SIMD_CAPS)} (a cap on the C++ "
+                                 f"kernels' SIMD level), or unset")
+
+
+_check_simd_cap()  # on import, i.e. when the C++ backend is first used
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 
