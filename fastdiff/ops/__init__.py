@@ -38,11 +38,16 @@ def _tensor(name, value, rank=None):
     return value
 
 
-def _plain_reference() -> bool:
+def _plain_reference(op, device) -> bool:
     """True when the reference backend is forced (use_backend / FASTDIFF_BACKEND) in eager mode: the
     door then runs the twin's plain aten ops itself. Under torch.compile the registered op is traced
-    (one node) and makes the same choice when it runs."""
-    return not torch.compiler.is_compiling() and forced_backend() == "reference"
+    (one node) and makes the same choice when it runs. Meta tensors run the op's fake
+    implementation, so a forced backend that cannot take them is refused here."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "meta":
+        select(op, "meta")
+    return forced_backend() == "reference"
 
 
 def _same_kind(reference_name, reference, **others):
@@ -96,7 +101,7 @@ def attention(q, k, v=None, *, scale=None, kind="softmax"):
         scale = D**-0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-    if _plain_reference():
+    if _plain_reference("attention", q.device):
         return reference.attention(q, k, v, scale=float(scale), kind=kind)
     return torch.ops.fastdiff.attention.default(q, k, v, float(scale), kind)  # backend and head-dim fallback chosen inside
 
@@ -122,7 +127,7 @@ def separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias):
     _same_kind("x", x, dw_weight=dw_weight, dw_bias=dw_bias, pw_weight=pw_weight, pw_bias=pw_bias)
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    if _plain_reference():
+    if _plain_reference("separable_conv2d", x.device):
         return reference.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias)
     return torch.ops.fastdiff.separable_conv2d.default(x, dw_weight, dw_bias, pw_weight, pw_bias)
 
@@ -144,7 +149,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    if _plain_reference():
+    if _plain_reference("group_norm", x.device):
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu=bool(silu))
     return torch.ops.fastdiff.group_norm.default(x, num_groups, weight, bias, float(eps), bool(silu))
 
@@ -160,6 +165,6 @@ def glu(h, *, activation="gelu"):
         raise ValueError(f"h: expected a last dimension of even, non-zero size, got shape {tuple(h.shape)}")
     if activation not in ("gelu", "silu"):
         raise ValueError(f"activation: expected 'gelu' or 'silu', got {activation!r}")
-    if _plain_reference():
+    if _plain_reference("glu", h.device):
         return reference.glu(h, activation=activation)
     return torch.ops.fastdiff.glu.default(h, activation)
