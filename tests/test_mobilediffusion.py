@@ -9,6 +9,7 @@ import fastdiff.ops as ops
 from fastdiff import MobileDiffusionConfig, MobileDiffusionUNet
 from fastdiff.models.layers import SeparableConv2d
 from fastdiff.models.mobilediffusion import PRESETS, summarize
+from fastdiff.ops import _dispatch
 
 from helpers import HAS_CUDA, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, backend_param, device_for, dtypes_for, rel_error
 
@@ -274,7 +275,7 @@ def test_latent_channels():
     (dict(ff_activation="relu"), "ff_activation"),
     (dict(mid_layers=1), "mid_transformer_depth"),
     (dict(sample_size=18), "sample_size: must be divisible by 4"),
-    (dict(attention_head_dim=4, norm_num_groups=4), "attention_head_dim: ops.attention takes 8..256"),
+    (dict(attention_head_dim=0), "attention_head_dim: expected a positive int"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=message):
@@ -289,22 +290,45 @@ def test_bad_preset_and_config_type():
 
 
 def test_bad_inputs():
+    """The rule is ConditionalUNet's, shared with UNet2DCondition (tests/test_unet_interface.py)."""
     model = _random_model(TINY)
     sample, t, context = _inputs(TINY)
     cases = [
-        ((sample[0], t, context), ValueError, "sample: expected a"),
-        ((sample[:, :2], t, context), ValueError, "sample: expected"),
-        ((sample[..., :14], t, context), ValueError, "positive multiples of 4"),
-        ((sample, t, context[..., :16]), ValueError, r"encoder_hidden_states: expected \(2, L, 32\)"),
-        ((sample, t, context[:1]), ValueError, "encoder_hidden_states: expected"),
-        ((sample, t, context.to(torch.bfloat16)), TypeError, "encoder_hidden_states: dtype"),
-        ((sample.double(), t, context), TypeError, "sample: dtype"),
+        ((sample[0], t, context), ValueError, r"sample: expected shape \(B, 3, H, W\)"),
+        ((sample[:, :2], t, context), ValueError, "sample: expected shape"),
+        ((sample, t, context[..., :16]), ValueError, r"encoder_hidden_states: expected shape \(2, L, 32\)"),
+        ((sample, t, context[:1]), ValueError, "encoder_hidden_states: expected shape"),
         ((sample, torch.tensor([1, 2, 3]), context), ValueError, "timestep: expected"),
         ((sample, "999", context), TypeError, "timestep: expected a number or a tensor"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message), ops.use_backend("reference"):
             model(*args)
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (13, 9)])
+def test_sizes_off_the_level_grid_come_back_at_their_size(hw):
+    """Maps not divisible by 4 (3 levels): downsampling rounds up, upsampling returns to each skip's
+    size, as in diffusers' UNet."""
+    model = _random_model(TINY)
+    sample, t, context = _inputs(TINY)
+    with torch.inference_mode(), ops.use_backend("reference"):
+        out = model(sample[..., :hw[0], :hw[1]], t, context)
+    assert out.shape == (2, 3, *hw) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_head_size_outside_the_kernels_runs_on_the_reference(monkeypatch, backend):
+    """attention_head_dim 4 (< 8, which the kernels take at the least): the model runs, its attention
+    on the reference twin with one warning, and matches the reference backend."""
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    config = TINY.replace(attention_head_dim=4)
+    model, inputs = _random_model(config), _inputs(config)
+    truth = _run(model, inputs, "reference", torch.float32)
+    with pytest.warns(RuntimeWarning, match="head dim 4 is outside the fast kernels' 8..256") as record:
+        out = _run(model, inputs, backend, torch.float32)
+    assert sum("head dim" in str(w.message) for w in record) == 1
+    assert rel_error(out, truth) <= MODEL_FP32_BOUND
 
 
 # ----------------------------------------------------------------------------------------------

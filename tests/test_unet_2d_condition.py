@@ -7,6 +7,7 @@ blocks, odd latent sizes, per-sample timesteps); fp32 and bf16; on the C++ and r
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from diffusers import UNet2DConditionModel
 
 import fastdiff.ops as ops
 from fastdiff import UNet2DCondition
+from fastdiff.ops import _dispatch
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.unet_2d_condition import UNet2DConditionConfig
 from helpers import LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, backend_param, rel_error
@@ -147,6 +149,31 @@ def test_activations_stay_channels_last_in_model_dtype(tiny, backend, dtype):
             m.register_forward_hook(check)
     run(unet, backend, *make_inputs(ref, (16, 16), "int"))
     assert {"ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D"} <= set(seen)
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_head_sizes_the_kernels_do_not_cover_match_diffusers(monkeypatch, backend):
+    """Head size 4 (diffusers' own tiny test configs) and 288 (> 256, one head over a 288-channel
+    mid block): a valid diffusers config runs, those attention calls on the reference op with one
+    warning per head size, and the output still matches diffusers."""
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    ref = make_diffusers_unet(block_out_channels=(32, 288), attention_head_dim=(8, 1))
+    inputs = make_inputs(ref, (8, 8), "per-sample")
+    with torch.no_grad():
+        expected = ref(*inputs).sample
+    unet = UNet2DCondition.from_diffusers(ref)
+    assert {m.dim_head for m in unet.modules() if type(m).__name__ == "Attention"} == {4, 288}
+    with warnings.catch_warnings(record=True) as record, ops.use_backend(backend):
+        warnings.simplefilter("always")
+        out = unet(*inputs)
+        again = unet(*inputs)
+    messages = sorted(str(w.message) for w in record if "head dim" in str(w.message))
+    assert len(messages) == 2, messages  # once per head size, not per call
+    assert "head dim 288 is outside the fast kernels' 8..256" in messages[0]
+    assert "head dim 4 is outside the fast kernels' 8..256" in messages[1]
+    assert torch.equal(out, again)
+    err = rel_error(out, expected)
+    assert err <= FP32_MODEL_BOUND, f"relative error {err:.2e} > {FP32_MODEL_BOUND:.0e}"
 
 
 def test_timestep_forms_agree(tiny):
@@ -282,8 +309,8 @@ def test_heads_are_resolved_like_diffusers(heads):
 
 
 @pytest.mark.parametrize("args, error, match", [
-    (lambda s, t, c: (s[:, :3], t, c), ValueError, "sample: expected 4 channels"),
-    (lambda s, t, c: (s[0], t, c), TypeError, "sample"),
+    (lambda s, t, c: (s[:, :3], t, c), ValueError, r"sample: expected shape \(B, 4, H, W\) \(config in_channels 4\)"),
+    (lambda s, t, c: (s[0], t, c), ValueError, "sample: expected shape"),
     (lambda s, t, c: (s, t, c[..., :16]), ValueError, "encoder_hidden_states: expected shape"),
     (lambda s, t, c: (s, t, c[:1]), ValueError, "encoder_hidden_states: expected shape"),
     (lambda s, t, c: (s, torch.tensor([1, 2, 3]), c), ValueError, "timestep"),

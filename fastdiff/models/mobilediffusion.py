@@ -28,7 +28,6 @@ channels_last throughout; attention sees (B, L, heads, head_dim) views of the pr
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from .layers import (
     Upsample2D,
     group_norm,
 )
+from .unet_common import ConditionalUNet
 
 __all__ = ["MobileDiffusionConfig", "MobileDiffusionUNet", "PRESETS", "ModelSummary"]
 
@@ -90,12 +90,12 @@ class MobileDiffusionConfig:
         if self.mid_layers < 1 or (self.mid_layers == 1 and self.mid_transformer_depth):
             raise ValueError(f"mid_transformer_depth: the core's transformer blocks sit between its residual blocks, so "
                              f"they need mid_layers >= 2, got mid_layers={self.mid_layers}")
+        if not isinstance(self.attention_head_dim, int) or self.attention_head_dim < 1:
+            raise ValueError(f"attention_head_dim: expected a positive int, got {self.attention_head_dim!r}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups or c % self.attention_head_dim:
                 raise ValueError(f"block_out_channels: {c} must be a multiple of norm_num_groups "
                                  f"({self.norm_num_groups}) and attention_head_dim ({self.attention_head_dim})")
-        if not 8 <= self.attention_head_dim <= 256:
-            raise ValueError(f"attention_head_dim: ops.attention takes 8..256, got {self.attention_head_dim}")
         if self.ff_expansion < 2 or self.ff_expansion % 2:
             raise ValueError(f"ff_expansion: expected an even int >= 2 (GLU halves it), got {self.ff_expansion}")
         if self.ff_activation not in ("silu", "gelu"):
@@ -237,7 +237,7 @@ class UpBlock(nn.Module):
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)  # (B, C, 2H, 2W)
+            x = self.upsamplers[0](x, output_size=skips[-1].shape[2:])  # the next skip's size: 2H x 2W, less where odd
         return x
 
 
@@ -245,12 +245,14 @@ class UpBlock(nn.Module):
 # the UNet
 
 
-class MobileDiffusionUNet(nn.Module):
-    """unet(sample, timestep, encoder_hidden_states) -> predicted noise, shaped like sample.
+class MobileDiffusionUNet(ConditionalUNet):
+    """unet(sample, timestep, encoder_hidden_states) -> predicted noise (B, out_channels, H, W),
+    channels_last, in the model's dtype (fp32 or bf16: model.to(torch.bfloat16)).
 
-    sample: (B, in_channels, H, W) with H, W divisible by 2**(levels-1); timestep: a number, a
-    0-d tensor or a (B,) tensor; encoder_hidden_states: (B, L, cross_attention_dim). The input
-    dtypes must match the model's (fp32 or bf16: model.to(torch.bfloat16)).
+    sample: (B, in_channels, H, W), any H, W (odd maps are upsampled back to their skip's size);
+    timestep: a number, a 1-element tensor or a (B,) tensor; encoder_hidden_states: (B, L,
+    cross_attention_dim); the full rule is ConditionalUNet's. Inference only: forward runs under
+    torch.no_grad().
     """
 
     def __init__(self, config: MobileDiffusionConfig | None = None):
@@ -279,41 +281,20 @@ class MobileDiffusionUNet(nn.Module):
     def from_preset(cls, name: str, **changes) -> "MobileDiffusionUNet":
         return cls(MobileDiffusionConfig.from_preset(name, **changes))
 
-    def _check_inputs(self, sample, timestep, encoder_hidden_states):
-        config, dtype = self.config, self.conv_in.weight.dtype
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
-            raise ValueError(f"sample: expected a (B, {config.in_channels}, H, W) tensor, got "
-                             f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
-        B, C, H, W = sample.shape
-        factor = 2 ** (len(config.block_out_channels) - 1)
-        if C != config.in_channels or H % factor or W % factor or H == 0 or W == 0:
-            raise ValueError(f"sample: expected (B, {config.in_channels}, H, W) with H, W positive multiples of "
-                             f"{factor}, got {tuple(sample.shape)}")
-        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3 \
-                or encoder_hidden_states.shape[0] != B or encoder_hidden_states.shape[2] != config.cross_attention_dim:
-            got = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else type(encoder_hidden_states).__name__
-            raise ValueError(f"encoder_hidden_states: expected ({B}, L, {config.cross_attention_dim}), got {got}")
-        for name, t in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
-            if t.dtype != dtype:
-                raise TypeError(f"{name}: dtype {t.dtype} differs from the model's {dtype} (cast the input or the model)")
-        if isinstance(timestep, torch.Tensor):
-            if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, B)):
-                raise ValueError(f"timestep: expected a number, a 0-d tensor or shape ({B},), got {tuple(timestep.shape)}")
-            return timestep.to(sample.device).reshape(-1).expand(B)
-        if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
-            return torch.full((B,), float(timestep), device=sample.device)
-        raise TypeError(f"timestep: expected a number or a tensor, got {type(timestep).__name__}")
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.config.cross_attention_dim
 
+    @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        timesteps = self._check_inputs(sample, timestep, encoder_hidden_states)  # (B,)
-        context = encoder_hidden_states
+        x, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)  # x channels_last
 
         # 1. time embedding: sinusoid in fp32, then the MLP in the model's dtype
-        temb = self.time_proj(timesteps).to(self.conv_in.weight.dtype)  # (B, C0)
+        temb = self.time_proj(timesteps).to(self.dtype)  # (B, C0)
         temb = self.time_embedding(temb)  # (B, 4*C0)
 
-        # 2. conv_in, channels_last from here on
-        x = self.conv_in(sample.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W)
+        # 2. conv_in
+        x = self.conv_in(x)  # (B, C0, H, W)
 
         # 3. down: each level's outputs become skips; stride-2 conv between levels
         skips: list[torch.Tensor] = []

@@ -12,7 +12,6 @@ UpBlock2D. Activations stay in the model's dtype (fp32 or bf16) and channels_las
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from . import checkpoint, dense
 from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm
+from .unet_common import ConditionalUNet
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
 
@@ -185,12 +185,13 @@ class UNetBlock2D(nn.Module):
         return self.attentions[i](x, context) if self.attentions is not None else x
 
 
-class UNet2DCondition(nn.Module):
+class UNet2DCondition(ConditionalUNet):
     """diffusers' UNet2DConditionModel on fastdiff.ops; state_dict names match it exactly.
 
     unet(sample, timestep, encoder_hidden_states) -> noise prediction (B, out_channels, H, W),
-    channels_last, in the model's dtype. Build with UNet2DCondition.from_diffusers(model or folder)
-    or UNet2DCondition(UNet2DConditionConfig(...)).
+    channels_last, in the model's dtype; inputs as ConditionalUNet describes. Inference only: forward
+    runs under torch.no_grad(). Build with UNet2DCondition.from_diffusers(model or folder) or
+    UNet2DCondition(UNet2DConditionConfig(...)).
     """
 
     def __init__(self, config: UNet2DConditionConfig):
@@ -311,45 +312,8 @@ class UNet2DCondition(nn.Module):
     # inference
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
-
-    def _check_inputs(self, sample, timestep, encoder_hidden_states):
-        """Inputs in the model's dtype, sample channels_last, timesteps as a (B,) tensor."""
-        cfg = self.config
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point() or sample.dim() != 4:
-            raise TypeError(f"sample: expected a floating-point (B, {cfg.in_channels}, H, W) tensor, got {_describe(sample)}")
-        B, C = sample.shape[:2]
-        if C != cfg.in_channels:
-            raise ValueError(f"sample: expected {cfg.in_channels} channels (config in_channels), got shape {tuple(sample.shape)}")
-        if not isinstance(encoder_hidden_states, torch.Tensor) or not encoder_hidden_states.is_floating_point() \
-                or encoder_hidden_states.dim() != 3:
-            raise TypeError(f"encoder_hidden_states: expected a floating-point (B, L, {cfg.cross_dim}) tensor, "
-                            f"got {_describe(encoder_hidden_states)}")
-        if encoder_hidden_states.shape[0] != B or encoder_hidden_states.shape[2] != cfg.cross_dim:
-            raise ValueError(f"encoder_hidden_states: expected shape ({B}, L, {cfg.cross_dim}) for a batch of {B} "
-                             f"(config cross_attention_dim {cfg.cross_dim}), got {tuple(encoder_hidden_states.shape)}")
-        for name, t in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
-            if t.device != self.device:
-                raise ValueError(f"{name}: on {t.device}, the model is on {self.device}")
-
-        if isinstance(timestep, torch.Tensor):
-            if timestep.numel() == 1 and timestep.dim() <= 1:
-                timestep = timestep.reshape(1).expand(B)
-            elif timestep.shape != (B,):
-                raise ValueError(f"timestep: expected a number, a 0-d tensor or a ({B},) tensor, got shape {tuple(timestep.shape)}")
-            timestep = timestep.to(self.device)
-        elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
-            timestep = torch.full((B,), float(timestep), dtype=torch.float32, device=self.device)
-        else:
-            raise TypeError(f"timestep: expected a number or a tensor, got {type(timestep).__name__}")
-
-        sample = sample.to(dtype=self.dtype, memory_format=torch.channels_last)
-        return sample, timestep, encoder_hidden_states.to(self.dtype)
+    def cross_attention_dim(self) -> int:
+        return self.config.cross_dim
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
@@ -407,8 +371,3 @@ class UNet2DCondition(nn.Module):
         # 6. output: GroupNorm + SiLU (fused), conv
         return dense.conv2d(group_norm(x, self.conv_norm_out, silu=True), self.conv_out)  # (B, out_channels, H, W)
 
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

@@ -33,7 +33,6 @@ __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "pil_to_tensor", "tensor_to_p
 
 # Diffusers config fields kept for the record only, and fields whose other values are not implemented.
 IGNORED_FIELDS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size", "force_upcast"}
-MAX_OPS_HEAD_DIM = 256  # fastdiff.ops.attention's head-dim limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +90,10 @@ class MidBlockAttention(Attention):
     """The VAE mid-block's attention: GroupNorm, one head over all channels, residual.
 
     diffusers builds it with heads = channels // attention_head_dim = 1, so the head dim is the
-    channel count: SD's 512 exceeds ops.attention's 256, and those layers run torch's
-    scaled_dot_product_attention instead (the only non-ops attention in fastdiff's models).
+    channel count: SD's 512 is past the kernels' ops.FAST_HEAD_DIMS, where ops.attention would run
+    its reference twin, which forms the (HW, HW) score matrix (1 GiB at 1024 px). Those layers run
+    torch's scaled_dot_product_attention instead, which does not (the only non-ops attention in
+    fastdiff's models).
     """
 
     def __init__(self, channels: int, groups: int, eps: float = 1e-6):
@@ -105,7 +106,7 @@ class MidBlockAttention(Attention):
         q = self.to_q(tokens).view(B, H * W, 1, C)
         k = self.to_k(tokens).view(B, H * W, 1, C)
         v = self.to_v(tokens).view(B, H * W, 1, C)
-        if C <= MAX_OPS_HEAD_DIM:
+        if C <= ops.FAST_HEAD_DIMS[1]:
             out = ops.attention(q, k, v, scale=self.scale)  # (B, HW, 1, C)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
