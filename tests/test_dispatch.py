@@ -76,9 +76,11 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_forced_cpp_on_a_non_cpu_device_raises():
-    # the choice made inside the op for CUDA tensors (meta tensors take the op's fake implementation)
-    with ops.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' was asked for but cannot run"):
-        _dispatch.select("glu", "cuda")
+    with ops.use_backend("cpp"):
+        with pytest.raises(RuntimeError, match="backend 'cpp' was asked for but cannot run"):
+            ops.glu(torch.randn(2, 4, device="meta"))
+        with pytest.raises(RuntimeError, match="backend 'cpp' was asked for but cannot run"):
+            _dispatch.select("glu", "cuda")  # the choice the registered op makes for CUDA tensors
 
 
 def test_other_devices_use_the_reference():
