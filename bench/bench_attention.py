@@ -1,9 +1,9 @@
-"""C++ CPU attention vs F.scaled_dot_product_attention at SD1.5 / MobileDiffusion 512x512 sizes.
+"""C++ CPU attention vs F.scaled_dot_product_attention at the real models' shapes (fastdiff.shapes).
 
     flock /tmp/fastdiff-bench.lock .venv/bin/python -m pytest bench/bench_attention.py --benchmark-only \
         --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
-One group per shape x dtype, batch 2, 2 threads. Each side gets its preferred layout, made outside
+One group per model case x dtype (SD1.5, InstructPix2Pix, MobileDiffusion), 2 threads. Each side gets its preferred layout, made outside
 the timed call: SDPA (B, H, L, D) contiguous tensors, fastdiff (B, L, H, D) (what a projection
 reshaped per head gives). "fastdiff-shared" passes v=None (one K/V projection, read once).
 ReLU attention (MobileDiffusion) is compared with its materialised torch form, relu(q kᵀ·s)/Lk · v.
@@ -16,23 +16,13 @@ import torch.nn.functional as F
 
 import fastdiff.ops as ops
 from benchutil import dtype_id, needs_cpp
+from fastdiff.shapes import model_cases
 
 pytestmark = needs_cpp
 
-# (batch, seqlen_q, seqlen_k, heads, headdim, kind)
-SHAPES = {
-    "sd-self-4096-d40": (2, 4096, 4096, 8, 40, "softmax"),
-    "md-self-1024-d64": (2, 1024, 1024, 8, 64, "softmax"),
-    "sd-self-1024-d80": (2, 1024, 1024, 8, 80, "softmax"),
-    "sd-cross-4096x77-d40": (2, 4096, 77, 8, 40, "softmax"),
-    "sd-cross-1024x77-d80": (2, 1024, 77, 8, 80, "softmax"),
-    "sd-cross-256x77-d160": (2, 256, 77, 8, 160, "softmax"),
-    "md-relu-1024-d64": (2, 1024, 1024, 8, 64, "relu"),
-}
+SHAPES = {c.name: c for c in model_cases("attention")}
 DTYPES = [torch.float32, torch.bfloat16]
-IMPLS = ["torch", "fastdiff", "fastdiff-shared"]
-
-
+IMPLS = ["torch", "fastdiff", "fastdiff-shared"]  # fastdiff: separate V; -shared: v=None, whatever the case's model does
 
 
 def _torch_relu_attention(q, k, v):
@@ -44,7 +34,9 @@ def _torch_relu_attention(q, k, v):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_attention(benchmark, name, dtype, impl):
-    B, Lq, Lk, H, D, kind = SHAPES[name]
+    c = SHAPES[name]
+    B, Lq, Lk, H, D = c.dims
+    kind = c.kind
     benchmark.group = f"attention {name} {dtype_id(dtype)}"
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for L in (Lq, Lk, Lk))  # (B, H, L, D)

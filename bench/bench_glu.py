@@ -1,10 +1,10 @@
-"""C++ CPU glu (GEGLU / SwiGLU) vs torch's chunk + gelu/silu + mul.
+"""C++ CPU glu (GEGLU / SwiGLU) vs torch's chunk + gelu/silu + mul at the real models' shapes (fastdiff.shapes).
 
     flock /tmp/fastdiff-bench.lock .venv/bin/python -m pytest bench/bench_glu.py --benchmark-only \
         --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
-Shapes: SD1.5's GEGLU at 64x64 latents (2, 4096, 2 * 1280) and MobileDiffusion's expansion-6
-SwiGLU/GEGLU at 32x32 (2, 1024, 2 * 3840); 2 threads. Bytes moved per call: h read + out written.
+Shapes: SD1.5's and InstructPix2Pix's GEGLU, MobileDiffusion's expansion-6 SwiGLU, each timed with
+both activations; 2 threads. Bytes moved per call: h read + out written.
 """
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import torch.nn.functional as F
 
 import fastdiff.ops as ops
 from benchutil import dtype_id, needs_cpp
+from fastdiff.shapes import model_cases
 
 pytestmark = needs_cpp
 
-SHAPES = {"sd-geglu": (2, 4096, 2 * 1280), "md-expand6": (2, 1024, 2 * 3840)}
+SHAPES = {c.name: c.shape for c in model_cases("glu")}
 DTYPES = [torch.float32, torch.bfloat16]
-
-
 
 
 def _torch_glu(h, activation):

@@ -1,4 +1,4 @@
-"""Triton kernels vs the torch ops they replace, at SD1.5 / MobileDiffusion 512×512 sizes (CUDA only).
+"""Triton kernels vs the torch ops they replace, at the real models' shapes (fastdiff.shapes; CUDA only).
 
     .venv/bin/python -m pytest bench/bench_triton.py --benchmark-only --benchmark-group-by=group,param:dtype
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import fastdiff.ops as ops
 from benchutil import dtype_id
+from fastdiff.shapes import model_cases
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton benchmarks need a CUDA device")]
 
@@ -39,22 +40,18 @@ def _run(benchmark, fn, *args, **kwargs):
         return benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
 
 
-def _randn(*shape, dtype, memory_format=torch.contiguous_format):
-    return torch.randn(*shape, device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
+def _inputs(case, dtype):
+    """The case's random inputs, made on the CPU in fp32 and moved to the GPU in `dtype`."""
+    args, _ = case.inputs(dtype=torch.float32)
+    return tuple(a.to(device="cuda", dtype=dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-# (batch, seqlen_q, seqlen_k, heads, headdim, kind)
-ATTENTION = {
-    "self-4096-d40": (2, 4096, 4096, 8, 40, "softmax"),
-    "self-1024-d80": (2, 1024, 1024, 8, 80, "softmax"),
-    "self-256-d160": (2, 256, 256, 8, 160, "softmax"),
-    "cross-4096x77-d40": (2, 4096, 77, 8, 40, "softmax"),
-    "relu-1024-d64": (2, 1024, 1024, 10, 64, "relu"),
-}
+ATTENTION = {c.name: c for c in model_cases("attention")}
 
 
 def _torch_attention(q, k, v, kind):
     # (B, L, H, D) -> (B, H, L, D) views, as a diffusers attention processor would pass them.
+    v = k if v is None else v
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if kind == "relu":
         weights = torch.relu(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5) / k.shape[-2]
@@ -69,9 +66,10 @@ def _torch_attention(q, k, v, kind):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(ATTENTION))
 def test_attention(benchmark, name, dtype, impl):
-    B, Lq, Lk, H, D, kind = ATTENTION[name]
+    case = ATTENTION[name]
+    kind = case.kind
     benchmark.group = f"attention {name}"
-    q, k, v = _randn(B, Lq, H, D, dtype=dtype), _randn(B, Lk, H, D, dtype=dtype), _randn(B, Lk, H, D, dtype=dtype)
+    q, k, v = _inputs(case, dtype)  # v None: shared K/V (MobileDiffusion)
     if impl == "fastdiff":
         out = _run(benchmark, ops.attention, q, k, v, kind=kind)
     else:
@@ -79,12 +77,13 @@ def test_attention(benchmark, name, dtype, impl):
     assert torch.isfinite(out).all()
 
 
-GROUP_NORM = {"320x64x64": (2, 320, 64, 64), "640x32x32": (2, 640, 32, 32), "1280x16x16": (2, 1280, 16, 16)}
+GROUP_NORM = {c.name: c for c in model_cases("group_norm")}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _torch_group_norm_silu(x, groups, weight, bias):
-    return F.silu(F.group_norm(x, groups, weight, bias, 1e-5))
+def _torch_group_norm(x, groups, weight, bias, eps, *, silu):
+    out = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(out) if silu else out
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -92,18 +91,18 @@ def _torch_group_norm_silu(x, groups, weight, bias):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", list(GROUP_NORM))
 def test_group_norm_silu(benchmark, name, layout, dtype, impl):
-    shape = GROUP_NORM[name]
-    benchmark.group = f"group_norm+silu {name} {layout}"
-    x = _randn(*shape, dtype=dtype, memory_format=LAYOUTS[layout])
-    w, b = _randn(shape[1], dtype=dtype), _randn(shape[1], dtype=dtype)
+    case = GROUP_NORM[name]
+    benchmark.group = f"group_norm {name} {layout}"
+    x, groups, w, b, eps = _inputs(case, dtype)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
     if impl == "fastdiff":
-        out = _run(benchmark, ops.group_norm, x, 32, w, b, silu=True)
+        out = _run(benchmark, ops.group_norm, x, groups, w, b, eps, silu=case.silu)
     else:
-        out = _run(benchmark, _torch_group_norm_silu, x, 32, w, b)
+        out = _run(benchmark, _torch_group_norm, x, groups, w, b, eps, silu=case.silu)
     assert torch.isfinite(out).all()
 
 
-GLU = {"4096x1280": (2, 4096, 2 * 1280), "1024x2560": (2, 1024, 2 * 2560)}
+GLU = {c.name: c for c in model_cases("glu")}
 
 
 def _torch_glu(h, activation):
@@ -116,9 +115,8 @@ def _torch_glu(h, activation):
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("name", list(GLU))
 def test_glu(benchmark, name, activation, dtype, impl):
-    shape = GLU[name]
     benchmark.group = f"glu-{activation} {name}"
-    h = _randn(*shape, dtype=dtype)
+    (h,) = _inputs(GLU[name], dtype)
     if impl == "fastdiff":
         out = _run(benchmark, ops.glu, h, activation=activation)
     else:
@@ -126,7 +124,7 @@ def test_glu(benchmark, name, activation, dtype, impl):
     assert torch.isfinite(out).all()
 
 
-SEPARABLE = {"320ch-64x64": ((2, 320, 64, 64), 320), "640ch-32x32": ((2, 640, 32, 32), 640), "1024ch-16x16": ((2, 1024, 16, 16), 1024)}
+SEPARABLE = {c.name: c for c in model_cases("separable_conv2d")}
 
 
 def _torch_separable(x, dw_w, dw_b, pw_w, pw_b):
@@ -137,12 +135,10 @@ def _torch_separable(x, dw_w, dw_b, pw_w, pw_b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("name", list(SEPARABLE))
 def test_separable_conv2d(benchmark, name, dtype, impl):
-    (N, C, H, W), C_out = SEPARABLE[name]
     benchmark.group = f"separable_conv2d {name}"
     torch.backends.cudnn.benchmark = True
-    x = _randn(N, C, H, W, dtype=dtype, memory_format=torch.channels_last)
-    dw_w, dw_b = _randn(C, 1, 3, 3, dtype=dtype) / 3, _randn(C, dtype=dtype)
-    pw_w, pw_b = (_randn(C_out, C, 1, 1, dtype=dtype) / C**0.5).contiguous(memory_format=torch.channels_last), _randn(C_out, dtype=dtype)
+    x, dw_w, dw_b, pw_w, pw_b = _inputs(SEPARABLE[name], dtype)
+    x, pw_w = x.contiguous(memory_format=torch.channels_last), pw_w.contiguous(memory_format=torch.channels_last)
     if impl == "fastdiff":
         out = _run(benchmark, ops.separable_conv2d, x, dw_w, dw_b, pw_w, pw_b)
     else:

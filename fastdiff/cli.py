@@ -42,32 +42,9 @@ def _info(args) -> int:
     return 0
 
 
-def _validation_cases():
-    """(label, op, args (float64), kwargs, cast) at the models' shapes, reduced to run in seconds."""
-    r = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
-
-    def channels_last(value, dtype, device):
-        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2:] != (3, 3):
-            return value.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        return value.to(device=device, dtype=dtype) if isinstance(value, torch.Tensor) else value
-
-    return [
-        ("self 2x1024x8x40", "attention", (r(2, 1024, 8, 40), r(2, 1024, 8, 40), r(2, 1024, 8, 40)), {}, None),
-        ("cross 2x1024x8x80, 77 keys", "attention", (r(2, 1024, 8, 80), r(2, 77, 8, 80), r(2, 77, 8, 80)), {}, None),
-        ("shared K/V 1x256x4x64", "attention", (r(1, 256, 4, 64), r(1, 256, 4, 64), None), {}, None),
-        ("relu 1x300x2x72", "attention", (r(1, 300, 2, 72), r(1, 300, 2, 72), r(1, 300, 2, 72)), {"kind": "relu"}, None),
-        ("2x320x32x32 NHWC +silu", "group_norm", (r(2, 320, 32, 32), 32, r(320), r(320)), {"silu": True}, channels_last),
-        ("3x40x7x13 NCHW", "group_norm", (r(3, 40, 7, 13), 8, r(40), r(40)), {}, None),
-        ("2x1024x2560 gelu", "glu", (r(2, 1024, 2560),), {"activation": "gelu"}, None),
-        ("2x256x6144 silu", "glu", (r(2, 256, 6144),), {"activation": "silu"}, None),
-        ("2x320x32x32->320 NHWC", "separable_conv2d", (r(2, 320, 32, 32), r(320, 1, 3, 3), r(320), r(320, 320, 1, 1), r(320)), {}, channels_last),
-        ("3x40x7x13->72 NCHW", "separable_conv2d", (r(3, 40, 7, 13), r(40, 1, 3, 3), None, r(72, 40), r(72)), {}, None),
-    ]
-
-
 def _validate(args) -> int:
     from fastdiff.bench.timing import format_table
-    from fastdiff.validate import compare
+    from fastdiff.validate import compare, kernel_cases
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = [name for name, status in ops.backends().items() if name != "reference" and status == "available"]
@@ -79,7 +56,7 @@ def _validate(args) -> int:
         for dtype in dtypes:
             if backend == "cpp" and dtype == torch.float16:
                 continue
-            for label, op, op_args, kwargs, cast in _validation_cases():
+            for label, op, op_args, kwargs, cast in kernel_cases():
                 _, result = compare(op, op_args, kwargs, backend, dtype, device=device, cast=cast)
                 failures += not result.passed
                 rows.append([op, label, backend, str(dtype).removeprefix("torch."), f"{result.error:.2e}",

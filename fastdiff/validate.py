@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 import fastdiff.ops as ops
+from fastdiff import shapes
 from fastdiff.ops import reference
 
 FP32_BOUND = 1e-5
@@ -73,6 +74,23 @@ def compare(op: str, args: tuple, kwargs: dict, backend: str, dtype: torch.dtype
         problem = "output has NaN/inf (unwritten or overflowed elements)"
     error = rel_error(out, truth) if problem is None else float("nan")
     return out, Comparison(op, backend, dtype, error, bound, problem)
+
+
+def _channels_last(value, dtype, device):
+    """default_cast, with feature maps (4-D, not the 3x3 / 1x1 conv weights) in channels_last."""
+    value = default_cast(value, dtype, device)
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2:] != (3, 3) and value.shape[2:] != (1, 1):
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def kernel_cases(size: str = shapes.QUICK, *, seed: int = 0):
+    """(label, op, args (float64), kwargs, cast) for every case of fastdiff.shapes at `size`: the real
+    models' cases in channels_last (the layout they run in), the odd ones in NCHW."""
+    for case in shapes.cases(size=size):
+        args, kwargs = case.inputs(seed=seed)
+        cast = _channels_last if case.model != shapes.ODD else None
+        yield f"{case.name} {case.label}", case.op, args, kwargs, cast
 
 
 def _tiny_diffusers_models():

@@ -1,8 +1,12 @@
-"""group_norm (+ fused SiLU) on the C++ backend against the float64 reference twin.
+"""group_norm (+ fused SiLU) on every backend against its float64 twin, at the shapes of fastdiff.shapes.
 
-Shapes: SD1.5 / MobileDiffusion GroupNorm(32) inputs, plus odd ones (batch 3, 7x13 maps, 1x1 maps,
-channel counts 40 / 72 with 8 groups) in both memory formats, and an input with a large mean
-(randn + 30) that breaks E[x^2] - E[x]^2 statistics. The reference backend runs as a harness check.
+Backends: C++ and the reference (a check of the harness) at the table's QUICK size; Triton at TINY
+size (without CUDA in its CPU interpreter, which computes this dot-free kernel right in bf16 too);
+"triton-full", the real sizes, on a CUDA device only. Shapes: every group_norm case of the table
+(SD1.5 / InstructPix2Pix / MobileDiffusion resnet and transformer norms, the VAE decoder's; odd ones:
+batch 3, 7x13 and 1x1 maps, channels off 16, 2 and 80 channels per group, no affine) in both memory
+formats. Then inputs with a large mean (randn + 30, -50, 300), which break E[x^2] - E[x]^2
+statistics, a non-contiguous input, the AVX2 and scalar paths in subprocesses, argument errors.
 """
 from __future__ import annotations
 
@@ -14,63 +18,49 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from helpers import backend_param, check_against_reference, dtypes_for, layout_cast
+from fastdiff.shapes import TINY, case, cases, model_cases
+from helpers import backend_param, case_params, check_against_reference, check_case, layout_cast, runs
 
-BACKENDS = ["cpp", "reference"]
-
-CASES = [  # (shape, groups, offset, affine, silu)
-    ((2, 320, 64, 64), 32, 0.0, True, True),  # SD1.5 down block 0
-    ((2, 640, 32, 32), 32, 0.0, True, False),
-    ((2, 1280, 8, 8), 32, 0.0, True, True),
-    ((3, 40, 7, 13), 8, 0.0, True, True),  # odd: batch 3, 7x13, channels % 16 != 0
-    ((2, 72, 1, 1), 8, 0.0, False, True),  # odd: 1x1 map, no affine
-    ((2, 320, 16, 16), 32, 30.0, True, True),  # large mean
-    ((1, 96, 9, 5), 3, -50.0, False, False),
-]
+RUNS = runs("cpp", "reference", "triton", "triton-full", dot_free=True)
+# Triton's CPU interpreter takes ~25 ms per program: without CUDA it runs the odd cases (2 to 80 channels
+# per group, several splits, 1x1 maps, no affine); the models' cases run on a GPU only.
+GPU_ONLY_ON_TRITON = {c.name for c in model_cases("group_norm")}
+FORMATS = [pytest.param(torch.contiguous_format, id="nchw"), pytest.param(torch.channels_last, id="nhwc")]
 
 
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _args(shape, groups, offset, affine):
-    C = shape[1]
-    x = _randn(*shape, seed=1) * 2.0 + offset
-    weight = _randn(C, seed=2) if affine else None
-    bias = _randn(C, seed=3) if affine else None
-    return x, groups, weight, bias, 1e-5
-
-
-
-def check(shape, groups, offset, affine, silu, backend, dtype, memory_format):
-    out, _, _ = check_against_reference(
-        "group_norm", _args(shape, groups, offset, affine), {"silu": silu}, backend, dtype, cast=layout_cast(memory_format)
-    )
+def check(case, run, memory_format, args=None):
+    out, _, _ = check_case(case, run, args=args, cast=layout_cast(memory_format))
     assert out.is_contiguous(memory_format=memory_format), "output must keep x's memory format"
 
 
-def _case_id(case):
-    shape, groups, offset, affine, silu = case
-    return f"{'x'.join(map(str, shape))}-g{groups}" + (f"-mean{offset:g}" if offset else "") + ("" if affine else "-noaffine") + ("-silu" if silu else "")
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("case, run", case_params(cases("group_norm"), RUNS, gpu_only_on_triton=GPU_ONLY_ON_TRITON))
+def test_group_norm_matches_reference(case, run, memory_format):
+    check(case, run, memory_format)
 
 
-@pytest.mark.parametrize("backend", [backend_param(b) for b in BACKENDS])
-@pytest.mark.parametrize("dtype", dtypes_for("cpp"), ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_group_norm_matches_reference(case, memory_format, dtype, backend):
-    if backend == "reference" and case[2] != 0.0:
-        pytest.skip("torch's own fp32 GroupNorm loses ~3e-5 on large-mean inputs (the C++ kernel is checked on them)")
-    check(*case, backend, dtype, memory_format)
+MEANS = {"sd15-320x64x64": 30.0, "1x96x9x5-g3-noaffine": -50.0, "1x160x12x12-g2": 300.0}
 
 
-@pytest.mark.parametrize("backend", [backend_param("cpp")])
-def test_group_norm_non_contiguous_input(backend):
-    x = _randn(2, 64, 12, 10, seed=4)
-    cast = lambda v, dtype, device: v.to(dtype=dtype)[:, :, ::2] if isinstance(v, torch.Tensor) and v.dim() == 4 else (
-        v.to(dtype=dtype) if isinstance(v, torch.Tensor) else v)
-    check_against_reference("group_norm", (x, 16, _randn(64, seed=5), None, 1e-5), {"silu": True}, backend,
-                            torch.float32, cast=cast)
+# The reference backend is left out: torch's own fp32 GroupNorm loses ~3e-5 on these inputs.
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("case, run", case_params([case("group_norm", name) for name in MEANS], runs("cpp", "triton", dot_free=True),
+                                                  gpu_only_on_triton=GPU_ONLY_ON_TRITON))
+def test_group_norm_large_mean(case, run, memory_format):
+    """|mean| up to 300 x std: fp32 statistics must not lose the variance to cancellation (Triton:
+    also across the splits of a group)."""
+    x, *rest = case.inputs()[0]
+    check(case, run, memory_format, args=(x + MEANS[case.name], *rest))
+
+
+@pytest.mark.parametrize("run", runs("cpp", "reference", "triton", dot_free=True, size=TINY))
+def test_group_norm_non_contiguous_input(run):
+    """Every other row of x (a strided view), weight without bias."""
+    c = case("group_norm", "2x64x9x13-g32", size=run.size)
+    x, groups, weight, _, eps = c.inputs()[0]
+    cast = lambda v, dtype, device: v.to(device=device, dtype=dtype)[:, :, ::2] if isinstance(v, torch.Tensor) and v.dim() == 4 else (  # noqa: E731
+        v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+    check_case(c, run, args=(x, groups, weight, None, eps), cast=cast)
 
 
 @pytest.mark.parametrize("level", ["avx2", "scalar"])
@@ -82,11 +72,15 @@ import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import test_group_norm as t
 from fastdiff import _C
+from fastdiff.shapes import QUICK, case
+from helpers import Run
 assert _C.simd() == {level!r}, _C.simd()
-for case in [t.CASES[3], t.CASES[4], t.CASES[5], ((2, 320, 16, 16), 32, 0.0, True, True)]:
+for name, mean in [("3x40x7x13-g8", 0.0), ("2x72x1x1-g8-noaffine", 0.0), ("sd15-1280x8x8", 0.0), ("sd15-1280x8x8", 30.0)]:
+    c = case("group_norm", name, size=QUICK)
+    x, *rest = c.inputs()[0]
     for dtype in (torch.float32, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            t.check(*case, "cpp", dtype, fmt)
+            t.check(c, Run("cpp", dtype, QUICK, ""), fmt, args=(x + mean, *rest))
 """
     env = dict(os.environ, FASTDIFF_SIMD=level)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -1,10 +1,14 @@
-"""separable_conv2d (fused depthwise 3x3 + pointwise 1x1) on the C++ backend against the float64
-reference twin.
+"""separable_conv2d (fused depthwise 3x3 + pointwise 1x1) on every backend against its float64 twin,
+at the shapes of fastdiff.shapes.
 
-Shapes: MobileDiffusion / SD channel counts 320, 640, 1024 at reduced spatial sizes (the float64
-reference conv is slow), odd ones (batch 3, 7x13 maps, 1x1 maps, channels 40 / 72 / 17, C_out != C,
-C_out not a multiple of the 32-channel weight panels), with and without biases, in both memory
-formats. The output must be channels_last whatever the input layout.
+Backends: C++ and the reference (a check of the harness) at the table's QUICK size; Triton at TINY
+size (without CUDA in its CPU interpreter, fp32/fp16 only: the interpreter computes bf16 tl.dot
+wrongly); "triton-full", the real sizes, on a CUDA device only. Shapes: every separable_conv2d case
+of the table (MobileDiffusion's resnets, C -> C and C -> C_out; odd ones: batch 3, 7x13 and 1x1
+maps, channels 17 / 40 / 70 / 72, C_out not a multiple of the 32-channel weight panels or of
+Triton's blocks, with and without biases) in both memory formats; the output must be channels_last
+whatever the input layout. Then the pointwise weight as a 2-D matrix, the AVX-512 (no BF16), AVX2
+and scalar paths in subprocesses, argument errors.
 """
 from __future__ import annotations
 
@@ -16,87 +20,61 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from helpers import backend_param, check_against_reference, dtypes_for
+from fastdiff.shapes import case, cases, model_cases
+from helpers import backend_param, case_params, check_case, layout_cast, runs
 
-BACKENDS = ["cpp", "reference"]
-
-CASES = [  # (N, C, H, W, C_out, biases)
-    (2, 320, 16, 16, 320, True),
-    (2, 640, 8, 8, 640, True),
-    (2, 1024, 4, 4, 1024, False),
-    (3, 40, 7, 13, 72, True),  # odd everything
-    (2, 72, 1, 1, 40, False),  # 1x1 map: only the centre tap
-    (1, 17, 5, 3, 33, True),  # C and C_out not multiples of 16
-    (1, 64, 2, 9, 100, True),  # 2-row map, C_out tail of 4 past three panels
-]
+RUNS = runs("cpp", "reference", "triton", "triton-full")
+# Triton's CPU interpreter takes ~0.2 s per 16 input channels of a 64-pixel tile: without CUDA it runs the
+# odd cases (C > C_out and C < C_out, tails of every block, several tiles) and one model case; the rest
+# run on a GPU only.
+GPU_ONLY_ON_TRITON = {c.name for c in model_cases("separable_conv2d")} - {"md-320to640-32x32"} | {"3x40x7x13-to72", "2x72x1x1-to40-nobias"}
+FORMATS = [pytest.param(torch.channels_last, id="nhwc"), pytest.param(torch.contiguous_format, id="nchw")]
 
 
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _args(N, C, H, W, C_out, biases, pw_4d=False):
-    x = _randn(N, C, H, W, seed=1)
-    dw_weight = _randn(C, 1, 3, 3, seed=2) / 3
-    pw_weight = _randn(C_out, C, seed=3) / C**0.5
-    if pw_4d:
-        pw_weight = pw_weight[:, :, None, None]
-    dw_bias = _randn(C, seed=4) if biases else None
-    pw_bias = _randn(C_out, seed=5) if biases else None
-    return x, dw_weight, dw_bias, pw_weight, pw_bias
-
-
-def _cast_x(memory_format, x_shape):
-    def cast(value, dtype, device):
-        if not isinstance(value, torch.Tensor):
-            return value
-        value = value.to(device=device, dtype=dtype)
-        return value.contiguous(memory_format=memory_format) if tuple(value.shape) == x_shape else value
-
-    return cast
-
-
-def check(case, backend, dtype, memory_format, pw_4d=False):
-    args = _args(*case, pw_4d=pw_4d)
-    out, _, _ = check_against_reference(
-        "separable_conv2d", args, {}, backend, dtype, cast=_cast_x(memory_format, tuple(args[0].shape))
-    )
+def check(case, run, memory_format, pw_2d=False):
+    args, _ = case.inputs()
+    if pw_2d:  # (C_out, C) instead of nn.Conv2d's (C_out, C, 1, 1)
+        x, dw_weight, dw_bias, pw_weight, pw_bias = args
+        args = (x, dw_weight, dw_bias, pw_weight[:, :, 0, 0], pw_bias)
+    out, _, _ = check_case(case, run, args=args, cast=layout_cast(memory_format))
     assert out.is_contiguous(memory_format=torch.channels_last), "output must be channels_last"
 
 
-def _case_id(case):
-    N, C, H, W, C_out, biases = case
-    return f"{N}x{C}x{H}x{W}-to{C_out}" + ("" if biases else "-nobias")
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("case, run", case_params(cases("separable_conv2d"), RUNS, gpu_only_on_triton=GPU_ONLY_ON_TRITON))
+def test_separable_conv_matches_reference(case, run, memory_format):
+    check(case, run, memory_format)
 
 
-@pytest.mark.parametrize("backend", [backend_param(b) for b in BACKENDS])
-@pytest.mark.parametrize("dtype", dtypes_for("cpp"), ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_separable_conv_matches_reference(case, memory_format, dtype, backend):
-    check(case, backend, dtype, memory_format)
-
-
-@pytest.mark.parametrize("backend", [backend_param("cpp")])
-def test_separable_conv_4d_pointwise_weight_and_big_map(backend):
-    """(C_out, C, 1, 1) weights through fastdiff.ops; a 64-wide map spans several pixel tiles per row."""
-    check((1, 32, 24, 64, 48, True), backend, torch.float32, torch.channels_last, pw_4d=True)
+@pytest.mark.parametrize("case, run", case_params([case("separable_conv2d", n) for n in ("1x24x6x10-to40", "1x32x24x64-to48")],
+                                                  runs("cpp", "reference", "triton")))
+def test_separable_conv_2d_pointwise_weight(case, run):
+    """(C_out, C) pointwise weights through fastdiff.ops; a 64-wide map spans several pixel tiles per row."""
+    check(case, run, torch.channels_last, pw_2d=True)
 
 
 @pytest.mark.parametrize("level", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
 def test_separable_conv_other_simd_levels(level, backend):
-    """FASTDIFF_SIMD caps the SIMD level (avx512: bf16 without vdpbf16ps runs the fp32 GEMM)."""
+    """FASTDIFF_SIMD caps the SIMD level (avx512: bf16 without vdpbf16ps runs the fp32 GEMM).
+    Skipped only if this CPU lacks the level."""
+    from fastdiff import _C
+
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    if order.index(_C.simd()) < order.index(level):
+        pytest.skip(f"this CPU tops out at {_C.simd()}")
     script = f"""
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import test_separable_conv as t
 from fastdiff import _C
+from fastdiff.shapes import QUICK, TINY, case
+from helpers import Run
 assert _C.simd() == {level!r}, _C.simd()
-for case in [(2, 64, 8, 8, 64, True), t.CASES[3], t.CASES[4], t.CASES[5]]:
+for name, size in [("md-640x32x32", TINY), ("3x40x7x13-to72", QUICK), ("2x72x1x1-to40-nobias", QUICK), ("1x17x5x3-to33", QUICK)]:
     for dtype in (torch.float32, torch.bfloat16):
         for fmt in (torch.channels_last, torch.contiguous_format):
-            t.check(case, "cpp", dtype, fmt)
+            t.check(case("separable_conv2d", name, size=size), Run("cpp", dtype, size, ""), fmt)
 """
     env = dict(os.environ, FASTDIFF_SIMD=level)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

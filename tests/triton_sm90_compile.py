@@ -56,39 +56,40 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def _cases():
-    """(label, thunk) pairs calling the kernels' Python entry points at SD1.5 / MobileDiffusion sizes."""
+    """(label, thunk) pairs calling the kernels' Python entry points at the real models' sizes
+    (fastdiff.shapes, full size), and at one key (the smallest key block)."""
     import fastdiff.kernels as K
+    from fastdiff.shapes import case
 
     e = torch.empty
     cases = []
+    attention = ["sd15-self-64x64", "sd15-cross-64x64", "sd15-self-32x32", "sd15-cross-32x32", "sd15-self-16x16",
+                 "sd15-cross-16x16", "md-relu-self-32x32", "keys1"]
     for dtype in (torch.float16, torch.float32):
-        for B, Lq, Lk, H, D, kind, shared in [
-            (2, 4096, 4096, 8, 40, "softmax", False),
-            (2, 4096, 77, 8, 40, "softmax", False),
-            (2, 1024, 1024, 8, 80, "softmax", False),
-            (2, 1024, 77, 8, 80, "softmax", False),
-            (2, 256, 256, 8, 160, "softmax", False),
-            (2, 256, 77, 8, 160, "softmax", False),
-            (2, 1024, 1024, 10, 64, "relu", True),
-            (2, 1024, 16, 10, 64, "softmax", False),
-        ]:
+        for name in attention:
+            c = case("attention", name)
+            B, Lq, Lk, H, D = c.dims
             q, k = e(B, Lq, H, D, dtype=dtype), e(B, Lk, H, D, dtype=dtype)
-            v = None if shared else e(B, Lk, H, D, dtype=dtype)
-            cases.append((f"attention {dtype} q{(B, Lq, H, D)} k{Lk} {kind} shared={shared}", lambda q=q, k=k, v=v, kind=kind: K.attention(q, k, v, kind=kind)))
-    q = e(2, 4096, 8, 40, dtype=torch.bfloat16)
-    cases.append(("attention bf16 self-4096-d40", lambda: K.attention(q, q, q)))
+            v = None if c.shared_kv else e(B, Lk, H, D, dtype=dtype)
+            cases.append((f"attention {dtype} {name}", lambda q=q, k=k, v=v, kind=c.kind: K.attention(q, k, v, kind=kind)))
+    B, Lq, _, H, D = case("attention", "sd15-self-64x64").dims
+    q = e(B, Lq, H, D, dtype=torch.bfloat16)
+    cases.append(("attention bf16 sd15-self-64x64", lambda: K.attention(q, q, q)))
     for dtype in (torch.float16, torch.float32):
+        c = case("group_norm", "sd15-320x64x64")
         for fmt in (torch.contiguous_format, torch.channels_last):
-            x, w = e(2, 320, 64, 64, dtype=dtype).contiguous(memory_format=fmt), e(320, dtype=dtype)
-            cases.append((f"group_norm {dtype} 2x320x64x64 {fmt}", lambda x=x, w=w: K.group_norm(x, 32, w, w, silu=True)))
-        h = e(2, 4096, 2 * 1280, dtype=dtype)
+            x, w = e(*c.shape, dtype=dtype).contiguous(memory_format=fmt), e(c.channels, dtype=dtype)
+            cases.append((f"group_norm {dtype} {c.name} {fmt}", lambda x=x, w=w, g=c.groups: K.group_norm(x, g, w, w, silu=True)))
+        h = e(*case("glu", "sd15-geglu-64x64").shape, dtype=dtype)
         for activation in ("gelu", "silu"):
             cases.append((f"glu {dtype} {activation}", lambda h=h, a=activation: K.glu(h, activation=a)))
-        for (N, C, Hh, W), C_out in [((2, 320, 64, 64), 320), ((2, 1024, 16, 16), 1024)]:
+        for name in ("md-320x64x64", "md-1024x16x16"):
+            c = case("separable_conv2d", name)
+            C, C_out = c.channels, c.out_channels
             for fmt in (torch.contiguous_format, torch.channels_last):
-                x = e(N, C, Hh, W, dtype=dtype).contiguous(memory_format=fmt)
+                x = e(*c.shape, dtype=dtype).contiguous(memory_format=fmt)
                 args = (x, e(C, 1, 3, 3, dtype=dtype), e(C, dtype=dtype), e(C_out, C, 1, 1, dtype=dtype), e(C_out, dtype=dtype))
-                cases.append((f"separable_conv2d {dtype} {C}->{C_out} {Hh}x{W} {fmt}", lambda args=args: K.separable_conv2d(*args)))
+                cases.append((f"separable_conv2d {dtype} {name} {fmt}", lambda args=args: K.separable_conv2d(*args)))
     return cases
 
 

@@ -1,15 +1,17 @@
 """Kernel table: each fastdiff op beside its torch baseline at the real models' shapes, same run.
 
-Shapes are batch 2 at 512x512 (64x64 latents): SD1.5 and MobileDiffusion's levels. Each row
+Shapes: the real models' cases of fastdiff.shapes (SD1.5 and MobileDiffusion at batch 2,
+InstructPix2Pix at batch 3, the VAE decoder; 512x512 images or a 504x376 photo). Each row
 gives the torch and fastdiff medians, the speedup (torch / fastdiff), fastdiff's achieved
 GFLOP/s (products) or GB/s (bandwidth-bound ops), and the issue's target for that row.
-The cases are also the parameters of the pytest-benchmark files in bench/.
+The pytest-benchmark files in bench/ time the same cases.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 from typing import Callable
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 import fastdiff.ops as ops
 from fastdiff.bench.timing import format_table, median_ms
+from fastdiff.shapes import model_cases
 
 
 @dataclasses.dataclass
@@ -35,95 +38,106 @@ class Case:
         return f"{self.op}[{self.shape},{str(self.dtype).removeprefix('torch.')}]"
 
 
-def _randn(*shape, dtype, device, channels_last=False):
-    t = torch.randn(*shape, device=device).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+def _on(case, dtype, device):
+    """The case's inputs in `dtype` on `device` (made in fp32 on the CPU)."""
+    args, _ = case.inputs(dtype=torch.float32)
+    return tuple(a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _attention(B, Lq, Lk, H, D, *, shared_kv=False, vs_separate=False):
+def _attention(case, *, vs_separate=False):
     def make(dtype, device):
-        q = _randn(B, Lq, H, D, dtype=dtype, device=device)
-        k = _randn(B, Lk, H, D, dtype=dtype, device=device)
-        v = None if shared_kv else _randn(B, Lk, H, D, dtype=dtype, device=device)
-        fast = lambda: ops.attention(q, k, v)  # noqa: E731
+        q, k, v = _on(case, dtype, device)  # v None: shared K/V
+        fast = lambda: ops.attention(q, k, v, kind=case.kind)  # noqa: E731
         if vs_separate:  # baseline: the same kernel with a separate V tensor
-            v_sep = _randn(B, Lk, H, D, dtype=dtype, device=device)
-            return (lambda: ops.attention(q, k, v_sep)), fast
-        # SDPA gets the (B, H, L, D) contiguous layout it prefers: transposes are not charged to it.
+            v_sep = torch.randn_like(k)
+            return (lambda: ops.attention(q, k, v_sep, kind=case.kind)), fast
+        # The baseline gets the (B, H, L, D) contiguous layout it prefers: transposes are not charged to it.
         qt, kt = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         vt = kt if v is None else v.transpose(1, 2).contiguous()
+        if case.kind == "relu":  # no torch op: relu(q kᵀ · scale) / Lk, then · v, materialised
+            scale, inv_keys = qt.shape[-1] ** -0.5, 1.0 / kt.shape[-2]
+            return (lambda: (torch.relu(qt @ kt.transpose(-1, -2) * scale) * inv_keys) @ vt), fast
         return (lambda: F.scaled_dot_product_attention(qt, kt, vt)), fast
 
     return make
 
 
-def _group_norm(N, C, H, W, groups=32):
+def _group_norm(case):
     def make(dtype, device):
-        x = _randn(N, C, H, W, dtype=dtype, device=device, channels_last=True)
-        w, b = _randn(C, dtype=dtype, device=device), _randn(C, dtype=dtype, device=device)
-        return (lambda: F.silu(F.group_norm(x, groups, w, b))), (lambda: ops.group_norm(x, groups, w, b, silu=True))
+        x, groups, w, b, eps = _on(case, dtype, device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if case.silu:
+            baseline = lambda: F.silu(F.group_norm(x, groups, w, b, eps))  # noqa: E731
+        else:
+            baseline = lambda: F.group_norm(x, groups, w, b, eps)  # noqa: E731
+        return baseline, (lambda: ops.group_norm(x, groups, w, b, eps, silu=case.silu))
 
     return make
 
 
-def _glu(rows, width, activation):
+def _glu(case):
     def make(dtype, device):
-        h = _randn(2, rows, 2 * width, dtype=dtype, device=device)
-        act = F.gelu if activation == "gelu" else F.silu
+        (h,) = _on(case, dtype, device)
+        act = F.gelu if case.activation == "gelu" else F.silu
 
         def baseline():
             a, gate = h.chunk(2, dim=-1)
             return a * act(gate)
 
-        return baseline, (lambda: ops.glu(h, activation=activation))
+        return baseline, (lambda: ops.glu(h, activation=case.activation))
 
     return make
 
 
-def _separable_conv(N, C, H, W, C_out, *, pointwise_only_baseline):
+def _separable_conv(case, *, pointwise_only_baseline):
     def make(dtype, device):
-        x = _randn(N, C, H, W, dtype=dtype, device=device, channels_last=True)
-        dw_w, dw_b = _randn(C, 1, 3, 3, dtype=dtype, device=device), _randn(C, dtype=dtype, device=device)
-        pw_w, pw_b = _randn(C_out, C, 1, 1, dtype=dtype, device=device), _randn(C_out, dtype=dtype, device=device)
+        x, dw_w, dw_b, pw_w, pw_b = _on(case, dtype, device)
+        x = x.contiguous(memory_format=torch.channels_last)
         if pointwise_only_baseline:  # the floor: torch's 1x1 conv alone (oneDNN on CPU)
             baseline = lambda: F.conv2d(x, pw_w, pw_b)  # noqa: E731
         else:
-            baseline = lambda: F.conv2d(F.conv2d(x, dw_w, dw_b, padding=1, groups=C), pw_w, pw_b)  # noqa: E731
+            baseline = lambda: F.conv2d(F.conv2d(x, dw_w, dw_b, padding=1, groups=case.channels), pw_w, pw_b)  # noqa: E731
         return baseline, (lambda: ops.separable_conv2d(x, dw_w, dw_b, pw_w, pw_b))
 
     return make
 
 
 def _cases_for(dtype: torch.dtype) -> list[Case]:
+    """One row per model case of fastdiff.shapes (and two per separable conv: both baselines), with
+    the issue's target for its kind of row."""
     bf16 = dtype == torch.bfloat16
     size = torch.tensor([], dtype=dtype).element_size()
-    cases = []
-    for Lq, H, D in [(4096, 8, 40), (1024, 10, 64), (1024, 8, 80)]:
-        flops = 4 * 2 * H * Lq * Lq * D
-        cases.append(Case("attention self", f"2x{Lq}x{H}x{D}", dtype, "SDPA", _attention(2, Lq, Lq, H, D), flops, "GFLOP/s", 2.5 if bf16 else 1.5))
-    for Lq, H, D in [(4096, 8, 40), (1024, 8, 80), (256, 8, 160)]:
-        flops = 4 * 2 * H * Lq * 77 * D
-        cases.append(Case("attention cross", f"2x{Lq}x{H}x{D}, 77 keys", dtype, "SDPA", _attention(2, Lq, 77, H, D), flops, "GFLOP/s", 3.0 if bf16 else 2.0))
-    cases.append(
-        Case("attention shared K/V", "2x1024x10x64", dtype, "fastdiff separate K/V",
-             _attention(2, 1024, 1024, 10, 64, shared_kv=True, vs_separate=True), 4 * 2 * 10 * 1024 * 1024 * 64, "GFLOP/s", 1.0)
-    )
-    for C, HW in [(320, 64), (640, 32), (1280, 16)]:
-        nbytes = 2 * (2 * C * HW * HW) * size
-        cases.append(Case("group_norm+silu", f"2x{C}x{HW}x{HW} NHWC", dtype, "F.group_norm+F.silu", _group_norm(2, C, HW, HW), nbytes, "GB/s", 3.0))
-    for rows, width, act in [(4096, 1280, "gelu"), (256, 3072, "silu")]:
-        nbytes = 3 * 2 * rows * width * size
-        cases.append(Case(f"glu ({act})", f"2x{rows}x{2 * width}", dtype, "chunk+act+mul", _glu(rows, width, act), nbytes, "GB/s", None))
-    for C, HW in [(320, 64), (640, 32), (1024, 16)]:
-        flops = 2 * 2 * HW * HW * C * (C + 9)
+    rows = []
+    for c in model_cases("attention"):
+        B, Lq, Lk, H, D = c.dims
+        flops = 4 * B * H * Lq * Lk * D
+        if c.kind == "relu":
+            rows.append(Case("attention relu", c.label, dtype, "materialised relu", _attention(c), flops, "GFLOP/s", None))
+        elif Lq == Lk:
+            rows.append(Case("attention self", c.label, dtype, "SDPA", _attention(c), flops, "GFLOP/s", 2.5 if bf16 else 1.5))
+        else:
+            rows.append(Case("attention cross", c.label, dtype, "SDPA", _attention(c), flops, "GFLOP/s", 3.0 if bf16 else 2.0))
+        if c.shared_kv:  # shared K/V must be no slower than a separate V
+            rows.append(Case("attention shared K/V", c.label, dtype, "fastdiff separate K/V", _attention(c, vs_separate=True),
+                             flops, "GFLOP/s", 1.0))
+    for c in model_cases("group_norm"):
+        nbytes = 2 * math.prod(c.shape) * size
+        baseline = "F.group_norm+F.silu" if c.silu else "F.group_norm"
+        shape = "x".join(map(str, c.shape)) + ("" if c.groups == 32 else f" g{c.groups}") + " NHWC"
+        rows.append(Case("group_norm+silu" if c.silu else "group_norm", shape, dtype, baseline, _group_norm(c),
+                         nbytes, "GB/s", 3.0 if c.silu else None))
+    for c in model_cases("glu"):
+        nbytes = 1.5 * math.prod(c.shape) * size  # h read, half of it written
+        rows.append(Case(f"glu ({c.activation})", "x".join(map(str, c.shape)), dtype, "chunk+act+mul", _glu(c), nbytes, "GB/s", None))
+    for c in model_cases("separable_conv2d"):
+        N, C, H, W = c.shape
+        flops = 2 * N * H * W * C * (c.out_channels + 9)
         for pointwise_only in (False, True):
             baseline = "conv 1x1 alone" if pointwise_only else "conv dw3x3 + conv 1x1"
-            cases.append(
-                Case("separable_conv2d", f"2x{C}x{HW}x{HW}->{C} NHWC", dtype, baseline,
-                     _separable_conv(2, C, HW, HW, C, pointwise_only_baseline=pointwise_only), flops, "GFLOP/s",
-                     1 / 1.1 if pointwise_only else None)
-            )
-    return cases
+            rows.append(Case("separable_conv2d", f"{c.label} NHWC", dtype, baseline,
+                             _separable_conv(c, pointwise_only_baseline=pointwise_only), flops, "GFLOP/s",
+                             1 / 1.1 if pointwise_only else None))
+    return rows
 
 
 def cases(dtypes=(torch.float32, torch.bfloat16)) -> list[Case]:
