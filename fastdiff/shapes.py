@@ -14,13 +14,15 @@ must also get right, with a name saying which:
           one key, batch 3, 1x1 maps, channel counts off every block size
 
 Sizes. FULL is the case as given (benchmarks, GPU tests). The reductions keep what picks a
-kernel's code path (head dim, key count class, channels per group, feature count, batch, tails
-modulo 16) and cut the rest:
-  QUICK  the float64 reference twin runs in about a second on 2 CPU cores (C++ and reference
-         tests, `fastdiff validate`): fewer heads, query rows, pixels, tokens.
-  TINY   Triton's CPU interpreter (numpy per program, ~1 ms per tl op) runs it in under a
-         second: also fewer groups and channels, keys over 256 cut to under 300 (still the
-         looped path). Also used for the SIMD-fallback subprocess checks.
+kernel's code path (head dim; key counts up to 256, and over 256 for the looped paths; channels
+per group; feature count; batch; tails modulo 16) and cut the rest:
+  QUICK  the float64 reference twin and torch's own bf16 op run in a fraction of a second on 2 CPU
+         cores (C++ and reference tests, `fastdiff validate`): fewer heads, query rows, pixels,
+         tokens; channel counts and every key kept.
+  TINY   Triton's CPU interpreter (numpy per program, ~1 ms per tl op) runs it in a second or two:
+         also fewer groups (same channels per group), channels halved with their ratio kept, keys
+         over 256 cut to at most 304 (still the looped path). Also the SIMD-fallback subprocess checks.
+Odd cases are mostly written at their TINY size already.
 
 Leaf module: imports torch and the standard library only.
 """

@@ -19,7 +19,7 @@ import torch
 
 import fastdiff.ops as ops
 from fastdiff.shapes import TINY, case, cases, model_cases
-from helpers import backend_param, case_params, check_against_reference, check_case, layout_cast, runs
+from helpers import backend_param, case_params, check_case, layout_cast, runs
 
 RUNS = runs("cpp", "reference", "triton", "triton-full", dot_free=True)
 # Triton's CPU interpreter takes ~25 ms per program: without CUDA it runs the odd cases (2 to 80 channels
