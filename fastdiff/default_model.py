@@ -15,9 +15,7 @@ vocabularies come with real weights.
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -47,20 +45,14 @@ SIZES = {
 
 
 def _char_tokenizer():
-    """A CLIPTokenizer over CLIP's 256-symbol byte alphabet with no merges (one token per character)."""
+    """A CLIPTokenizer over CLIP's byte alphabet with no merges (one token per character)."""
     from transformers import CLIPTokenizer
 
-    # CLIP's byte alphabet (GPT-2's byte-to-unicode table): printable bytes stand for themselves,
-    # the other 68 map to code points from 256 up.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    from fastdiff.models.text_encoder import write_clip_tokenizer
+
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}))
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), len(tokens)
+        vocab_size = write_clip_tokenizer(folder)
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True), vocab_size
 
 
 def _text_encoder(sizes, dtype):
@@ -69,8 +61,9 @@ def _text_encoder(sizes, dtype):
     from fastdiff.models.text_encoder import CLIPTextEncoder
 
     tokenizer, vocab_size = _char_tokenizer()
-    config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, **sizes)
+    ids = tokenizer.convert_tokens_to_ids([tokenizer.bos_token, tokenizer.eos_token])
+    config = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=ids[0], eos_token_id=ids[1],
+                            pad_token_id=ids[1], **sizes)
     return CLIPTextEncoder(CLIPTextModel(config).to(dtype), tokenizer)
 
 

@@ -17,6 +17,7 @@ attention, blocks without self-attention, SwiGLU with expansion 6, separable con
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,6 +29,7 @@ from fastdiff import ops
 from . import dense
 
 __all__ = [
+    "inference_only",
     "to_tokens",
     "from_tokens",
     "group_norm",
@@ -43,6 +45,16 @@ __all__ = [
     "Downsample2D",
     "Upsample2D",
 ]
+
+
+def inference_only(method):
+    """Run a model's method under torch.no_grad(): fastdiff's models are for inference, unless the
+    model's `trainable` attribute is set (fastdiff.train sets it to train them with autograd)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "trainable", False)):
+            return method(self, *args, **kwargs)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from .layers import (
     Transformer2DModel,
     Upsample2D,
     group_norm,
+    inference_only,
 )
 from .unet_common import ConditionalUNet
 
@@ -141,6 +142,13 @@ PRESETS = {
     "tiny": MobileDiffusionConfig(
         sample_size=16, block_out_channels=(32, 48, 64), transformer_depth=(0, 1, 1), mid_layers=2,
         mid_transformer_depth=1, attention_head_dim=16, cross_attention_dim=32, text_length=7, norm_num_groups=8,
+    ),
+    # The trained default (fastdiff.train, on fastdiff.toyworld's 128x128 scenes: 16x16x3 latents):
+    # the paper's layout at a size that trains on two CPU cores: no transformer at the finest level,
+    # cross-attention-only blocks at 8x8 and around the 4x4 core, full ones inside it.
+    "toyworld": MobileDiffusionConfig(
+        sample_size=16, block_out_channels=(48, 96, 144), transformer_depth=(0, 1, 1), mid_layers=3,
+        mid_transformer_depth=2, attention_head_dim=24, cross_attention_dim=128, text_length=32, norm_num_groups=16,
     ),
 }
 
@@ -252,7 +260,7 @@ class MobileDiffusionUNet(ConditionalUNet):
     sample: (B, in_channels, H, W), any H, W (odd maps are upsampled back to their skip's size);
     timestep: a number, a 1-element tensor or a (B,) tensor; encoder_hidden_states: (B, L,
     cross_attention_dim); the full rule is ConditionalUNet's. Inference only: forward runs under
-    torch.no_grad().
+    torch.no_grad() unless `trainable` is set (layers.inference_only).
     """
 
     def __init__(self, config: MobileDiffusionConfig | None = None):
@@ -285,7 +293,7 @@ class MobileDiffusionUNet(ConditionalUNet):
     def cross_attention_dim(self) -> int:
         return self.config.cross_attention_dim
 
-    @torch.no_grad()
+    @inference_only
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         x, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)  # x channels_last
 

@@ -8,6 +8,7 @@ causal mask already keeps padding out of the real tokens), output = last_hidden_
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -15,7 +16,53 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CLIPTextEncoder"]
+__all__ = ["CLIPTextEncoder", "write_clip_tokenizer"]
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_symbols() -> list[str]:
+    """CLIP's byte alphabet (GPT-2's byte-to-unicode table): printable bytes stand for themselves,
+    the other 68 map to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges (most frequent pair first, ties by the pair's text) until every word is one
+    symbol; a word's last character carries CLIP's end-of-word mark."""
+    corpus = [[*w[:-1], w[-1] + "</w>"] for w in words if w]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in corpus:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda pair: (counts[pair], pair))
+        merges.append(best)
+        for symbols in corpus:
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == best:
+                    symbols[i:i + 2] = [best[0] + best[1]]
+                i += 1
+
+
+def write_clip_tokenizer(folder: str | os.PathLike, words: list[str] = (), *, max_length: int = 77) -> int:
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, tokenizer_config.json) over CLIP's byte
+    alphabet plus the merges that make each of `words` (lowercase ASCII) one token; any other text
+    still tokenizes, character by character. Returns the vocabulary size."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    merges = _learn_merges(sorted(set(words)))
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *dict.fromkeys(a + b for a, b in merges), BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length}))
+    return len(tokens)
 
 
 def _component(folder: Path, name: str) -> Path:

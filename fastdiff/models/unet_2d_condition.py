@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, dense
-from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm
+from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm, inference_only
 from .unet_common import ConditionalUNet
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
@@ -190,7 +190,7 @@ class UNet2DCondition(ConditionalUNet):
 
     unet(sample, timestep, encoder_hidden_states) -> noise prediction (B, out_channels, H, W),
     channels_last, in the model's dtype; inputs as ConditionalUNet describes. Inference only: forward
-    runs under torch.no_grad(). Build with UNet2DCondition.from_diffusers(model or folder) or
+    runs under torch.no_grad() unless `trainable` is set (layers.inference_only). Build with UNet2DCondition.from_diffusers(model or folder) or
     UNet2DCondition(UNet2DConditionConfig(...)).
     """
 
@@ -315,7 +315,7 @@ class UNet2DCondition(ConditionalUNet):
     def cross_attention_dim(self) -> int:
         return self.config.cross_dim
 
-    @torch.no_grad()
+    @inference_only
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                 down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;

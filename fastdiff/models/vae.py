@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.models import checkpoint
-from fastdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, from_tokens, group_norm, to_tokens
+from fastdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, from_tokens, group_norm, inference_only, to_tokens
 from fastdiff.noise import randn
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "pil_to_tensor", "tensor_to_pil"]
@@ -280,7 +280,7 @@ class AutoencoderKL(nn.Module):
         if x.dtype != self.dtype or x.device != self.device:
             raise TypeError(f"{name}: expected {self.dtype} on {self.device} (the VAE's), got {x.dtype} on {x.device}")
 
-    @torch.no_grad()
+    @inference_only
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar) of the latent Gaussian, each (B, latent_channels, H/f, W/f), unscaled."""
         self._check("images", images, self.config.in_channels)
@@ -299,7 +299,7 @@ class AutoencoderKL(nn.Module):
             return mean
         return mean + torch.exp(0.5 * logvar) * randn(mean.shape, generator, mean.device, mean.dtype)
 
-    @torch.no_grad()
+    @inference_only
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """UNSCALED latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f), nominally
         in [-1, 1] (not clamped, as diffusers' vae.decode)."""

@@ -1,0 +1,415 @@
+"""Train fastdiff's default models on the toy world (fastdiff.toyworld), on this CPU, from scratch.
+
+    python -m fastdiff.train all  [--work train-runs] [--out fastdiff/weights]   (make train-default)
+
+Stages, each seeded and resumable (a stage folder holds state.pt, loss.csv and loss.png; run the
+same command again to continue where it stopped; a finished stage is skipped):
+
+    tokenizer   a CLIP BPE tokenizer (vocab.json + merges.txt) whose tokens are the world's words
+    vae         AutoencoderKL, 3-channel latent, 8x down (128x128 -> 16x16x3), trained on 64x64
+                crops (fully convolutional: no mid-block attention); L1 + L2 + a small KL term
+    generate    a MobileDiffusionUNet ("toyworld" preset: every design choice of the paper on)
+                and a CLIP text encoder, jointly, on (caption, image latent) pairs; v-prediction,
+                10% empty captions for classifier-free guidance
+    edit        an InstructPix2Pix-style UNet2DCondition (6 input channels: noisy latent + source
+                image latent) and its own text encoder on edit triplets; 5% empty instruction,
+                5% no image, 5% neither (InstructPix2Pix's dropout for 3-way guidance)
+    export      the EMA weights as two diffusers-layout folders (out/generate, out/edit), fp16
+                safetensors, read back by Pipeline.from_pretrained
+
+`all` runs tokenizer and vae, then generate and edit side by side (one thread each: two small
+models keep two cores busier than one model on two threads), then export. Training is plain
+PyTorch autograd on the reference backend, fp32 (this CPU has no bf16 fast path); the data of step
+k depends only on (seed, stage, k), so a resumed run sees what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops, toyworld
+
+STAGES = ("tokenizer", "vae", "generate", "edit", "export")
+TEXT_LENGTH = 32  # tokens: the longest caption is 24
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 100
+    ema: float = 0.999
+
+
+CONFIGS = {
+    "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
+    "generate": StageConfig(steps=3500, batch=32, lr=1e-3),
+    "edit": StageConfig(steps=2500, batch=32, lr=1e-3),
+}
+TEXT_ENCODER = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=3)
+VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=3, norm_num_groups=8,
+           mid_block_add_attention=False)
+# InstructPix2Pix's UNet shape at toy size: no attention at the finest level (as MobileDiffusion)
+EDITOR_UNET = dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=4, norm_num_groups=16,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+# SD's noise schedule, v-prediction (better than epsilon at few steps and at high noise)
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+VAE_KL_WEIGHT = 1e-4
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+def step_rng(stage: str, step: int, seed: int = SEED) -> random.Random:
+    return random.Random(f"{seed}-{stage}-{step}")
+
+
+def step_generator(stage: str, step: int, seed: int = SEED) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, STAGES.index(stage), step)) % 2 ** 62)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float32 in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+def new_text_model(vocab_size: int, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    bos, eos = tokenizer.convert_tokens_to_ids([tokenizer.bos_token, tokenizer.eos_token])
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=TEXT_LENGTH, bos_token_id=bos,
+                                       eos_token_id=eos, pad_token_id=eos, **TEXT_ENCODER))
+
+
+def new_vae():
+    from fastdiff.models.vae import AutoencoderKL
+
+    n = len(VAE["block_out_channels"])
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **VAE)
+
+
+def new_generator_unet():
+    from fastdiff.models.mobilediffusion import MobileDiffusionUNet
+
+    return MobileDiffusionUNet.from_preset("toyworld", cross_attention_dim=TEXT_ENCODER["hidden_size"])
+
+
+def new_editor_unet():
+    from fastdiff.models.unet_2d_condition import UNet2DCondition, UNet2DConditionConfig
+
+    return UNet2DCondition(UNet2DConditionConfig(in_channels=6, out_channels=3, cross_attention_dim=TEXT_ENCODER["hidden_size"],
+                                                 **EDITOR_UNET))
+
+
+def load_tokenizer(work: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(work / "tokenizer"), local_files_only=True)
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+
+def trained_vae(work: Path):
+    """The vae stage's result (EMA-free), with its latent scaling factor set, frozen."""
+    state = torch.load(work / "vae" / "state.pt", weights_only=True)
+    if state["step"] < state["steps"]:
+        raise SystemExit(f"the vae stage stopped at step {state['step']} of {state['steps']}: run it to the end first")
+    vae = new_vae()
+    vae.load_state_dict(state["models"]["vae"])
+    vae.config = dataclasses.replace(vae.config, scaling_factor=state["scaling_factor"])
+    return vae.eval().requires_grad_(False)
+
+
+class Schedule:
+    """alpha_bar(t) of SCHEDULE, and the v-prediction training pair."""
+
+    def __init__(self):
+        betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5,
+                               SCHEDULE["num_train_timesteps"], dtype=torch.float64) ** 2
+        self.alpha_bar = torch.cumprod(1 - betas, 0).float()
+
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator):
+        """(x_t, t, v target) for clean latents x0 (B, C, h, w), t uniform over the train steps."""
+        B = x0.shape[0]
+        t = torch.randint(0, len(self.alpha_bar), (B,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = self.alpha_bar[t].sqrt().view(B, 1, 1, 1)
+        s = (1 - self.alpha_bar[t]).sqrt().view(B, 1, 1, 1)
+        return a * x0 + s * noise, t, a * noise - s * x0
+
+
+# -- training loop ----------------------------------------------------------------------------------
+
+def _lr(config: StageConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    """A PNG of the loss curve (log scale, 50-step running mean over the raw losses)."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 640, 360, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 10), f"{title}: loss (log scale) over {len(losses)} steps", fill="black")
+    if len(losses) < 2:
+        image.save(path)
+        return
+    values = np.log10(np.maximum(np.asarray(losses, np.float64), 1e-12))
+    window = min(50, len(values))
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    low, high = values.min(), values.max()
+    x = lambda i, n: pad + (width - 2 * pad) * i / max(1, n - 1)  # noqa: E731
+    y = lambda v: height - pad - (height - 2 * pad) * (v - low) / max(1e-9, high - low)  # noqa: E731
+    draw.line([(x(i, len(values)), y(v)) for i, v in enumerate(values)], fill=(200, 200, 230))
+    offset = window - 1
+    draw.line([(x(i + offset, len(values)), y(v)) for i, v in enumerate(smooth)], fill=(30, 60, 200), width=2)
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.text((4, pad - 6), f"{10 ** high:.3g}", fill="black")
+    draw.text((4, height - pad - 6), f"{10 ** low:.3g}", fill="black")
+    draw.text((width - pad - 40, height - pad + 8), f"step {len(values)}", fill="black")
+    image.save(path)
+
+
+def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConfig, checkpoint_every: int = 250) -> dict:
+    """Train `models` (name -> module) with AdamW on loss_fn(step) from the stage's last checkpoint
+    to config.steps; keeps an EMA of each model when config.ema > 0. Returns the final state."""
+    from tqdm import tqdm
+
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "state.pt"
+    params = [p for m in models.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in models.items()} if config.ema else {}
+    state = {"step": 0, "steps": config.steps, "losses": [], "seconds": 0.0}
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        for k, m in models.items():
+            m.load_state_dict(state["models"][k])
+        for k, m in ema.items():
+            m.load_state_dict(state["ema"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        state["steps"] = config.steps
+    for m in models.values():
+        m.train()
+        m.trainable = True
+
+    def checkpoint():
+        state.update(models={k: m.state_dict() for k, m in models.items()}, ema={k: m.state_dict() for k, m in ema.items()},
+                     optimizer=optimizer.state_dict())
+        _save(path, state)
+        (folder / "loss.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(state["losses"])))
+        plot_losses(state["losses"], folder / "loss.png", name)
+
+    bar = tqdm(total=config.steps, initial=state["step"], desc=name, mininterval=10, file=sys.stdout)
+    started = time.perf_counter() - state["seconds"]
+    with ops.use_backend("reference"):
+        while state["step"] < config.steps:
+            step = state["step"]
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(config, step)
+            loss = loss_fn(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            decay = min(config.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, m in ema.items():
+                    for e, p in zip(m.parameters(), models[k].parameters()):
+                        e.lerp_(p, 1 - decay)
+            state["losses"].append(loss.item())
+            state["step"] = step + 1
+            state["seconds"] = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}", refresh=False)
+            if state["step"] % checkpoint_every == 0 or state["step"] == config.steps:
+                checkpoint()
+    bar.close()
+    return state
+
+
+# -- stages -----------------------------------------------------------------------------------------
+
+def stage_tokenizer(work: Path) -> None:
+    from fastdiff.models.text_encoder import write_clip_tokenizer
+
+    write_clip_tokenizer(work / "tokenizer", toyworld.vocabulary(), max_length=TEXT_LENGTH)
+
+
+def stage_vae(work: Path, config: StageConfig) -> None:
+    torch.manual_seed(SEED)
+    vae = new_vae()
+    crop = 64
+
+    def loss_fn(step):
+        rng, generator = step_rng("vae", step), step_generator("vae", step)
+        images = to_tensor([toyworld.sample_scene(rng).render() for _ in range(config.batch)])
+        top, left = (8 * rng.randrange((toyworld.SIZE - crop) // 8 + 1) for _ in range(2))
+        images = images[:, :, top:top + crop, left:left + crop]
+        mean, logvar = vae.encode_moments(images)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        out = vae.decode(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return F.l1_loss(out, images) + F.mse_loss(out, images) + VAE_KL_WEIGHT * kl
+
+    state = run_stage("vae", work, {"vae": vae}, loss_fn, config=config)
+    if "scaling_factor" not in state:  # 1 / std of the latent modes of 256 fresh scenes (SD's recipe)
+        rng = step_rng("vae-scale", 0)
+        vae.eval().trainable = False
+        z = torch.cat([vae.encode(to_tensor([toyworld.sample_scene(rng).render() for _ in range(32)])) for _ in range(8)])
+        state["scaling_factor"] = float(1 / z.std())
+        _save(work / "vae" / "state.pt", state)
+
+
+def _text_dropout(rng: random.Random, texts: list[str], p: float) -> list[str]:
+    return ["" if rng.random() < p else t for t in texts]
+
+
+def stage_generate(work: Path, config: StageConfig) -> None:
+    torch.manual_seed(SEED + 1)
+    tokenizer = load_tokenizer(work)
+    vae = trained_vae(work)
+    text_model, unet = new_text_model(len(tokenizer), tokenizer), new_generator_unet()
+    schedule = Schedule()
+
+    def loss_fn(step):
+        rng, generator = step_rng("generate", step), step_generator("generate", step)
+        scenes = [toyworld.sample_scene(rng) for _ in range(config.batch)]
+        with torch.no_grad():
+            x0 = vae.scale_latents(vae.encode(to_tensor([s.render() for s in scenes])))
+        context = text_model(tokenize(tokenizer, _text_dropout(rng, [s.caption() for s in scenes], 0.1))).last_hidden_state
+        x_t, t, v = schedule.noisy(x0, generator)
+        return F.mse_loss(unet(x_t, t, context).float(), v)
+
+    run_stage("generate", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config)
+
+
+def stage_edit(work: Path, config: StageConfig) -> None:
+    torch.manual_seed(SEED + 2)
+    tokenizer = load_tokenizer(work)
+    vae = trained_vae(work)
+    text_model, unet = new_text_model(len(tokenizer), tokenizer), new_editor_unet()
+    schedule = Schedule()
+
+    def loss_fn(step):
+        rng, generator = step_rng("edit", step), step_generator("edit", step)
+        edits = [toyworld.sample_edit(rng) for _ in range(config.batch)]
+        with torch.no_grad():
+            source = vae.encode(to_tensor([e.source.render() for e in edits]))  # unscaled, as the pipeline feeds it
+            x0 = vae.scale_latents(vae.encode(to_tensor([e.target.render() for e in edits])))
+        # InstructPix2Pix's dropout: 5% no instruction, 5% no image, 5% neither
+        draws = [rng.random() for _ in edits]
+        texts = ["" if d < 0.05 or 0.10 <= d < 0.15 else e.instruction for d, e in zip(draws, edits)]
+        keep_image = torch.tensor([not 0.05 <= d < 0.15 for d in draws], dtype=torch.float32).view(-1, 1, 1, 1)
+        context = text_model(tokenize(tokenizer, texts)).last_hidden_state
+        x_t, t, v = schedule.noisy(x0, generator)
+        return F.mse_loss(unet(torch.cat([x_t, source * keep_image], dim=1), t, context).float(), v)
+
+    run_stage("edit", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config)
+
+
+def stage_export(work: Path, out: Path) -> None:
+    """EMA weights -> out/generate and out/edit (diffusers layout, fp16 safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    from fastdiff.loading import save_pipeline
+    from fastdiff.models.text_encoder import CLIPTextEncoder
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.requests import Defaults
+
+    tokenizer = load_tokenizer(work)
+    vae = trained_vae(work)
+    scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULE}
+    for kind, unet, defaults in (
+        ("generate", new_generator_unet(), Defaults(steps=20, guidance_scale=5.0, size=toyworld.SIZE)),
+        ("edit", new_editor_unet(), Defaults(steps=20, guidance_scale=5.0, image_guidance_scale=1.5, size=toyworld.SIZE)),
+    ):
+        state = torch.load(work / kind / "state.pt", weights_only=True)
+        if state["step"] < state["steps"]:
+            raise SystemExit(f"the {kind} stage stopped at step {state['step']} of {state['steps']}: run it to the end first")
+        text_model = new_text_model(len(tokenizer), tokenizer)
+        text_model.load_state_dict(state["ema"]["text_encoder"])
+        unet.load_state_dict(state["ema"]["unet"])
+        pipe = Pipeline(unet=unet.eval(), vae=vae, scheduler_config=scheduler, defaults=defaults,
+                        text_encoder=CLIPTextEncoder(text_model.eval(), tokenizer), name=f"toyworld-{kind}")
+        folder = out / kind
+        save_pipeline(pipe, folder)
+        for weights in folder.glob("*/*.safetensors"):
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, str(weights),
+                      metadata={"format": "pt"})
+        meta = {"trained_steps": state["step"], "training_seconds": round(state["seconds"]),
+                "vae_training_seconds": round(torch.load(work / "vae" / "state.pt", weights_only=True)["seconds"])}
+        (folder / "training.json").write_text(json.dumps(meta, indent=2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.train", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("all", *STAGES))
+    parser.add_argument("--work", type=Path, default=Path("train-runs"), help="checkpoints, loss curves (default train-runs/)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights", help="where export writes the folders")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; 1 per stage "
+                                                                  "when `all` runs generate and edit side by side)")
+    parser.add_argument("--steps", type=int, default=None, help="override the stage's step count (quick trials)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = lambda name: dataclasses.replace(CONFIGS[name], steps=args.steps or CONFIGS[name].steps)  # noqa: E731
+    if args.stage == "all":
+        started = time.perf_counter()
+        stage_tokenizer(args.work)
+        stage_vae(args.work, config("vae"))
+        common = ["--work", str(args.work), "--threads", "1"] + (["--steps", str(args.steps)] if args.steps else [])
+        children = [subprocess.Popen([sys.executable, "-m", "fastdiff.train", kind, *common]) for kind in ("generate", "edit")]
+        if any(child.wait() for child in children):
+            return 1
+        stage_export(args.work, args.out)
+        print(f"trained and exported to {args.out} in {(time.perf_counter() - started) / 60:.1f} min")
+    elif args.stage == "tokenizer":
+        stage_tokenizer(args.work)
+    elif args.stage == "vae":
+        stage_vae(args.work, config("vae"))
+    elif args.stage == "generate":
+        stage_generate(args.work, config("generate"))
+    elif args.stage == "edit":
+        stage_edit(args.work, config("edit"))
+    else:
+        stage_export(args.work, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
