@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean gpu-check
+.PHONY: install demo train-default test bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m fastdiff.demo
+
+# Trains the default model from scratch on this CPU (fastdiff.train, ~N min on 2 cores): checkpoints
+# and loss curves in train-runs/, the pipeline folders in fastdiff/weights/. Run again to resume.
+train-default: $(STAMP)
+	$(PY) -m fastdiff.train all
 
 # pytest's own script, not `python -m pytest`: the repo root must not be on sys.path, where the
 # source folder kernels/ would shadow fastdiff.kernels' installed name for other packages.

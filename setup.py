@@ -1,4 +1,5 @@
-"""Builds csrc/ into fastdiff._C and installs kernels/ as fastdiff.kernels.
+"""Builds csrc/ into fastdiff._C, installs kernels/ as fastdiff.kernels and ships the trained
+default model's weights (fastdiff/weights/) as package data.
 
 FASTDIFF_SKIP_EXT=1 installs without the C++ extension (reference and Triton backends still work).
 SIMD paths (AVX-512 + BF16 dot products, AVX2) are compiled into one binary with per-function
@@ -7,7 +8,7 @@ target attributes and picked at run time from the CPU's flags, so no -march flag
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
 package_dir = {"fastdiff.kernels": "kernels"}
@@ -27,4 +28,9 @@ if os.environ.get("FASTDIFF_SKIP_EXT") != "1":
     )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+# the trained default model (fastdiff.default_model, `make train-default`): two diffusers-layout folders,
+# listed as (namespace) packages so that setuptools takes their files as data
+packages += find_namespace_packages(include=["fastdiff.weights", "fastdiff.weights.*"])
+package_data = {"fastdiff.weights": ["*.json", "*/*.json", "*/*/*.json", "*/*/*.safetensors", "*/*/*.txt"]}
+
+setup(packages=packages, package_dir=package_dir, package_data=package_data, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,9 +1,10 @@
 """Module-level `fastdiff.generate(...)` and `fastdiff.edit(...)`.
 
 The model is `model=` or $FASTDIFF_MODEL: a diffusers-format folder, or the name of an embedded
-default ("mobilediffusion", the default; "small" for quick runs), whose weights are UNTRAINED
-(see fastdiff.default_model). dtype: None (float32), a torch.dtype or "fp32"/"bf16"/... (see
-fastdiff.requests.resolve_dtype). Loaded pipelines are cached per (model, kind, dtype).
+default (see fastdiff.default_model): "toyworld" (the default, trained on fastdiff.toyworld's
+128x128 scenes), or the UNTRAINED "mobilediffusion" and "small" (for timing). dtype: None
+(float32), a torch.dtype or "fp32"/"bf16"/... (see fastdiff.requests.resolve_dtype). Loaded
+pipelines are cached per (model, kind, dtype).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import os
 
 import torch
 
-from fastdiff.default_model import SIZES, default_pipeline
+from fastdiff.default_model import MODELS, TRAINED, default_pipeline
 from fastdiff.pipeline import Pipeline
 from fastdiff.requests import PipelineError, resolve_dtype
 
-DEFAULT_MODEL = "mobilediffusion"
+DEFAULT_MODEL = TRAINED
 
 
 @functools.lru_cache(maxsize=4)
@@ -31,10 +32,10 @@ def get_pipeline(model: str | os.PathLike | None, kind: str, dtype=None) -> Pipe
     source = "model"
     if model is None:
         model, source = os.environ.get("FASTDIFF_MODEL") or DEFAULT_MODEL, "FASTDIFF_MODEL"
-    if str(model) in SIZES:
+    if str(model) in MODELS:
         return default_pipeline(kind, str(model), dtype)
     if not os.path.isdir(model):
-        raise PipelineError(f"{source}: {os.fspath(model)!r} is neither an embedded default ({', '.join(SIZES)}) "
+        raise PipelineError(f"{source}: {os.fspath(model)!r} is neither an embedded default ({', '.join(MODELS)}) "
                             f"nor a diffusers pipeline folder")
     return _folder_pipeline(os.fspath(model), dtype)
 

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", parents=[common], help="version, backends, CPU features, devices").set_defaults(run=_info)
-    model_help = "a diffusers-format folder, or an embedded default: mobilediffusion (default) or small ($FASTDIFF_MODEL)"
+    model_help = ("a diffusers-format folder, or an embedded default: toyworld (default, trained on fastdiff.toyworld), "
+                  "or the UNTRAINED mobilediffusion or small, for timing ($FASTDIFF_MODEL)")
     gen = sub.add_parser("generate", parents=[common], help="text to image")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, ...)")
@@ -268,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("-o", "--output", required=True, help="image file to write")
     ed.add_argument("--model", help=model_help)
     ed.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    ed.add_argument("--guidance-scale", type=float, help="text guidance (default 7.5)")
-    ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default 1.5)")
+    ed.add_argument("--guidance-scale", type=float, help="text guidance (default: the model's)")
+    ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default: the model's)")
     ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--sampler", help="euler_ancestral (default), euler, ddim, dpmpp_2m")
+    ed.add_argument("--sampler", help="euler_ancestral, euler, ddim or dpmpp_2m (default: the model's)")
     ed.add_argument("--dtype", choices=DTYPE_CHOICES, help="default fp32 (bf16 with --mgie); fp16 runs on CUDA only")
     ed.add_argument("--mgie", metavar="MGIE_DIR", help="MGIE end to end: its unet.pt and mllm.pt (with --llava, --ip2p)")
     ed.add_argument("--llava", metavar="LLAVA_DIR", help="MGIE: the LLaVA-7B-v1 folder")

@@ -1,6 +1,14 @@
-"""The embedded default models: UNTRAINED, seeded random weights, so fastdiff runs on a fresh
-machine with nothing downloaded. Their images are noise; they exist for timing and for trying
-the API. Point fastdiff at real weights with FASTDIFF_MODEL=DIR / model=DIR (a diffusers folder).
+"""fastdiff's default models, usable on a fresh machine with nothing downloaded. Point fastdiff at
+other weights with FASTDIFF_MODEL=DIR / model=DIR (a diffusers folder).
+
+    "toyworld"          the default: TRAINED on fastdiff.toyworld (`make train-default`), loaded from
+                        the package's weights/generate (a 128x128 MobileDiffusion "toyworld" UNet,
+                        v-prediction, 20 Euler steps) and weights/edit (an InstructPix2Pix-style
+                        editor with its own text encoder); it draws the toy world's captions
+                        ("a big red circle at the top left on a white background") and edits
+                        ("make the circle blue"), nothing else
+
+The others are UNTRAINED, seeded random weights: their images are noise; they exist for timing.
 
     "mobilediffusion"   the paper-size MobileDiffusion UNet (386M parameters), one-step x0 mode,
                         a 3-channel VAE and a CLIP ViT-L/14-sized text encoder: 512x512 images;
@@ -9,21 +17,24 @@ the API. Point fastdiff at real weights with FASTDIFF_MODEL=DIR / model=DIR (a d
     editor ("edit")     a small InstructPix2Pix-style UNet (6 input channels: noisy latent + image
                         latent) sharing the VAE and text encoder, Euler ancestral, 3-way guidance
 
-The text encoder's tokenizer is character-level (CLIP's byte alphabet, no merges): real CLIP
-vocabularies come with real weights.
+The untrained text encoders' tokenizer is character-level (CLIP's byte alphabet, no merges):
+real CLIP vocabularies come with real weights.
 """
 from __future__ import annotations
 
 import functools
 import tempfile
+from pathlib import Path
 
 import torch
 
 from fastdiff.pipeline import Pipeline
-from fastdiff.requests import Defaults
+from fastdiff.requests import Defaults, PipelineError
 
 SEED = 0
 LABEL = "UNTRAINED random weights (seed 0): images are noise; load real weights with model=DIR"
+TRAINED = "toyworld"
+WEIGHTS = Path(__file__).parent / "weights"  # TRAINED's folders: generate/, edit/ (written by `make train-default`)
 
 # SD1.5's noise schedule (MobileDiffusion and InstructPix2Pix train on the same one).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -82,17 +93,35 @@ def _tiny_vae(fields, dtype):
     return AutoencoderTiny(latent_channels=3, **fields).to(dtype).eval()
 
 
+MODELS = (TRAINED, *SIZES)  # the names model=/FASTDIFF_MODEL/--model accept besides a folder
+
+
+def _trained_pipeline(kind: str, dtype: torch.dtype) -> Pipeline:
+    folder = WEIGHTS / kind
+    if not (folder / "model_index.json").is_file():
+        raise PipelineError(f"model: the trained default's weights are missing from {folder}; "
+                            f"`make train-default` trains and writes them")
+    pipe = Pipeline.from_pretrained(folder, dtype=dtype)
+    pipe.name = f"fastdiff-{TRAINED}-{kind} (trained on fastdiff.toyworld)"
+    return pipe
+
+
 @functools.lru_cache(maxsize=4)
-def default_pipeline(kind: str = "generate", size: str = "mobilediffusion", dtype: torch.dtype = torch.float32,
+def default_pipeline(kind: str = "generate", size: str = TRAINED, dtype: torch.dtype = torch.float32,
                      vae: str | None = None) -> Pipeline:
-    """The embedded default pipeline (cached): kind "generate" (MobileDiffusion) or "edit" (the small editor);
-    size "mobilediffusion" (paper size, 512x512) or "small" (128x128, for quick runs); vae "tiny"
-    (AutoencoderTiny, text-to-image's default) or "kl" (AutoencoderKL, the editor's: its UNet takes
-    the KL VAE's unscaled image latents)."""
+    """A default pipeline (cached): kind "generate" (MobileDiffusion) or "edit" (the editor); size
+    "toyworld" (TRAINED, 128x128, from WEIGHTS), or UNTRAINED "mobilediffusion" (paper size,
+    512x512) or "small" (128x128, for quick runs); vae (untrained only) "tiny" (AutoencoderTiny,
+    text-to-image's default) or "kl" (AutoencoderKL, the editor's: its UNet takes the KL VAE's
+    unscaled image latents); the trained models have their own KL VAE."""
     if kind not in ("generate", "edit"):
         raise ValueError(f"kind: expected 'generate' or 'edit', got {kind!r}")
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    if size not in MODELS:
+        raise ValueError(f"size: expected one of {list(MODELS)}, got {size!r}")
+    if size == TRAINED:
+        if vae is not None:
+            raise ValueError(f"vae: the {TRAINED} models have their own VAE, got {vae!r}")
+        return _trained_pipeline(kind, dtype)
     vae = vae or ("tiny" if kind == "generate" else "kl")
     allowed = ("tiny", "kl") if kind == "generate" else ("kl",)
     if vae not in allowed:
