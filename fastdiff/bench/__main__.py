@@ -1,4 +1,4 @@
-"""python -m fastdiff.bench {kernels,unet,ablations,engine} [options]: print a benchmark table."""
+"""python -m fastdiff.bench {kernels,unet,ablations,engine,serve,mgie,pipeline,quality} [options]: print a benchmark table."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ TABLES = {
     "serve": "fastdiff.bench.serve",
     "mgie": "fastdiff.bench.mgie",
     "pipeline": "fastdiff.bench.pipeline",
+    "quality": "fastdiff.bench.quality",
 }
 
 

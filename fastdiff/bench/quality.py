@@ -1,0 +1,368 @@
+"""Quality table: held-out toy-world accuracy of the default models per sampler setting, backend and dtype.
+
+The models: fastdiff/weights/generate (text to image) and fastdiff/weights/edit (instruction editor).
+
+Samples: --n-generate captions (toyworld.sample_scene) and --n-edit edit triplets (sample_edit)
+of the held-out split (split="test": never drawn in training), from random.Random(--seed); sample
+i is denoised with seed --seed + i. toyworld.judge / judge_edit read every image back.
+
+generate, per (sampler, steps) of --samplers and at the pipeline's default setting (C++ backend,
+fp32): the share of expected shapes drawn in the right color, kind and cell, of images with the
+right background, and of images entirely right. edit, at the editor's default setting: the
+success rate per edit kind and overall, and the mean PSNR to the source outside the edited region.
+At the default settings also the reference backend (plain PyTorch) fp32 on the same samples and
+the C++ backend bf16 on the first --n-bf16, each beside C++ fp32 on those samples: the share of
+identical verdicts and the largest pixel difference. Figures are marked against the issue's
+targets (TARGETS).
+
+--record writes a --quick run's figures and settings to fastdiff/weights/quality.json, the
+reference tests/test_quality.py compares its own --quick run against (compare_to_record).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastdiff.ops as ops
+from fastdiff import toyworld
+from fastdiff.bench.timing import format_table
+from fastdiff.jobs import step_jobs
+from fastdiff.requests import EditRequest
+from fastdiff.samplers import SAMPLERS, make_sampler
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+GENERATE_WEIGHTS, EDIT_WEIGHTS, RECORD = WEIGHTS / "generate", WEIGHTS / "edit", WEIGHTS / "quality.json"
+# The issue's bar for every fast path: shares of shapes (generate), of edits, and mean PSNR in dB.
+TARGETS = {"color": 0.90, "kind": 0.80, "position": 0.90, "success": 0.85, "preservation": 25.0}
+PSNR_CAP = 60.0  # an edit that keeps the unedited region exactly (PSNR inf) counts as 60 dB in the mean
+BATCH = 8  # samples denoised together (each image has its own seed: batching does not change it)
+GENERATE_FIGURES = ("color", "kind", "position", "background", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run measures; the pipelines' default (sampler, steps) is always measured, and is where
+    the reference backend and bf16 run beside C++ fp32."""
+
+    n_generate: int = 128
+    n_edit: int = 96
+    n_bf16: int = 16  # samples of each task run in bf16 as well (bf16 is ~8x slower than fp32 on CPUs without bf16 units)
+    seed: int = 0
+    grid: tuple[tuple[str, int], ...] = (("euler", 10), ("euler_ancestral", 20), ("ddim", 20), ("dpmpp_2m", 10))
+
+    def __post_init__(self):
+        if self.n_generate < 1 or self.n_edit < 1 or self.n_bf16 < 0:
+            raise ValueError(f"--n-generate, --n-edit: expected at least 1, --n-bf16 at least 0; got {self.n_generate}, "
+                             f"{self.n_edit}, {self.n_bf16}")
+
+    def as_json(self) -> dict:
+        return {**dataclasses.asdict(self), "grid": [list(setting) for setting in self.grid]}
+
+
+QUICK = Settings(n_generate=32, n_edit=32, n_bf16=0, grid=())  # tests/test_quality.py's run: under a minute on 2 cores
+
+
+def parse_grid(text: str) -> tuple[tuple[str, int], ...]:
+    """"euler:10,ddim:20" -> (("euler", 10), ("ddim", 20)); "" -> () (the default setting only)."""
+    grid = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, steps = item.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"--samplers: expected comma-separated sampler:steps with a sampler of {sorted(SAMPLERS)} "
+                             f"and steps >= 1, got {item!r}")
+        grid.append((name, int(steps)))
+    return tuple(grid)
+
+
+def held_out(settings: Settings) -> tuple[list[toyworld.Scene], list[toyworld.Edit]]:
+    """The run's held-out scenes and edits; a smaller run's samples are the first of a larger one's."""
+    rng = random.Random(settings.seed)
+    scenes = [toyworld.sample_scene(rng, "test") for _ in range(settings.n_generate)]
+    rng = random.Random(settings.seed)
+    return scenes, [toyworld.sample_edit(rng, "test") for _ in range(settings.n_edit)]
+
+
+def weights_id(folder: Path) -> str:
+    """SHA-256 (16 hex digits) of a pipeline folder's weight files: which model a record belongs to."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# -- counting verdicts --------------------------------------------------------------------------
+
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def generate_figures(readings: list[toyworld.Reading]) -> dict:
+    """Shares of expected shapes with the right color / kind / cell, of images with the right
+    background and of images entirely right."""
+    shapes = [s for r in readings for s in r.shapes]
+    return {"images": len(readings), "shapes": len(shapes), "color": _share(s.color_ok for s in shapes),
+            "kind": _share(s.kind_ok for s in shapes), "position": _share(s.position_ok for s in shapes),
+            "background": _share(r.background_ok for r in readings), "all": _share(r.ok for r in readings)}
+
+
+def edit_figures(readings: list[toyworld.EditReading]) -> dict:
+    """Success rate overall and per edit kind, mean preservation PSNR (inf capped at PSNR_CAP)."""
+    by_kind = {kind: [r.success for r in readings if r.edit.kind == kind] for kind in toyworld.EDIT_KINDS}
+    return {"edits": len(readings), "success": _share(r.success for r in readings),
+            "preservation": float(np.mean([min(r.preservation, PSNR_CAP) for r in readings])) if readings else None,
+            "by_kind": {kind: {"edits": len(flags), "success": _share(flags)} for kind, flags in by_kind.items()}}
+
+
+def verdicts(reading) -> list[bool]:
+    """The judge's yes/no verdicts on one image: per shape color, kind, cell, then the background;
+    for an edit its success."""
+    if isinstance(reading, toyworld.EditReading):
+        return [reading.success]
+    return [v for s in reading.shapes for v in (s.color_ok, s.kind_ok, s.position_ok)] + [reading.background_ok]
+
+
+def same_verdicts(readings: list, baseline: list) -> float:
+    """Share of verdicts that `readings` and the first len(readings) of `baseline` (the same samples) agree on."""
+    pairs = [(verdicts(r), verdicts(base)) for r, base in zip(readings, baseline)]
+    if len(readings) > len(baseline) or any(len(a) != len(b) for a, b in pairs):
+        raise ValueError("same_verdicts: expected readings of the baseline's samples")
+    return _share(x == y for a, b in pairs for x, y in zip(a, b))
+
+
+def max_pixel_diff(images: list, baseline: list) -> int:
+    """Largest absolute difference of a uint8 channel between `images` and `baseline`, image by image."""
+    return max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) for a, b in zip(images, baseline))
+
+
+# -- running the models ---------------------------------------------------------------------------
+
+def _backend(name: str):
+    return ops.use_backend("reference") if name == "reference" else contextlib.nullcontext()
+
+
+def default_setting(pipe) -> tuple[str, int]:
+    """The pipeline's default (sampler name, steps)."""
+    return make_sampler(pipe.defaults.sampler, pipe.scheduler_config).name, pipe.defaults.steps
+
+
+def generate_images(pipe, scenes, *, sampler: str, steps: int, seed: int, bar) -> list:
+    images = []
+    for start in range(0, len(scenes), BATCH):
+        prompts = [scene.caption() for scene in scenes[start:start + BATCH]]
+        images += pipe.generate(prompts, sampler=sampler, steps=steps, seed=seed + start, progress=False)
+        bar.update(len(prompts))
+    return images
+
+
+def edit_images(pipe, edits, *, sampler: str, steps: int, seed: int, bar) -> list:
+    """The edited images; BATCH edits share each UNet call (Pipeline.run's loop over several requests)."""
+    images = []
+    for start in range(0, len(edits), BATCH):
+        prepared = [pipe.prepare(EditRequest(image=edit.source.render(), instruction=edit.instruction, sampler=sampler,
+                                             steps=steps, seed=seed + start + i))
+                    for i, edit in enumerate(edits[start:start + BATCH])]
+        jobs = [job for p in prepared for job in p.jobs]
+        while not all(job.done for job in jobs):
+            step_jobs(pipe.unet, [job for job in jobs if not job.done])
+        images += [p.finish()[0] for p in prepared]
+        bar.update(len(prepared))
+    return images
+
+
+def _row(setting, backend, dtype, figures, *, same=None, diff=None) -> dict:
+    return {"sampler": setting[0], "steps": setting[1], "backend": backend, "dtype": dtype, "figures": figures,
+            "same_verdicts": same, "max_pixel_diff": diff}
+
+
+def _task_rows(pipes, samples, settings, grid, *, draw, read, figures, bar) -> list[dict]:
+    """One task's rows: at the default setting (grid[0]) C++ (the selected backend) fp32, the
+    reference backend fp32 and C++ bf16, the last two beside the first; then C++ fp32 per other
+    setting of `grid`."""
+    cpp = ops.selected_name("cpu")
+    default = grid[0]
+
+    def sample(pipe, subset, setting):
+        images = draw(pipe, subset, sampler=setting[0], steps=setting[1], seed=settings.seed, bar=bar)
+        return images, [read(image, s) for image, s in zip(images, subset)]
+
+    base_images, base_readings = sample(pipes["fp32"], samples, default)
+    rows = [_row(default, cpp, "fp32", figures(base_readings))]
+    others = [("reference", "fp32", samples)] + ([(cpp, "bf16", samples[:settings.n_bf16])] if settings.n_bf16 else [])
+    for backend, dtype, subset in others:
+        with _backend(backend):
+            images, readings = sample(pipes[dtype], subset, default)
+        rows.append(_row(default, backend, dtype, figures(readings), same=same_verdicts(readings, base_readings),
+                         diff=max_pixel_diff(images, base_images)))
+    for setting in grid[1:]:
+        rows.append(_row(setting, cpp, "fp32", figures(sample(pipes["fp32"], samples, setting)[1])))
+    return rows
+
+
+def measure(settings: Settings, *, progress: bool = True) -> dict:
+    """Run both tasks on their held-out samples; returns {"settings", "weights", "generate": rows,
+    "edit": rows}, each row {"sampler", "steps", "backend", "dtype", "figures", "same_verdicts",
+    "max_pixel_diff"} (the last two beside C++ fp32 at the default setting; None on its own rows)."""
+    from tqdm.auto import tqdm
+
+    from fastdiff.pipeline import Pipeline
+
+    dtypes = ("fp32", "bf16") if settings.n_bf16 else ("fp32",)
+    generators = {d: Pipeline.from_pretrained(GENERATE_WEIGHTS, dtype=d) for d in dtypes}
+    editors = {d: Pipeline.from_pretrained(EDIT_WEIGHTS, dtype=d) for d in dtypes}
+    scenes, edits = held_out(settings)
+    generate_default = default_setting(generators["fp32"])
+    grid = [generate_default, *(s for s in settings.grid if s != generate_default)]
+    edit_default = default_setting(editors["fp32"])
+    total = (len(scenes) * (len(grid) + 1) + min(settings.n_bf16, len(scenes))
+             + 2 * len(edits) + min(settings.n_bf16, len(edits)))
+    with torch.inference_mode(), tqdm(total=total, desc="quality", unit="image", disable=not progress) as bar:
+        generate = _task_rows(generators, scenes, settings, grid, draw=generate_images, read=toyworld.judge,
+                              figures=generate_figures, bar=bar)
+        edit = _task_rows(editors, edits, settings, [edit_default], draw=edit_images, read=toyworld.judge_edit,
+                          figures=edit_figures, bar=bar)
+    return {"settings": settings.as_json(),
+            "weights": {"generate": weights_id(GENERATE_WEIGHTS), "edit": weights_id(EDIT_WEIGHTS)},
+            "generate": generate, "edit": edit}
+
+
+# -- the record ----------------------------------------------------------------------------------
+
+def _key(row) -> tuple:
+    return row["sampler"], row["steps"], row["backend"], row["dtype"]
+
+
+def compare_to_record(result: dict, record: dict, *, margin: float, psnr_margin: float) -> list[str]:
+    """One message per problem: a record made with other settings or weights, or a figure of
+    `result` more than `margin` (a share) / `psnr_margin` (dB) below the record's same row."""
+    if record.get("settings") != result["settings"]:
+        return [f"the record was made with the settings {record.get('settings')}, this run used {result['settings']}: "
+                "record again with `python -m fastdiff.bench quality --quick --record`"]
+    if record.get("weights") != result["weights"]:
+        return [f"the record is for the weights {record.get('weights')}, these are {result['weights']}: record again "
+                "with `python -m fastdiff.bench quality --quick --record`"]
+    problems = []
+    for task, names in (("generate", GENERATE_FIGURES), ("edit", ("success", "preservation"))):
+        recorded = {_key(row): row["figures"] for row in record[task]}
+        for row in result[task]:
+            if _key(row) not in recorded:
+                problems.append(f"{task} {' '.join(map(str, _key(row)))}: no such row in the record")
+                continue
+            for name in names:
+                now, then = row["figures"][name], recorded[_key(row)][name]
+                allowed = psnr_margin if name == "preservation" else margin
+                if now is not None and then is not None and now < then - allowed:
+                    problems.append(f"{task} {' '.join(map(str, _key(row)))} {name}: {now:.3f}, recorded {then:.3f} "
+                                    f"(allowed drop {allowed})")
+    return problems
+
+
+# -- the tables ----------------------------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _marked(value, target, text) -> str:
+    return text if value is None else f"{text} {'ok' if value >= target else 'MISS'}"
+
+
+def _beside(row) -> list[str]:
+    if row["same_verdicts"] is None:
+        return ["-", "-"]
+    return [_pct(row["same_verdicts"]), str(row["max_pixel_diff"])]
+
+
+def tables(result: dict) -> str:
+    """The generate and edit tables of a measure() result, figures marked ok / MISS against TARGETS."""
+    beside = ["same verdicts", "max |pixel diff|"]
+    rows = []
+    for row in result["generate"]:
+        f = row["figures"]
+        rows.append([f"{row['sampler']} {row['steps']}", f"{row['backend']} {row['dtype']}", str(f["images"]),
+                     *(_marked(f[n], TARGETS[n], _pct(f[n])) for n in ("color", "kind", "position")),
+                     _pct(f["background"]), _pct(f["all"]), *_beside(row)])
+    generate = format_table(["generate", "backend", "images", *(f"{n} >={TARGETS[n]:.0%}" for n in ("color", "kind", "position")),
+                             "background", "all correct", *beside], rows)
+    rows = []
+    for row in result["edit"]:
+        f = row["figures"]
+        rows.append([f"{row['sampler']} {row['steps']}", f"{row['backend']} {row['dtype']}", str(f["edits"]),
+                     *(_pct(f["by_kind"][k]["success"]) for k in toyworld.EDIT_KINDS),
+                     _marked(f["success"], TARGETS["success"], _pct(f["success"])),
+                     _marked(f["preservation"], TARGETS["preservation"], f"{f['preservation']:.1f}"), *_beside(row)])
+    edit = format_table(["edit", "backend", "edits", *toyworld.EDIT_KINDS, f"success >={TARGETS['success']:.0%}",
+                         f"PSNR dB >={TARGETS['preservation']:.0f}", *beside], rows)
+    counts = ", ".join(f"{k} {n['edits']}" for k, n in result["edit"][0]["figures"]["by_kind"].items())
+    return (f"{generate}\n(shares of {result['generate'][0]['figures']['shapes']} shapes; background and all correct: "
+            f"of images)\n\n{edit}\n(edits per kind: {counts}; PSNR: mean, to the source outside the edited region)")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument("--n-generate", type=int, help=f"held-out captions (default {defaults.n_generate})")
+    parser.add_argument("--n-edit", type=int, help=f"held-out edits (default {defaults.n_edit})")
+    parser.add_argument("--n-bf16", type=int, help=f"samples of each task also run in bf16 (default {defaults.n_bf16}; 0: none)")
+    parser.add_argument("--samplers", help="generate settings besides the pipeline's default, as sampler:steps,... "
+                                           f"(default {','.join(f'{n}:{s}' for n, s in defaults.grid)}; '' for none)")
+    parser.add_argument("--seed", type=int, help=f"seed of the samples and of the noise (default {defaults.seed})")
+    parser.add_argument("--quick", action="store_true", help=f"the reduced run tests/test_quality.py makes: {QUICK.n_generate} captions and "
+                        f"{QUICK.n_edit} edits at the default settings, C++ and reference backends, fp32")
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--record", action="store_true", help=f"write the figures and settings to {RECORD} (with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def settings_from(args) -> Settings:
+    """The run's Settings from the command line: --quick, or the defaults with the options given."""
+    options = {"n_generate": "--n-generate", "n_edit": "--n-edit", "n_bf16": "--n-bf16", "seed": "--seed"}
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    if args.samplers is not None:
+        given["grid"] = parse_grid(args.samplers)
+    if args.quick:
+        if given:
+            raise ValueError(f"--quick: fixes the samples and settings; drop {', '.join(options.get(n, '--samplers') for n in given)}")
+        return QUICK
+    if args.record:
+        raise ValueError("--record: the record is what tests/test_quality.py compares its --quick run against; add --quick")
+    return Settings(**given)
+
+
+def run(args) -> int:
+    settings = settings_from(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"quality: {settings.n_generate} held-out captions, {settings.n_edit} held-out edits ({settings.n_bf16} of each in "
+          f"bf16 too), seed {settings.seed}; weights {WEIGHTS}; {torch.get_num_threads()} threads, "
+          f"{ops.selected_name('cpu')} backend")
+    result = measure(settings)
+    print(tables(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"figures written to {args.json}")
+    if args.record:
+        RECORD.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"recorded to {RECORD}")
+    return 0
+
+
+def load_record(path: Path = RECORD) -> dict:
+    """The recorded figures; FileNotFoundError saying how to make them when absent."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: record the quality figures of the trained weights with "
+                                "`python -m fastdiff.bench quality --quick --record`")
+    return json.loads(path.read_text())
+
