@@ -101,9 +101,17 @@ class CLIPTextEncoder:
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"folder: no directory at {folder}")
+        from transformers.utils import logging as transformers_logging
+
         tokenizer = CLIPTokenizer.from_pretrained(str(_component(folder, "tokenizer")), local_files_only=True)
-        model = CLIPTextModel.from_pretrained(str(_component(folder, "text_encoder")), local_files_only=True,
-                                              dtype=dtype or torch.float32)
+        bar = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per pipeline load is noise here
+        try:
+            model = CLIPTextModel.from_pretrained(str(_component(folder, "text_encoder")), local_files_only=True,
+                                                  dtype=dtype or torch.float32)
+        finally:
+            if bar:
+                transformers_logging.enable_progress_bar()
         return cls(model.to(device), tokenizer, max_length)
 
     @property

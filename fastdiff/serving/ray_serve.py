@@ -69,8 +69,8 @@ def proxy_middlewares() -> list:
 class ServeArgs(BaseModel):
     """The application's arguments (a config file's `args:`, or `serve run ... key=value`).
 
-    model: a diffusers folder or an embedded default (mobilediffusion, small; default
-    $FASTDIFF_MODEL or mobilediffusion). threads: torch threads per replica (default: Ray's
+    model: a diffusers folder or an embedded default (toyworld: trained; mobilediffusion, small:
+    untrained; default $FASTDIFF_MODEL or toyworld). threads: torch threads per replica (default: Ray's
     OMP_NUM_THREADS, the replica's num_cpus). api_key: default $FASTDIFF_API_KEY in the replica.
     The limits default to fastdiff.serving.Limits'.
     """
