@@ -30,7 +30,7 @@ train-default: $(STAMP)
 # pytest's own script, not `python -m pytest`: the repo root must not be on sys.path, where the
 # source folder kernels/ would shadow fastdiff.kernels' installed name for other packages.
 test: $(STAMP)
-	$(VENV)/bin/pytest tests -q
+	$(VENV)/bin/pytest tests -q --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds

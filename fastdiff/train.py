@@ -8,6 +8,8 @@ same command again to continue where it stopped; a finished stage is skipped):
     tokenizer   a CLIP BPE tokenizer (vocab.json + merges.txt) whose tokens are the world's words
     vae         AutoencoderKL, 3-channel latent, 8x down (128x128 -> 16x16x3), trained on 64x64
                 crops (fully convolutional: no mid-block attention); L1 + L2 + a small KL term
+    decoder     the VAE's decoder fine-tuned on whole images with the encoder frozen (the latents,
+                and so the UNets trained on them, stay valid: SD's ft-MSE decoder recipe)
     generate    a MobileDiffusionUNet ("toyworld" preset: every design choice of the paper on)
                 and a CLIP text encoder, jointly, on (caption, image latent) pairs; v-prediction,
                 10% empty captions for classifier-free guidance
@@ -17,8 +19,8 @@ same command again to continue where it stopped; a finished stage is skipped):
     export      the EMA weights as two diffusers-layout folders (out/generate, out/edit), fp16
                 safetensors, read back by Pipeline.from_pretrained
 
-`all` runs tokenizer and vae, then generate and edit side by side (one thread each: two small
-models keep two cores busier than one model on two threads), then export. Training is plain
+`all` runs tokenizer and vae, then generate, edit and decoder side by side (one thread each:
+small models keep two cores busier side by side than one at a time on two threads), then export. Training is plain
 PyTorch autograd on the reference backend, fp32 (this CPU has no bf16 fast path); the data of step
 k depends only on (seed, stage, k), so a resumed run sees what an uninterrupted one would.
 """
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 
 from fastdiff import ops, toyworld
 
-STAGES = ("tokenizer", "vae", "generate", "edit", "export")
+STAGES = ("tokenizer", "vae", "generate", "edit", "decoder", "export")
 TEXT_LENGTH = 32  # tokens: the longest caption is 24
 SEED = 0
 
@@ -58,8 +60,9 @@ class StageConfig:
 
 CONFIGS = {
     "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
-    "generate": StageConfig(steps=3500, batch=32, lr=1e-3),
-    "edit": StageConfig(steps=2500, batch=32, lr=1e-3),
+    "generate": StageConfig(steps=2100, batch=32, lr=1e-3),
+    "edit": StageConfig(steps=1300, batch=32, lr=1e-3),
+    "decoder": StageConfig(steps=600, batch=8, lr=3e-4, warmup=50, ema=0.0),
 }
 TEXT_ENCODER = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=3)
 VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=3, norm_num_groups=8,
@@ -130,13 +133,19 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
 
 
-def trained_vae(work: Path):
-    """The vae stage's result (EMA-free), with its latent scaling factor set, frozen."""
-    state = torch.load(work / "vae" / "state.pt", weights_only=True)
+def _finished(work: Path, stage: str) -> dict:
+    state = torch.load(work / stage / "state.pt", weights_only=True)
     if state["step"] < state["steps"]:
-        raise SystemExit(f"the vae stage stopped at step {state['step']} of {state['steps']}: run it to the end first")
+        raise SystemExit(f"the {stage} stage stopped at step {state['step']} of {state['steps']}: run it to the end first")
+    return state
+
+
+def trained_vae(work: Path, *, fine_tuned_decoder: bool = False):
+    """The vae stage's result with its latent scaling factor set, frozen; with fine_tuned_decoder,
+    the decoder stage's weights (the same encoder)."""
+    state = _finished(work, "vae")
     vae = new_vae()
-    vae.load_state_dict(state["models"]["vae"])
+    vae.load_state_dict((_finished(work, "decoder") if fine_tuned_decoder else state)["models"]["vae"])
     vae.config = dataclasses.replace(vae.config, scaling_factor=state["scaling_factor"])
     return vae.eval().requires_grad_(False)
 
@@ -294,6 +303,24 @@ def stage_vae(work: Path, config: StageConfig) -> None:
         _save(work / "vae" / "state.pt", state)
 
 
+def stage_decoder(work: Path, config: StageConfig) -> None:
+    torch.manual_seed(SEED + 3)
+    vae = trained_vae(work)
+    vae.requires_grad_(False)
+    for part in (vae.decoder, vae.post_quant_conv):
+        part.requires_grad_(True)
+
+    def loss_fn(step):
+        rng = step_rng("decoder", step)
+        images = to_tensor([toyworld.sample_scene(rng).render() for _ in range(config.batch)])
+        with torch.no_grad():
+            z = vae.encode(images)  # the mode: what the pipelines decode
+        out = vae.decode(z)
+        return F.l1_loss(out, images) + F.mse_loss(out, images)
+
+    run_stage("decoder", work, {"vae": vae}, loss_fn, config=config)
+
+
 def _text_dropout(rng: random.Random, texts: list[str], p: float) -> list[str]:
     return ["" if rng.random() < p else t for t in texts]
 
@@ -351,15 +378,13 @@ def stage_export(work: Path, out: Path) -> None:
     from fastdiff.requests import Defaults
 
     tokenizer = load_tokenizer(work)
-    vae = trained_vae(work)
+    vae = trained_vae(work, fine_tuned_decoder=True)
     scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULE}
     for kind, unet, defaults in (
         ("generate", new_generator_unet(), Defaults(steps=20, guidance_scale=5.0, size=toyworld.SIZE)),
         ("edit", new_editor_unet(), Defaults(steps=20, guidance_scale=5.0, image_guidance_scale=1.5, size=toyworld.SIZE)),
     ):
-        state = torch.load(work / kind / "state.pt", weights_only=True)
-        if state["step"] < state["steps"]:
-            raise SystemExit(f"the {kind} stage stopped at step {state['step']} of {state['steps']}: run it to the end first")
+        state = _finished(work, kind)
         text_model = new_text_model(len(tokenizer), tokenizer)
         text_model.load_state_dict(state["ema"]["text_encoder"])
         unet.load_state_dict(state["ema"]["unet"])
@@ -371,7 +396,7 @@ def stage_export(work: Path, out: Path) -> None:
             save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, str(weights),
                       metadata={"format": "pt"})
         meta = {"trained_steps": state["step"], "training_seconds": round(state["seconds"]),
-                "vae_training_seconds": round(torch.load(work / "vae" / "state.pt", weights_only=True)["seconds"])}
+                **{f"{stage}_training_seconds": round(_finished(work, stage)["seconds"]) for stage in ("vae", "decoder")}}
         (folder / "training.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -393,7 +418,8 @@ def main(argv=None) -> int:
         stage_tokenizer(args.work)
         stage_vae(args.work, config("vae"))
         common = ["--work", str(args.work), "--threads", "1"] + (["--steps", str(args.steps)] if args.steps else [])
-        children = [subprocess.Popen([sys.executable, "-m", "fastdiff.train", kind, *common]) for kind in ("generate", "edit")]
+        children = [subprocess.Popen([sys.executable, "-m", "fastdiff.train", kind, *common])
+                    for kind in ("generate", "edit", "decoder")]
         if any(child.wait() for child in children):
             return 1
         stage_export(args.work, args.out)
@@ -406,6 +432,8 @@ def main(argv=None) -> int:
         stage_generate(args.work, config("generate"))
     elif args.stage == "edit":
         stage_edit(args.work, config("edit"))
+    elif args.stage == "decoder":
+        stage_decoder(args.work, config("decoder"))
     else:
         stage_export(args.work, args.out)
     return 0
