@@ -25,7 +25,7 @@ def trained(tmp_path_factory, one_thread):
     common = ["--steps", str(STEPS), "--work", str(work), "--out", str(out)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "CONFIGS", {k: dataclasses.replace(c, batch=4) for k, c in train.CONFIGS.items()})
-        for stage in ("tokenizer", "vae", "generate", "edit"):
+        for stage in ("tokenizer", "vae", "generate", "edit", "decoder"):
             assert train.main([stage, *common]) == 0
         assert train.main(["all", *common]) == 0
     return work, out
@@ -38,7 +38,7 @@ def state(work, stage):
 def test_stage_folders(trained):
     work, _ = trained
     assert (work / "tokenizer" / "vocab.json").is_file() and (work / "tokenizer" / "merges.txt").is_file()
-    for stage in ("vae", "generate", "edit"):
+    for stage in ("vae", "generate", "edit", "decoder"):
         saved = state(work, stage)
         assert saved["step"] == saved["steps"] == STEPS
         assert len(saved["losses"]) == STEPS  # `all` found the stage finished: not run again
@@ -48,6 +48,13 @@ def test_stage_folders(trained):
         assert Image.open(work / stage / "loss.png").size == (640, 360)
     assert state(work, "vae")["scaling_factor"] > 0
     assert set(state(work, "generate")["ema"]) == {"text_encoder", "unet"}
+
+
+def test_decoder_stage_keeps_the_encoder(trained):
+    """The UNets train on the vae stage's latents: the decoder stage must change only the decoder."""
+    vae, tuned = state(trained[0], "vae")["models"]["vae"], state(trained[0], "decoder")["models"]["vae"]
+    changed = {k.split(".")[0] for k in vae if not torch.equal(vae[k], tuned[k])}
+    assert changed == {"decoder", "post_quant_conv"}
 
 
 def test_resume_continues_from_the_saved_step(trained, tmp_path):

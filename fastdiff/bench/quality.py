@@ -34,11 +34,11 @@ import torch
 import fastdiff.ops as ops
 from fastdiff import toyworld
 from fastdiff.bench.timing import format_table
+from fastdiff.default_model import WEIGHTS
 from fastdiff.jobs import step_jobs
 from fastdiff.requests import EditRequest
 from fastdiff.samplers import SAMPLERS, make_sampler
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 GENERATE_WEIGHTS, EDIT_WEIGHTS, RECORD = WEIGHTS / "generate", WEIGHTS / "edit", WEIGHTS / "quality.json"
 # The bar for every fast path: shares of shapes (generate), of edits, and mean PSNR in dB.
 TARGETS = {"color": 0.90, "kind": 0.80, "position": 0.90, "success": 0.85, "preservation": 25.0}
