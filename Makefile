@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastdiff.demo
 
-# Trains the default model from scratch on this CPU (fastdiff.train, ~N min on 2 cores): checkpoints
+# Trains the default model from scratch on this CPU (fastdiff.train, ~100 min on 2 cores): checkpoints
 # and loss curves in train-runs/, the pipeline folders in fastdiff/weights/. Run again to resume.
 train-default: $(STAMP)
 	$(PY) -m fastdiff.train all
