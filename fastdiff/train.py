@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -392,6 +393,8 @@ def stage_export(work: Path, out: Path) -> None:
                         text_encoder=CLIPTextEncoder(text_model.eval(), tokenizer), name=f"toyworld-{kind}")
         folder = out / kind
         save_pipeline(pipe, folder)
+        for name in ("vocab.json", "merges.txt"):  # CLIP's own format beside transformers' tokenizer.json
+            shutil.copyfile(work / "tokenizer" / name, folder / "tokenizer" / name)
         for weights in folder.glob("*/*.safetensors"):
             save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, str(weights),
                       metadata={"format": "pt"})

@@ -82,6 +82,7 @@ def test_exported_pipelines_load_and_run(trained):
     _, out = trained
     for kind in ("generate", "edit"):
         assert json.loads((out / kind / "training.json").read_text())["trained_steps"] == STEPS
+        assert (out / kind / "tokenizer" / "vocab.json").is_file() and (out / kind / "tokenizer" / "merges.txt").is_file()
         weights = list((out / kind).glob("*/*.safetensors"))
         assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder"}
         for path in weights:
