@@ -74,7 +74,8 @@ EDITOR_UNET = dict(block_out_channels=(48, 96, 96), layers_per_block=1, attentio
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 # SD's noise schedule, v-prediction (better than epsilon at few steps and at high noise)
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+            "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+            "clip_sample": False}  # as SD's: DDIM's default clip of x0 to [-1, 1] would cut these latents (std 1, offsets per channel)
 VAE_KL_WEIGHT = 1e-4
 
 
