@@ -469,7 +469,8 @@ class EditReading:
 
     edit: Edit
     reading: Reading  # against edit.target
-    leftovers: tuple[str, ...]  # colors of the source that the edit should have removed but are still drawn
+    leftovers: tuple[str, ...]  # shape colors drawn that the target does not have there: a removed or
+    # recolored shape's color anywhere, or any shape color outside the target's shapes
     preservation: float  # PSNR (dB) to the source image outside the edited region
 
     @property
@@ -478,12 +479,18 @@ class EditReading:
 
 
 def judge_edit(edited, edit: Edit, source_image=None) -> EditReading:
-    """Read `edited` against `edit`: success when the target scene is read back and no shape color
-    the edit removed is still drawn; preservation = PSNR to `source_image` (default: the rendered
-    source) outside edit.region()."""
+    """Read `edited` against `edit`: success when the target scene is read back and nothing else is
+    drawn (no shape color the edit removed, no shape outside the target's); preservation = PSNR
+    to `source_image` (default: the rendered source) outside edit.region()."""
     source_image = edit.source.render() if source_image is None else source_image
     reading = judge(edited, edit.target)
     labels, pure = _labels(edited)
-    gone = [s for s in edit.source.shapes if edit.target.find(s.color) is None]
-    leftovers = tuple(s.color for s in gone if _blob(labels, pure, s.color).sum() >= MIN_BLOB * s.mask().sum())
+    gone = {s.color for s in edit.source.shapes if edit.target.find(s.color) is None}
+    drawn = np.zeros((SIZE, SIZE), bool)
+    for shape in edit.target.shapes:
+        drawn |= _dilate(shape.mask(), 3)
+    smallest = MIN_BLOB * math.pi * SIZES["small"] ** 2
+    leftovers = tuple(color for color in SHAPE_COLORS
+                      if (color in gone and _blob(labels, pure, color).sum() >= MIN_BLOB * edit.source.find(color).mask().sum())
+                      or (_blob(labels, pure, color) & ~drawn).sum() >= smallest)
     return EditReading(edit, reading, leftovers, psnr(edited, source_image, ~edit.region()))

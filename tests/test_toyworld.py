@@ -147,6 +147,10 @@ def test_judge_edit_leftovers():
     reading = toyworld.judge_edit(both.render(), recolor)
     assert reading.reading.ok and reading.leftovers == ("red",) and not reading.success
     assert reading.preservation < math.inf  # the stray circle lies outside the edited region
+    # removed, but another shape drawn in its place: not a success either
+    swapped = Scene((blue, dataclasses.replace(red, color="yellow", kind="star")), ("gray",))
+    reading = toyworld.judge_edit(swapped.render(), remove)
+    assert reading.reading.ok and reading.leftovers == ("yellow",) and not reading.success
 
 
 def test_psnr():
