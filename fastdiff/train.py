@@ -327,12 +327,17 @@ def _text_dropout(rng: random.Random, texts: list[str], p: float) -> list[str]:
     return ["" if rng.random() < p else t for t in texts]
 
 
-def stage_generate(work: Path, config: StageConfig) -> None:
-    torch.manual_seed(SEED + 1)
+def _diffusion_parts(work: Path, seed: int, new_unet):
+    """(tokenizer, frozen VAE, new text model, new UNet, schedule) of a UNet stage, the models
+    initialised from `seed`."""
+    torch.manual_seed(seed)
     tokenizer = load_tokenizer(work)
     vae = trained_vae(work)
-    text_model, unet = new_text_model(len(tokenizer), tokenizer), new_generator_unet()
-    schedule = Schedule()
+    return tokenizer, vae, new_text_model(len(tokenizer), tokenizer), new_unet(), Schedule()
+
+
+def stage_generate(work: Path, config: StageConfig) -> None:
+    tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 1, new_generator_unet)
 
     def loss_fn(step):
         rng, generator = step_rng("generate", step), step_generator("generate", step)
@@ -347,11 +352,7 @@ def stage_generate(work: Path, config: StageConfig) -> None:
 
 
 def stage_edit(work: Path, config: StageConfig) -> None:
-    torch.manual_seed(SEED + 2)
-    tokenizer = load_tokenizer(work)
-    vae = trained_vae(work)
-    text_model, unet = new_text_model(len(tokenizer), tokenizer), new_editor_unet()
-    schedule = Schedule()
+    tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 2, new_editor_unet)
 
     def loss_fn(step):
         rng, generator = step_rng("edit", step), step_generator("edit", step)
