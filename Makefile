@@ -5,16 +5,19 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo train-default test bench clean gpu-check
+.PHONY: install demo demo-quick train-default test test-latest bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -U pip setuptools wheel
 
-# torch first (pinned CPU wheel), then the package built against it without build isolation.
-$(STAMP): $(PY) requirements-cpu.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
-	$(PIP) install -q -r requirements-cpu.txt
-	$(PIP) install -q --no-build-isolation -e ".[test,serve]"
+# Exactly the versions in constraints.txt (the ones the suite last passed with; pip, setuptools and
+# wheel too, hence no build isolation), torch from its CPU wheel; then the C++ kernels compiled
+# once for this torch (fastdiff/ops/cpp_build.py) so that no test or demo waits for them.
+$(STAMP): $(PY) requirements-cpu.txt constraints.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PIP) install -q -c constraints.txt pip setuptools wheel
+	$(PIP) install -q -c constraints.txt -r requirements-cpu.txt
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[test,serve]"
+	$(PY) -m fastdiff.ops.cpp_build
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,15 +25,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastdiff.demo
 
+# The demo in a minute (2 prompts, 2 edits, 8 steps): what .ci/run checks a newcomer's first command with.
+demo-quick: $(STAMP)
+	$(PY) -m fastdiff.demo --quick
+
 # Trains the default model from scratch on this CPU (fastdiff.train, ~100 min on 2 cores): checkpoints
 # and loss curves in train-runs/, the pipeline folders in fastdiff/weights/. Run again to resume.
 train-default: $(STAMP)
 	$(PY) -m fastdiff.train all
 
-# pytest's own script, not `python -m pytest`: the repo root must not be on sys.path, where the
-# source folder kernels/ would shadow fastdiff.kernels' installed name for other packages.
 test: $(STAMP)
 	$(VENV)/bin/pytest tests -q --durations=15
+
+# The suite against the newest releases of every dependency (torch stays the CPU wheel of
+# requirements-cpu.txt) in .venv-latest: names the package that broke it, or, when green,
+# rewrites constraints.txt with the new versions (review the diff, commit it).
+test-latest:
+	$(PYTHON) tools/test_latest.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds
@@ -42,4 +53,4 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m fastdiff.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build $(VENV) fastdiff/*.so *.egg-info
+	rm -rf build dist $(VENV) .venv-latest *.egg-info

@@ -32,6 +32,10 @@ __all__ = ["ops", "__version__", *_LAZY]
 
 
 def __getattr__(name):
+    if name == "_C":  # the C++ kernels, compiled on first use (fastdiff.ops.cpp_build)
+        from .ops import cpp_build
+
+        return cpp_build.load()
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

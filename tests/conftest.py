@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before
-# any kernel is decorated, so before fastdiff.kernels is first imported.
+# any kernel is decorated, so before fastdiff.ops.triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -289,13 +289,13 @@ def test_kernel_rows_in_the_interpreter(one_thread):
 
 @needs_triton
 def test_kernel_row_catches_a_wrong_kernel(monkeypatch, one_thread):
-    import fastdiff.kernels
+    import fastdiff.ops.triton
 
-    real = fastdiff.kernels.glu
-    monkeypatch.setattr(fastdiff.kernels, "glu", lambda h, **kw: real(h, **kw) * 1.05)
+    real = fastdiff.ops.triton.glu
+    monkeypatch.setattr(fastdiff.ops.triton, "glu", lambda h, **kw: real(h, **kw) * 1.05)
     [row] = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
     assert row["check"] == "mismatch" and row["error"] == pytest.approx(0.05, rel=1e-3)
-    monkeypatch.setattr(fastdiff.kernels, "glu", lambda h, **kw: real(h, **kw) * float("nan"))
+    monkeypatch.setattr(fastdiff.ops.triton, "glu", lambda h, **kw: real(h, **kw) * float("nan"))
     [row] = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
     assert row["check"] == "mismatch" and row["problem"] == "output has NaN/inf"
 
@@ -327,10 +327,10 @@ def test_unet_step_mobilediffusion_in_the_interpreter(one_thread):
 
 @needs_triton
 def test_unet_accuracy_check_fails_for_a_wrong_kernel(monkeypatch, one_thread):
-    import fastdiff.kernels
+    import fastdiff.ops.triton
 
-    real = fastdiff.kernels.group_norm
-    monkeypatch.setattr(fastdiff.kernels, "group_norm", lambda *a, **kw: real(*a, **kw) * 1.1)  # every resnet's norm
+    real = fastdiff.ops.triton.group_norm
+    monkeypatch.setattr(fastdiff.ops.triton, "group_norm", lambda *a, **kw: real(*a, **kw) * 1.1)  # every resnet's norm
     monkeypatch.setattr(gpu, "time_ms", lambda *a, **kw: {"ms": 1.0})  # only the accuracy check matters here
     [row] = gpu.unet_rows("mobilediffusion", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, side=8, rounds=1, warmup=0)
     assert not row["accuracy"]["passed"] and row["accuracy"]["fastdiff_error"] > row["accuracy"]["bound"]

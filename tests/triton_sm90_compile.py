@@ -58,7 +58,7 @@ def _resource_usage(cubin: bytes) -> dict:
 def _cases():
     """(label, thunk) pairs calling the kernels' Python entry points at the real models' sizes
     (fastdiff.shapes, full size), and at one key (the smallest key block)."""
-    import fastdiff.kernels as K
+    import fastdiff.ops.triton as K
     from fastdiff.shapes import case
 
     e = torch.empty

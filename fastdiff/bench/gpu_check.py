@@ -6,8 +6,8 @@ Stages, in order, each with its own time budget (seconds, --budget STAGE=S; the 
 also capped by --total-budget-s, 465 by default):
   setup    (45)  versions (device, driver, torch, CUDA, cuDNN, Triton, diffusers); makes fastdiff
                  importable offline: `pip install --no-deps --no-index --no-build-isolation -e .`
-                 without the C++ extension (FASTDIFF_SKIP_EXT=1) when fastdiff.kernels does not
-                 import, and unpacks the bundle of pure-Python packages the GPU image lacks
+                 (nothing compiled: the C++ kernels build on first use) when fastdiff.ops.triton
+                 does not import, and unpacks the bundle of pure-Python packages the GPU image lacks
                  (diffusers; made here by --make-bundle, see below). Always runs.
   tests    (200) the GPU test set: `pytest tests -k "(triton or gpu) and not sm90 and not gpu_check"`,
                  i.e. every test marked `gpu` (the Triton kernels against their float64 twins at
@@ -219,7 +219,7 @@ def stage_setup(args, budget_s: float, ctx: dict) -> Stage:
     sys.path[:0] = extra
     importlib.invalidate_caches()
     ctx["env"] = env = _child_env(extra, args.device)
-    probe = "import fastdiff, fastdiff.kernels; print(fastdiff.__file__)"
+    probe = "import fastdiff, fastdiff.ops.triton; print(fastdiff.__file__)"
     ok, where = _probe(env, probe)
     if ok and Path(where).resolve().parent.parent != REPO:
         stage.notes.append(f"fastdiff imports from {where}, not this checkout ({REPO}): reinstalling")
@@ -227,13 +227,13 @@ def stage_setup(args, budget_s: float, ctx: dict) -> Stage:
     if not ok and args.install:
         remaining = budget_s - (time.perf_counter() - began)
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-e", str(REPO)]
-        code, seconds, tail = run_budgeted(cmd, budget_s=remaining, log_path=ctx["log"], env=dict(env, FASTDIFF_SKIP_EXT="1"), cwd=REPO)
-        stage.notes.append(f"pip install -e . (no C++ extension): {'ok' if code == 0 else 'FAILED'} in {seconds:.0f} s")
+        code, seconds, tail = run_budgeted(cmd, budget_s=remaining, log_path=ctx["log"], env=env, cwd=REPO)
+        stage.notes.append(f"pip install -e .: {'ok' if code == 0 else 'FAILED'} in {seconds:.0f} s")
         if code is None:
             stage.status, stage.summary = "timed out", "pip install ran past the setup budget"
         ok, where = _probe(env, probe)
     elif not ok:
-        stage.notes.append("fastdiff.kernels does not import and --no-install was given")
+        stage.notes.append("fastdiff.ops.triton does not import and --no-install was given")
     try:
         ctx["versions"] = versions(args.device)
     except Exception as exc:  # noqa: BLE001
@@ -244,7 +244,7 @@ def stage_setup(args, budget_s: float, ctx: dict) -> Stage:
     stage.seconds = time.perf_counter() - began
     if stage.status == "not run":
         stage.status = "passed" if ok else "error"
-        stage.summary = f"fastdiff from {where}" if ok else f"fastdiff.kernels does not import: {where[-500:]}"
+        stage.summary = f"fastdiff from {where}" if ok else f"fastdiff.ops.triton does not import: {where[-500:]}"
     return stage
 
 

@@ -32,7 +32,7 @@ def _import(name: str):
         return _modules[name]
     if name in _load_errors:
         return None
-    target = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.kernels"}[name]
+    target = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.ops.triton"}[name]
     try:
         module = importlib.import_module(target)
     except BackendConfigError:

@@ -1,4 +1,5 @@
-"""C++ backend: thin wrappers over fastdiff._C (csrc/), same signatures as the reference twins.
+"""C++ backend: thin wrappers over the compiled csrc/ (fastdiff._C, built on first use by
+fastdiff.ops.cpp_build), same signatures as the reference twins.
 
 Arguments are already checked by fastdiff.ops; the C++ side checks again (TORCH_CHECK) for
 direct callers. CPU dtypes are fp32 and bf16.
@@ -9,8 +10,7 @@ import os
 
 import torch
 
-from fastdiff import _C
-
+from . import cpp_build
 from ._dispatch import BackendConfigError
 
 SIMD_CAPS = ("scalar", "avx2", "avx512")  # the FASTDIFF_SIMD values csrc/cpu_features.h understands
@@ -24,6 +24,7 @@ def _check_simd_cap():
 
 
 _check_simd_cap()  # on import, i.e. when the C++ backend is first used
+_C = cpp_build.load()
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 
