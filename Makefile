@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick train-default test test-latest bench clean gpu-check
+.PHONY: install demo train-default test test-latest bench clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,6 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m fastdiff.demo
-
-# The demo in a minute (2 prompts, 2 edits, 8 steps): what .ci/run checks a newcomer's first command with.
-demo-quick: $(STAMP)
-	$(PY) -m fastdiff.demo --quick
 
 # Trains the default model from scratch on this CPU (fastdiff.train, ~100 min on 2 cores): checkpoints
 # and loss curves in train-runs/, the pipeline folders in fastdiff/weights/. Run again to resume.

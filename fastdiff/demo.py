@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="held-out captions to generate")
     parser.add_argument("--edits", type=int, default=6, help="held-out edits to run")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: fp32 (bf16 with --timing)")
+    parser.add_argument("--quick", action="store_true", help="2 prompts and 2 edits (the test of the README commands)")
     timing = parser.add_argument_group("--timing: the UNTRAINED models, timed")
     timing.add_argument("--timing", action="store_true", help="run the timing demo instead")
     timing.add_argument("--size", choices=["mobilediffusion", "small"], default="mobilediffusion",
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     timing.add_argument("--no-warmup", action="store_true",
                         help="time the first runs too (they include one-time set-up: weight packing, page faults)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.edits = 2, 2
     if args.prompts < 1 or args.edits < 1:
         parser.error(f"--prompts, --edits: expected positive counts, got {args.prompts}, {args.edits}")
     out = Path(args.out)
