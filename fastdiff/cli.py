@@ -12,6 +12,7 @@ import torch
 
 import fastdiff
 import fastdiff.ops as ops
+from fastdiff import hardware
 from fastdiff.requests import EditRequest, GenerateRequest, PipelineError
 
 
@@ -23,17 +24,15 @@ def _info(args) -> int:
         from fastdiff import _C
 
         print(f"  C++ SIMD level: {_C.simd()}")
-    except ImportError as exc:
-        print(f"  C++ extension: not built ({exc})")
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        pass
+    except Exception as exc:  # no compiler, a failed build: the C++ backend line above says the same
+        print(f"  C++ extension: not available ({exc})")
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16"]
-    print(f"  CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"features: {' '.join(w for w in wanted if w in flags) or 'unknown'}")
+    print(f"  CPU: {hardware.cpu_name()}, {torch.get_num_threads()} threads, "
+          f"features: {' '.join(w for w in wanted if w in hardware.cpu_flags()) or 'unknown'}")
+    fast = ", ".join(str(d).removeprefix("torch.") for d in hardware.fast_dtypes("cpu"))
+    slow = "" if torch.bfloat16 in hardware.fast_dtypes("cpu") else \
+        f"; bf16 runs but slowly here (no BF16 dot products: ~{hardware.BF16_SLOWDOWN} the fp32 time)"
+    print(f"  CPU fast dtypes: {fast}{slow}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"  CUDA device {i}: {torch.cuda.get_device_name(i)}")

@@ -8,7 +8,7 @@ Every entry point (Pipeline.generate/edit, Engine.submit_*, fastdiff.generate/ed
 builds one of these dataclasses, so a bad argument fails at the door with one line naming it,
 before any model work. What depends on the model (its defaults, its VAE factor, its pixel limit,
 the sampler's step range) is checked by `Pipeline.resolve(request)`, still before any
-allocation. This module is a leaf: it imports nothing else from fastdiff.
+allocation. This module is a leaf: it imports nothing from fastdiff but the leaf fastdiff.hardware.
 
 The guidance objects own the row layout of the UNet batch and the combine over those rows, so
 the order (diffusers': [uncond, text] for text CFG, [text, image, uncond] for InstructPix2Pix)
@@ -20,11 +20,14 @@ import dataclasses
 import math
 import numbers
 import os
+import warnings
 from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fastdiff import hardware
 
 # Requests larger than this many output pixels are refused before any allocation (4 megapixels:
 # 2048x2048; SD1.5's native size is 512x512). Pipelines and engines take max_pixels= to change it.
@@ -73,7 +76,30 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in runnable)
         raise PipelineError(f"{name}: {str(resolved).removeprefix('torch.')} does not run on {device_type} "
                             f"(fastdiff runs {allowed} there)")
+    if resolved not in hardware.fast_dtypes(device_type):
+        _warn_slow_dtype(name, resolved, device_type)
     return resolved
+
+
+class SlowDtypeWarning(RuntimeWarning):
+    """A dtype was asked for that this device runs, but without a fast path (bf16 on a CPU without
+    BF16 dot products)."""
+
+
+_warned_slow: set[tuple[torch.dtype, str]] = set()
+
+
+def _warn_slow_dtype(name: str, dtype: torch.dtype, device_type: str):
+    """Once per process, dtype and device: the slowdown and the faster choice."""
+    if (dtype, device_type) in _warned_slow:
+        return
+    _warned_slow.add((dtype, device_type))
+    fast = ", ".join(str(d).removeprefix("torch.") for d in hardware.fast_dtypes(device_type))
+    warnings.warn(f"{name}: {str(dtype).removeprefix('torch.')} has no fast path on this {device_type} "
+                  f"({hardware.cpu_name()}: no BF16 dot products, {'/'.join(hardware.BF16_DOT_FLAGS)}), so every product "
+                  f"converts to fp32 and back: a UNet step measured {hardware.BF16_SLOWDOWN} slower than fp32 on such a "
+                  f"CPU. For speed use dtype='fp32' (the default; fast here: {fast}); bf16 only saves memory here.",
+                  SlowDtypeWarning, stacklevel=3)
 
 
 # -- guidance: row layout and combine in one place ------------------------------------------------
