@@ -65,6 +65,8 @@ class Engine:
         max_wait_ms: when idle, how long the first request waits for company before starting.
         max_pixels: the largest request accepted (default: the pipeline's max_pixels).
         The backend forced in the creating thread (ops.use_backend) is used by the worker too."""
+        if not all(hasattr(pipe, attribute) for attribute in ("prepare", "resolve", "max_pixels")):
+            raise TypeError(f"pipe: expected a fastdiff.Pipeline, got {type(pipe).__name__}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive int, got {max_batch!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:

@@ -70,7 +70,7 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
         resolved = _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
     else:
         raise PipelineError(f"{name}: expected a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {describe(dtype)}")
-    device_type = torch.device(device if device is not None else "cpu").type
+    device_type = resolve_device(device).type
     runnable = _DEVICE_DTYPES.get(device_type, (torch.float32,))
     if resolved not in runnable:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in runnable)
@@ -78,6 +78,22 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
                             f"(fastdiff runs {allowed} there)")
     if resolved not in hardware.fast_dtypes(device_type):
         _warn_slow_dtype(name, resolved, device_type)
+    return resolved
+
+
+def resolve_device(device, *, name: str = "device") -> torch.device:
+    """None (the CPU), a torch.device or its name ("cpu", "cuda", "cuda:1") -> the torch.device;
+    PipelineError for a name torch does not know and for "meta", where weights cannot live."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise PipelineError(f"{name}: expected a torch.device or a name such as 'cpu' or 'cuda', got {describe(device)}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise PipelineError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if resolved.type == "meta":
+        raise PipelineError(f"{name}: 'meta' tensors hold no data, so no weights can be loaded there; expected 'cpu' or 'cuda'")
     return resolved
 
 

@@ -181,6 +181,8 @@ def test_load_good_and_bad_requests_together(server, pipes, capsys):
 
 def test_auth_everywhere_but_healthz(server):
     assert httpx.get(f"{server}/healthz").status_code == 200
+    head = httpx.head(f"{server}/healthz")
+    assert head.status_code == 200 and head.content == b""
     for method, path in (("GET", "/metrics"), ("POST", "/v1/generate"), ("POST", "/v1/edit"), ("GET", "/nowhere")):
         response = httpx.request(method, f"{server}{path}", json={"prompt": "x"})
         assert response.status_code == 401 and response.json()["field"] == "authorization", path

@@ -4,7 +4,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/generate (JSON), POST /v1/edit (multipart with an `image` file, or JSON with the
-image in base64), GET /healthz (no auth), GET /metrics (Prometheus text). A response is PNG bytes,
+image in base64), GET or HEAD /healthz (no auth), GET /metrics (Prometheus text). A response is PNG bytes,
 or JSON {"image": base64 PNG, "seed", "width", "height"} when the request's `response_format` is
 "json" or its Accept header asks for application/json (and not image/png).
 
@@ -483,7 +483,7 @@ def create_app(pipe_or_engine, *, api_key: str | None = None, limits: Limits | N
     async def edit(request: Request):
         return await service.handle("edit", request)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: load balancers' probes
     async def healthz():
         status = 200 if service.healthy() else 503
         return JSONResponse({"status": "ok" if status == 200 else "unavailable",
