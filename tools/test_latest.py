@@ -69,7 +69,9 @@ def install():
     run(sys.executable, "-m", "venv", VENV)
     run(PIP, "install", "-q", "-U", "pip", "setuptools", "wheel")
     run(PIP, "install", "-q", "-r", "requirements-cpu.txt")
-    run(PIP, "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "--no-build-isolation", "-e", ".[test,serve]")
+    # -c: eager upgrades would otherwise lift torch to the newest release pip can reach (a CUDA build)
+    run(PIP, "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-c", "requirements-cpu.txt",
+        "--no-build-isolation", "-e", ".[test,serve]")
     run(PY, "-m", "fastdiff.ops.cpp_build")
 
 
