@@ -4,12 +4,14 @@ The model is `model=` or $FASTDIFF_MODEL: a diffusers-format folder, or the name
 default (see fastdiff.default_model): "toyworld" (the default, trained on fastdiff.toyworld's
 128x128 scenes), or the UNTRAINED "mobilediffusion" and "small" (for timing). dtype: None
 (float32), a torch.dtype or "fp32"/"bf16"/... (see fastdiff.requests.resolve_dtype). Loaded
-pipelines are cached per (model, kind, dtype).
+pipelines are cached per (model, kind, dtype); first calls from several threads at once build
+one pipeline between them.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -18,6 +20,9 @@ from fastdiff.pipeline import Pipeline
 from fastdiff.requests import PipelineError, resolve_dtype
 
 DEFAULT_MODEL = TRAINED
+# One load at a time: concurrent first calls would each build the pipeline (the caches below
+# only remember finished loads), and transformers' lazy imports race between threads.
+_loading = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,12 +37,13 @@ def get_pipeline(model: str | os.PathLike | None, kind: str, dtype=None) -> Pipe
     source = "model"
     if model is None:
         model, source = os.environ.get("FASTDIFF_MODEL") or DEFAULT_MODEL, "FASTDIFF_MODEL"
-    if str(model) in MODELS:
-        return default_pipeline(kind, str(model), dtype)
-    if not os.path.isdir(model):
+    if str(model) not in MODELS and not os.path.isdir(model):
         raise PipelineError(f"{source}: {os.fspath(model)!r} is neither an embedded default ({', '.join(MODELS)}) "
                             f"nor a diffusers pipeline folder")
-    return _folder_pipeline(os.fspath(model), dtype)
+    with _loading:
+        if str(model) in MODELS:
+            return default_pipeline(kind, str(model), dtype)
+        return _folder_pipeline(os.fspath(model), dtype)
 
 
 def generate(prompt=None, *, model=None, dtype=None, **options):
