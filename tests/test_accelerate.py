@@ -257,6 +257,26 @@ def _sd_pipe_with_unet(folders, **unet_config):
     return pipe
 
 
+@pytest.mark.parametrize("config", [
+    # diffusers' own tiny test UNet: attention_head_dim at its default 8, and block 0 (4 channels,
+    # a DownBlock2D and UpBlock2D) has no attention, so its head count is never used
+    dict(block_out_channels=(4, 8), norm_num_groups=1, attention_head_dim=8),
+    # 40 channels in 3 heads: diffusers floors the head size (13; inner dim 39)
+    dict(block_out_channels=(32, 40), norm_num_groups=8, attention_head_dim=3),
+], ids=["attention_free_block", "head_size_floored"])
+def test_head_counts_are_checked_only_where_attention_runs(folders, config):
+    pipe = _sd_pipe_with_unet(folders, **config)
+    _perturbed(pipe.unet, 7)
+    plain_unet, theirs = pipe.unet, run(pipe, prompt=PROMPT)
+    fastdiff.accelerate(pipe)
+    g = torch.Generator().manual_seed(3)
+    sample, context = torch.randn(2, 4, LATENT, LATENT, generator=g), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        error = rel_error(pipe.unet(sample, 10, context).sample, plain_unet(sample, 10, context).sample)
+    assert error <= 1e-5, f"UNet output: relative error {error:.2e}"
+    assert_parity(run(pipe, prompt=PROMPT), theirs, f"block_out_channels {config['block_out_channels']}")
+
+
 @pytest.mark.parametrize("config, feature", [
     (dict(class_embed_type="timestep"), "class embeddings"),
     (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),

@@ -308,6 +308,21 @@ def test_heads_are_resolved_like_diffusers(heads):
         assert (attn.heads, attn.heads * attn.dim_head) == (theirs[name].heads, theirs[name].inner_dim), name
 
 
+def test_head_counts_are_checked_only_where_attention_runs():
+    """Block 0 (a DownBlock2D / UpBlock2D pair) has no attention: its head count is not used, as in
+    diffusers; an attention block's head size is floored (13 for 40 channels in 3 heads). Only a
+    head size of 0, which diffusers cannot build either, is refused."""
+    blocks = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    UNet2DConditionConfig(block_out_channels=(4, 8), attention_head_dim=8, norm_num_groups=1, **blocks)
+    UNet2DConditionConfig(block_out_channels=(32, 40), attention_head_dim=3, norm_num_groups=8, **blocks)
+    with pytest.raises(ValueError, match="block 1 has attention over 8 channels, which cannot make 16 heads"):
+        UNet2DConditionConfig(block_out_channels=(4, 8), attention_head_dim=(64, 16), norm_num_groups=1, **blocks)
+    with pytest.raises(ValueError, match="block 0 has attention over 4 channels, which cannot make 0 heads"):
+        UNet2DConditionConfig(block_out_channels=(4, 8), attention_head_dim=0, norm_num_groups=1,
+                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type=None)
+
+
 @pytest.mark.parametrize("args, error, match", [
     (lambda s, t, c: (s[:, :3], t, c), ValueError, r"sample: expected shape \(B, 4, H, W\) \(config in_channels 4\)"),
     (lambda s, t, c: (s[0], t, c), ValueError, "sample: expected shape"),

@@ -132,11 +132,14 @@ class UNet2DConditionConfig:
             raise ValueError(f"config field 'norm_num_groups'={self.norm_num_groups!r} is not supported (an int is needed)")
         if len(set(self.per_block("cross_attention_dim"))) != 1:
             raise ValueError(f"config field 'cross_attention_dim'={self.cross_attention_dim!r}: one value for all blocks is supported")
-        for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.per_block("attention_head_dim"))):
-            if not isinstance(heads, int) or heads < 1 or channels % heads:
+        # Only blocks that run attention use their head count (diffusers ignores it elsewhere), and
+        # head size = channels // heads, floored as diffusers does: refuse only a head size of 0.
+        heads = self.per_block("attention_head_dim")
+        for i in sorted(self.attention_blocks()):
+            if not isinstance(heads[i], int) or not 1 <= heads[i] <= self.block_out_channels[i]:
                 raise ValueError(
-                    f"config field 'attention_head_dim' (the number of heads): block {i} has {channels} channels, "
-                    f"not divisible into {heads!r} heads"
+                    f"config field 'attention_head_dim' (the number of heads): block {i} has attention over "
+                    f"{self.block_out_channels[i]} channels, which cannot make {heads[i]!r} heads"
                 )
         for kernel in ("conv_in_kernel", "conv_out_kernel"):
             if getattr(self, kernel) % 2 != 1:
@@ -151,6 +154,16 @@ class UNet2DConditionConfig:
                 raise ValueError(f"config field {name!r}: expected {n} values (one per block), got {value!r}")
             return list(value)
         return [value] * n
+
+    def attention_blocks(self) -> set[int]:
+        """Indices (in down-block order) of the blocks whose transformers use attention_head_dim[i]:
+        cross-attention down blocks, the up blocks mirroring them, and the mid block (the last)."""
+        n = len(self.down_block_types)
+        blocks = {i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"}
+        blocks |= {n - 1 - i for i, t in enumerate(self.up_block_types) if t == "CrossAttnUpBlock2D"}
+        if self.mid_block_type == "UNetMidBlock2DCrossAttn":
+            blocks.add(n - 1)
+        return blocks
 
     @property
     def cross_dim(self) -> int:
