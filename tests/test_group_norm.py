@@ -6,7 +6,8 @@ size (without CUDA in its CPU interpreter, which computes this dot-free kernel r
 (SD1.5 / InstructPix2Pix / MobileDiffusion resnet and transformer norms, the VAE decoder's; odd ones:
 batch 3, 7x13 and 1x1 maps, channels off 16, 2 and 80 channels per group, no affine) in both memory
 formats. Then inputs with a large mean (randn + 30, -50, 300), which break E[x^2] - E[x]^2
-statistics, a non-contiguous input, the AVX2 and scalar paths in subprocesses, argument errors.
+statistics, groups of zero or tiny variance at an offset (constant 0.5, 0.5 + tiny noise), a
+non-contiguous input, the AVX2 and scalar paths in subprocesses, argument errors.
 """
 from __future__ import annotations
 
@@ -42,15 +43,42 @@ def test_group_norm_matches_reference(case, run, memory_format):
 MEANS = {"sd15-320x64x64": 30.0, "1x96x9x5-g3-noaffine": -50.0, "1x160x12x12-g2": 300.0}
 
 
-# The reference backend is left out: torch's own fp32 GroupNorm loses ~3e-5 on these inputs.
 @pytest.mark.parametrize("memory_format", FORMATS)
-@pytest.mark.parametrize("case, run", case_params([case("group_norm", name) for name in MEANS], runs("cpp", "triton", dot_free=True),
+@pytest.mark.parametrize("case, run", case_params([case("group_norm", name) for name in MEANS],
+                                                  runs("cpp", "reference", "triton", dot_free=True),
                                                   gpu_only_on_triton=GPU_ONLY_ON_TRITON))
 def test_group_norm_large_mean(case, run, memory_format):
     """|mean| up to 300 x std: fp32 statistics must not lose the variance to cancellation (Triton:
     also across the splits of a group)."""
     x, *rest = case.inputs()[0]
     check(case, run, memory_format, args=(x + MEANS[case.name], *rest))
+
+
+# Spread of the near-constant groups: ~170 fp32 ulps of 0.5; in bf16 a few ulps (less rounds to 0.5).
+SPREAD = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("pattern", ["mixed", "all-flat"])
+@pytest.mark.parametrize("case, run", case_params([case("group_norm", name) for name in ("sd15-320x64x64", "1x96x9x5-g3-noaffine")],
+                                                  runs("cpp", "reference")))
+def test_group_norm_zero_variance_groups(case, run, memory_format, pattern):
+    """Groups whose spread vanishes against their mean (issue 18: torch's fp32 F.group_norm, the
+    reference backend's twin until then, was 1e-3 off on channels_last input). "mixed": every third
+    group exactly 0.5 (zero variance), every third 0.5 + tiny noise, the rest randn; "all-flat":
+    every group 0.5 + tiny noise, so the output is that noise normalized, with no large values to
+    hide an error in."""
+    x, groups, *rest = case.inputs()[0]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    near = 0.5 + SPREAD[run.dtype] * noise
+    if pattern == "mixed":
+        by_group = lambda t: t.view(x.shape[0], groups, -1)  # noqa: E731
+        x = x.clone()
+        by_group(x)[:, 0::3] = 0.5
+        by_group(x)[:, 1::3] = by_group(near)[:, 1::3]
+    else:
+        x = near
+    check(case, run, memory_format, args=(x, groups, *rest))
 
 
 @pytest.mark.parametrize("run", runs("cpp", "reference", "triton", dot_free=True, size=TINY))

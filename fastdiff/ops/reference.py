@@ -46,12 +46,38 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, *, silu=False):
 
     GroupNorm over num_groups groups of C // num_groups channels, then SiLU if silu=True.
     Returns x's shape, dtype and memory format.
+
+    fp32 and fp64 (the ground truth) are computed here in two passes, not by F.group_norm: torch's
+    CPU kernel forms channels_last statistics as E[x^2] - E[x]^2 and applies the norm as
+    x * scale + (bias - mean * scale), both of which cancel when a group's mean is large against its
+    spread (groups at 0.5 with 1e-5 noise: 2e-3 to 3e-3 relative error in fp32, against 1e-5 allowed).
+    bf16 and fp16 stay F.group_norm: plain torch's own error is what the tolerance table measures.
     """
-    out = F.group_norm(x, num_groups, weight, bias, eps)
+    if x.dtype in (torch.float32, torch.float64):
+        out = _group_norm_two_pass(x, num_groups, weight, bias, eps)
+    else:
+        out = F.group_norm(x, num_groups, weight, bias, eps)
     if silu:
         out = F.silu(out)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _group_norm_two_pass(x, num_groups, weight, bias, eps):
+    """Mean, then the variance of x - mean (no E[x^2] - E[x]^2), with the corrected two-pass step:
+    x - mean is exact for x near the mean, so subtracting the mean of those differences removes the
+    rounding of the mean itself; the affine map is applied to the centered values."""
+    groups = x.reshape(x.shape[0], num_groups, -1)  # NCHW order (a copy for channels_last x)
+    centered = groups - groups.mean(-1, keepdim=True)
+    centered = centered - centered.mean(-1, keepdim=True)
+    variance = centered.square().mean(-1, keepdim=True)
+    out = (centered * torch.rsqrt(variance + eps)).reshape(x.shape)
+    per_channel = (-1,) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(per_channel)
+    if bias is not None:
+        out = out + bias.reshape(per_channel)
     return out
 
 
