@@ -11,7 +11,10 @@ dtype to the pipeline: with dtype="bf16" the fastdiff models compute in bf16, in
 and outputs cast back, so latents and scheduler arithmetic keep the pipeline's precision.
 
 What fastdiff cannot run exactly raises UnsupportedError naming the feature, at accelerate time
-when the pipeline shows it then, else at the call that asks for it: never a silently wrong image.
+when the pipeline shows it then, else at the call that asks for it: never a silently wrong image,
+and never a half-changed pipeline. The pipeline's own `to` is wrapped (on the
+instance) for that: diffusers converts components one by one, so a dtype change the adapters cannot
+make is refused before any is touched.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def accelerate(pipe, *, dtype=None):
         if wanted != unet.model.dtype:
             raise UnsupportedError(f"dtype: pipe is already accelerated in {unet.model.dtype}; accelerate the plain "
                                    f"pipeline to run in {wanted}")
+        _wrap_pipeline_methods(pipe)  # e.g. a pipeline built from an accelerated one's components
         return pipe
     if unet is None or vae is None:
         raise TypeError(f"pipe: expected a diffusers pipeline with a `unet` and a `vae`, got {type(pipe).__name__}")
@@ -65,7 +69,32 @@ def accelerate(pipe, *, dtype=None):
     new_unet = DiffusersUNet.from_diffusers(unet, compute_dtype)
     new_vae = DiffusersVAE.from_diffusers(vae, compute_dtype)
     pipe.unet, pipe.vae = new_unet, new_vae
+    _wrap_pipeline_methods(pipe)
     return pipe
+
+
+# -- the pipeline's own methods ----------------------------------------------------------------------
+
+def _adapters(pipe) -> dict:
+    return {name: getattr(pipe, name) for name in ("unet", "vae") if isinstance(getattr(pipe, name, None), _Adapter)}
+
+
+def _wrap_pipeline_methods(pipe):
+    """Instance attributes over the DiffusionPipeline methods that would half-change an accelerated
+    pipeline (the class and its model_index.json stay diffusers')."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(pipe, DiffusionPipeline):
+        pipe.to = types.MethodType(_pipeline_to, pipe)
+
+
+def _pipeline_to(pipe, *args, **kwargs):
+    """diffusers' pipe.to, with a dtype change the adapters refuse refused first: diffusers converts
+    the components one by one, and would leave the text encoder converted."""
+    dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    for name, adapter in _adapters(pipe).items():
+        adapter._check_dtype(dtype, f"pipe.to({dtype}) (pipe.{name})")
+    return type(pipe).to(pipe, *args, **kwargs)
 
 
 # -- checks shared by both models ------------------------------------------------------------------
@@ -133,13 +162,16 @@ class _Adapter(nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
-    def to(self, *args, **kwargs):
-        """Device moves only (what pipe.to(device) asks); a dtype change would silently change what
-        `accelerate(dtype=...)` chose, so it is refused."""
-        target = torch.empty(0, dtype=self.dtype, device=self.device).to(*args, **kwargs)
-        if target.dtype != self.dtype:
-            raise UnsupportedError(f"{type(self).__name__}.to: changing the dtype of an accelerated model is not "
+    def _check_dtype(self, dtype, what: str):
+        """A dtype change would silently change what `accelerate(dtype=...)` chose: refused."""
+        if dtype is not None and dtype != self.dtype:
+            raise UnsupportedError(f"{what}: changing the dtype of an accelerated model ({self.dtype} to {dtype}) is not "
                                    f"supported; call fastdiff.accelerate(pipe, dtype=...) on the plain pipeline")
+
+    def to(self, *args, **kwargs):
+        """Device moves only (what pipe.to(device) asks); a dtype change is refused (_check_dtype)."""
+        target = torch.empty(0, dtype=self.dtype, device=self.device).to(*args, **kwargs)
+        self._check_dtype(target.dtype, f"{type(self).__name__}.to")
         self.model.to(target.device)
         return self
 

@@ -248,6 +248,25 @@ def test_vae_slicing_gives_the_same_images(folders):
     assert_parity(run(pipe, prompt=PROMPT, num_images_per_prompt=2), whole, "vae slicing")
 
 
+# -- the pipeline's own methods: dtype changes -------------------------------------------------
+
+@pytest.mark.parametrize("call", [lambda p: p.to(torch.bfloat16), lambda p: p.to("cpu", torch.bfloat16),
+                                  lambda p: p.to(dtype=torch.bfloat16)], ids=["dtype", "device_dtype", "keyword"])
+def test_dtype_change_is_refused_before_any_component_is_converted(folders, call):
+    """diffusers converts the components one by one, the text encoder before the UNet: the refusal
+    must come first, for the pipeline accelerate saw and for one built from its components."""
+    pipe = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, folders / "t2i"))
+    img2img = fastdiff.accelerate(diffusers.StableDiffusionImg2ImgPipeline(**pipe.components))
+    for p in (pipe, img2img):
+        with pytest.raises(UnsupportedError, match=r"pipe.to\(torch.bfloat16\) \(pipe.unet\): changing the dtype "
+                                                   r"of an accelerated model \(torch.float32 to torch.bfloat16\)"):
+            call(p)
+        assert p.text_encoder.dtype == p.unet.dtype == p.vae.dtype == p.unet.model.dtype == torch.float32
+        assert p.to(torch.float32) is p and p.to("cpu", dtype=torch.float32) is p  # no change: fine
+    assert_parity(run(pipe, prompt=PROMPT), run(load(diffusers.StableDiffusionPipeline, folders / "t2i"), prompt=PROMPT),
+                  "after the refused .to")
+
+
 # -- refused features ----------------------------------------------------------------------------
 
 def _sd_pipe_with_unet(folders, **unet_config):
