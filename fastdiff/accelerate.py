@@ -12,9 +12,10 @@ and outputs cast back, so latents and scheduler arithmetic keep the pipeline's p
 
 What fastdiff cannot run exactly raises UnsupportedError naming the feature, at accelerate time
 when the pipeline shows it then, else at the call that asks for it: never a silently wrong image,
-and never a half-changed pipeline. The pipeline's own `to` is wrapped (on the
-instance) for that: diffusers converts components one by one, so a dtype change the adapters cannot
-make is refused before any is touched.
+and never a half-changed pipeline. The pipeline's own `to` and `save_pretrained` are
+wrapped (on the instance) for that: diffusers changes components one by one, so what the adapters
+refuse is checked before any is touched, and saving writes the diffusers UNet and VAE the adapters
+replaced, so from_pretrained reloads the plain pipeline.
 """
 from __future__ import annotations
 
@@ -81,11 +82,12 @@ def _adapters(pipe) -> dict:
 
 def _wrap_pipeline_methods(pipe):
     """Instance attributes over the DiffusionPipeline methods that would half-change an accelerated
-    pipeline (the class and its model_index.json stay diffusers')."""
+    pipeline or skip its adapters (the class and its model_index.json stay diffusers')."""
     from diffusers import DiffusionPipeline
 
     if isinstance(pipe, DiffusionPipeline):
-        pipe.to = types.MethodType(_pipeline_to, pipe)
+        for name, method in (("to", _pipeline_to), ("save_pretrained", _pipeline_save_pretrained)):
+            setattr(pipe, name, types.MethodType(method, pipe))
 
 
 def _pipeline_to(pipe, *args, **kwargs):
@@ -95,6 +97,21 @@ def _pipeline_to(pipe, *args, **kwargs):
     for name, adapter in _adapters(pipe).items():
         adapter._check_dtype(dtype, f"pipe.to({dtype}) (pipe.{name})")
     return type(pipe).to(pipe, *args, **kwargs)
+
+
+def _pipeline_save_pretrained(pipe, save_directory, *args, **kwargs):
+    """diffusers' pipe.save_pretrained, saving the diffusers UNet and VAE the adapters stand for (their
+    config, the fastdiff weights): diffusers skips modules it cannot save and writes [null, null] for
+    them. The diffusers models are built before anything is written, so a refusal writes nothing."""
+    adapters = _adapters(pipe)
+    models = {name: adapter.to_diffusers(f"pipe.save_pretrained (pipe.{name})") for name, adapter in adapters.items()}
+    try:
+        for name, model in models.items():
+            setattr(pipe, name, model)  # also what model_index.json records for it
+        return type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
+    finally:
+        for name, adapter in adapters.items():
+            setattr(pipe, name, adapter)
 
 
 # -- checks shared by both models ------------------------------------------------------------------
@@ -147,6 +164,8 @@ def _build(fastdiff_cls, model, compute_dtype, owner: str):
 class _Adapter(nn.Module):
     """Holds a fastdiff model; presents `interface_dtype` (the diffusers model's) to the pipeline."""
 
+    diffusers_class = ""  # the diffusers model class it replaces, by name
+
     def __init__(self, model: nn.Module, config, interface_dtype: torch.dtype):
         super().__init__()
         self.model = model
@@ -175,11 +194,36 @@ class _Adapter(nn.Module):
         self.model.to(target.device)
         return self
 
+    # saving: as the diffusers model this adapter replaced
+
+    def to_diffusers(self, what: str = "to_diffusers"):
+        """The diffusers model this adapter replaced, rebuilt from its config and the fastdiff model's
+        weights (same names and shapes) in the pipeline's dtype; weights are shared where the layout
+        allows. Refused when the fastdiff model computes in a narrower dtype (accelerate(dtype="bf16")
+        on an fp32 pipeline): the original weights were not kept, and rounded ones would pass for them."""
+        import diffusers
+
+        if torch.promote_types(self.model.dtype, self.dtype) != self.model.dtype:
+            raise UnsupportedError(
+                f"{what}: a diffusers model in {self.dtype} from one fastdiff.accelerate runs in {self.model.dtype} is "
+                f"not supported (the {self.dtype} weights were not kept); save the pipeline before accelerating it")
+        with torch.device("meta"):  # no random init: every parameter comes from the fastdiff model
+            model = getattr(diffusers, self.diffusers_class).from_config(self.config)
+        state = {k: v.to(self.dtype).contiguous() for k, v in self.model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save_pretrained of the model this adapter replaced (to_diffusers)."""
+        self.to_diffusers(f"{type(self).__name__}.save_pretrained").save_pretrained(save_directory, *args, **kwargs)
+
 
 # -- the UNet ----------------------------------------------------------------------------------
 
 class DiffusersUNet(_Adapter):
     """fastdiff.UNet2DCondition called as diffusers' UNet2DConditionModel."""
+
+    diffusers_class = "UNet2DConditionModel"
 
     @classmethod
     def from_diffusers(cls, unet, compute_dtype: torch.dtype) -> "DiffusersUNet":
@@ -243,6 +287,8 @@ class DiffusersUNet(_Adapter):
 
 class DiffusersVAE(_Adapter):
     """fastdiff.AutoencoderKL called as diffusers' AutoencoderKL (encode -> latent_dist, decode)."""
+
+    diffusers_class = "AutoencoderKL"
 
     @classmethod
     def from_diffusers(cls, vae, compute_dtype: torch.dtype) -> "DiffusersVAE":

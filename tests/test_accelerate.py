@@ -7,6 +7,7 @@ pipeline at most the tolerance table's bf16 bound (fastdiff/validate.py: LOW_PRE
 diffusers' own bf16-autocast error, at least LOW_PRECISION_FLOOR). Unsupported features raise
 UnsupportedError naming them.
 """
+import json
 import types
 
 import numpy as np
@@ -248,7 +249,41 @@ def test_vae_slicing_gives_the_same_images(folders):
     assert_parity(run(pipe, prompt=PROMPT, num_images_per_prompt=2), whole, "vae slicing")
 
 
-# -- the pipeline's own methods: dtype changes -------------------------------------------------
+# -- the pipeline's own methods: saving, dtype changes ------------------------------------------
+
+def test_save_pretrained_writes_the_diffusers_unet_and_vae(folders, tmp_path):
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionPipeline, folders / "t2i")
+    fast.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert isinstance(fast.unet, DiffusersUNet) and isinstance(fast.vae, DiffusersVAE)  # still accelerated
+    reloaded = load(diffusers.StableDiffusionPipeline, tmp_path / "saved")
+    assert isinstance(reloaded.unet, diffusers.UNet2DConditionModel) and isinstance(reloaded.vae, diffusers.AutoencoderKL)
+    theirs = run(plain, prompt=PROMPT)
+    assert np.array_equal(run(reloaded, prompt=PROMPT), theirs), "the saved weights are the plain pipeline's"
+    assert_parity(run(fast, prompt=PROMPT), theirs, "saved, still accelerated")
+    assert_parity(run(fastdiff.accelerate(reloaded), prompt=PROMPT), theirs, "saved, reloaded, accelerated")
+
+    fast.unet.save_pretrained(tmp_path / "unet")  # the models alone, as diffusers' own save them
+    for name, model in (("unet", plain.unet), ("vae", plain.vae)):
+        getattr(fast, name).save_pretrained(tmp_path / name)
+        saved = type(model).from_pretrained(tmp_path / name).state_dict()
+        assert saved.keys() == model.state_dict().keys()
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), name
+
+
+def test_save_pretrained_of_rounded_weights_is_refused_before_writing(folders, tmp_path):
+    """bf16 compute on an fp32 pipeline: the fp32 weights are gone; saving rounded ones as fp32
+    would pass them off as the original."""
+    pipe = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, folders / "t2i"), dtype="bf16")
+    with pytest.raises(UnsupportedError, match=r"pipe.save_pretrained \(pipe.unet\): a diffusers model in torch.float32 "
+                                               r"from one fastdiff.accelerate runs in torch.bfloat16 is not supported"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(UnsupportedError, match="DiffusersVAE.save_pretrained"):
+        pipe.vae.save_pretrained(tmp_path / "vae")
+    assert not (tmp_path / "vae").exists()
+
 
 @pytest.mark.parametrize("call", [lambda p: p.to(torch.bfloat16), lambda p: p.to("cpu", torch.bfloat16),
                                   lambda p: p.to(dtype=torch.bfloat16)], ids=["dtype", "device_dtype", "keyword"])
@@ -265,6 +300,17 @@ def test_dtype_change_is_refused_before_any_component_is_converted(folders, call
         assert p.to(torch.float32) is p and p.to("cpu", dtype=torch.float32) is p  # no change: fine
     assert_parity(run(pipe, prompt=PROMPT), run(load(diffusers.StableDiffusionPipeline, folders / "t2i"), prompt=PROMPT),
                   "after the refused .to")
+
+
+def test_an_fp32_model_of_a_bf16_pipeline_saves_its_bf16_weights(folders, tmp_path):
+    """dtype="fp32" on a bf16 pipeline widens the weights; saving narrows them back exactly."""
+    plain = load(diffusers.StableDiffusionPipeline, folders / "t2i").to(torch.bfloat16)
+    weights = {k: v.clone() for k, v in plain.unet.state_dict().items()}
+    pipe = fastdiff.accelerate(plain, dtype="fp32")
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.model.dtype == torch.float32
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "saved" / "unet", torch_dtype=torch.bfloat16)
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in weights.items())
 
 
 # -- refused features ----------------------------------------------------------------------------
