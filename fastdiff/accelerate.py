@@ -12,10 +12,10 @@ and outputs cast back, so latents and scheduler arithmetic keep the pipeline's p
 
 What fastdiff cannot run exactly raises UnsupportedError naming the feature, at accelerate time
 when the pipeline shows it then, else at the call that asks for it: never a silently wrong image,
-and never a half-changed pipeline. The pipeline's own `to` and `save_pretrained` are
-wrapped (on the instance) for that: diffusers changes components one by one, so what the adapters
-refuse is checked before any is touched, and saving writes the diffusers UNet and VAE the adapters
-replaced, so from_pretrained reloads the plain pipeline.
+and never a half-changed pipeline. The pipeline's own `to`, `save_pretrained` and
+`fuse_qkv_projections` are wrapped (on the instance) for that: diffusers changes components one by
+one, so what the adapters refuse is checked before any is touched, and saving writes the diffusers
+UNet and VAE the adapters replaced, so from_pretrained reloads the plain pipeline.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ __all__ = ["accelerate", "UnsupportedError", "DiffusersUNet", "DiffusersVAE"]
 
 # Attention processors whose output fastdiff's attention reproduces (diffusers' defaults).
 DEFAULT_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+# ... and, once accelerated, the fused one: fastdiff computes the same attention from the same weights
+# (the fused QKV weights diffusers adds are a layout fastdiff does not need).
+ADAPTER_PROCESSORS = DEFAULT_PROCESSORS + ("FusedAttnProcessor2_0",)
 
 
 class UnsupportedError(NotImplementedError):
@@ -86,7 +89,8 @@ def _wrap_pipeline_methods(pipe):
     from diffusers import DiffusionPipeline
 
     if isinstance(pipe, DiffusionPipeline):
-        for name, method in (("to", _pipeline_to), ("save_pretrained", _pipeline_save_pretrained)):
+        for name, method in (("to", _pipeline_to), ("save_pretrained", _pipeline_save_pretrained),
+                             ("fuse_qkv_projections", _pipeline_fuse_qkv_projections)):
             setattr(pipe, name, types.MethodType(method, pipe))
 
 
@@ -112,6 +116,19 @@ def _pipeline_save_pretrained(pipe, save_directory, *args, **kwargs):
     finally:
         for name, adapter in adapters.items():
             setattr(pipe, name, adapter)
+
+
+def _pipeline_fuse_qkv_projections(pipe, unet: bool = True, vae: bool = True):
+    """diffusers' pipe.fuse_qkv_projections without its check that pipe.vae is diffusers'
+    AutoencoderKL, which the VAE adapter fails after the UNet is fused. unfuse_qkv_projections is
+    diffusers' own (it reads the two flags)."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    pipe.fusing_unet, pipe.fusing_vae = bool(unet), bool(vae)
+    for name, wanted in (("unet", unet), ("vae", vae)):
+        if wanted:
+            getattr(pipe, name).fuse_qkv_projections()
+            getattr(pipe, name).set_attn_processor(FusedAttnProcessor2_0())
 
 
 # -- checks shared by both models ------------------------------------------------------------------
@@ -166,11 +183,13 @@ class _Adapter(nn.Module):
 
     diffusers_class = ""  # the diffusers model class it replaces, by name
 
-    def __init__(self, model: nn.Module, config, interface_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, config, interface_dtype: torch.dtype, processors: dict):
         super().__init__()
         self.model = model
         self.config = config  # the diffusers model's FrozenDict, as pipelines read it
         self._interface_dtype = interface_dtype
+        self._processors = dict(processors)  # diffusers' processors by layer name: all compute what fastdiff does
+        self.original_attn_processors = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -217,6 +236,47 @@ class _Adapter(nn.Module):
         """diffusers' save_pretrained of the model this adapter replaced (to_diffusers)."""
         self.to_diffusers(f"{type(self).__name__}.save_pretrained").save_pretrained(save_directory, *args, **kwargs)
 
+    # attention processors: diffusers' API; fastdiff's attention computes what the accepted ones do
+
+    @property
+    def attn_processors(self) -> dict:
+        return dict(self._processors)
+
+    def set_attn_processor(self, processor):
+        """One processor for every attention layer, or a dict by layer name (attn_processors' keys).
+        Only processors whose output fastdiff reproduces are taken; others raise UnsupportedError
+        and change nothing."""
+        if isinstance(processor, dict):
+            if set(processor) != set(self._processors):
+                raise ValueError(f"set_attn_processor: a dict of processors needs the {len(self._processors)} "
+                                 f"attention layers of attn_processors as keys, got {len(processor)} "
+                                 f"(e.g. {sorted(set(processor) ^ set(self._processors))[:2]} differ)")
+            chosen = dict(processor)
+        else:
+            chosen = dict.fromkeys(self._processors, processor)
+        odd = sorted({type(p).__name__ for p in chosen.values()} - set(ADAPTER_PROCESSORS))
+        if odd:
+            raise UnsupportedError(f"set_attn_processor: attention processors {odd} are not supported by "
+                                   f"fastdiff.accelerate (only {list(ADAPTER_PROCESSORS)})")
+        self._processors = chosen
+
+    def set_default_attn_processor(self):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self):
+        """As diffusers records it (processors become FusedAttnProcessor2_0); fastdiff computes the
+        same attention either way."""
+        from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+        self.original_attn_processors = self.attn_processors
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self):
+        if self.original_attn_processors is not None:
+            self.set_attn_processor(self.original_attn_processors)
+
 
 # -- the UNet ----------------------------------------------------------------------------------
 
@@ -241,7 +301,7 @@ class DiffusersUNet(_Adapter):
                                    "call pipe.disable_freeu() first")
         _check_processors(unet, "pipe.unet")
         model = _build(UNet2DCondition, unet, compute_dtype, "pipe.unet")
-        return cls(model, config, unet.dtype)
+        return cls(model, config, unet.dtype, unet.attn_processors)
 
     @property
     def in_channels(self) -> int:
@@ -252,15 +312,20 @@ class DiffusersUNet(_Adapter):
         # pipelines reach for it only to run IP-Adapter images
         raise UnsupportedError("IP-Adapter (ip_adapter_image / ip_adapter_image_embeds) is not supported by fastdiff.accelerate")
 
-    def enable_freeu(self, **_):
+    def enable_freeu(self, *_, **__):
         raise UnsupportedError("FreeU (pipe.enable_freeu) is not supported by fastdiff.accelerate")
 
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, down_block_additional_residuals=None,
-                mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
-                encoder_attention_mask=None, return_dict=True):
-        """diffusers' UNet2DConditionModel.forward signature; returns UNet2DConditionOutput (or a
-        1-tuple with return_dict=False) in the input sample's dtype."""
+    def disable_freeu(self):
+        """FreeU is never on (enable_freeu refuses, accelerate refuses a UNet with it): nothing to undo."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict=True):
+        """diffusers' UNet2DConditionModel.forward signature, its positional order included; returns
+        UNet2DConditionOutput (or a 1-tuple with return_dict=False) in the input sample's dtype.
+        class_labels are ignored, as diffusers ignores them in a UNet without class embeddings (the
+        only kind accelerate takes)."""
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         refused = {
@@ -295,7 +360,7 @@ class DiffusersVAE(_Adapter):
         if getattr(vae, "use_tiling", False):
             raise UnsupportedError("pipe.vae: tiled decoding (pipe.vae.enable_tiling) is not supported by fastdiff.accelerate")
         _check_processors(vae, "pipe.vae")
-        adapter = cls(_build(AutoencoderKL, vae, compute_dtype, "pipe.vae"), vae.config, vae.dtype)
+        adapter = cls(_build(AutoencoderKL, vae, compute_dtype, "pipe.vae"), vae.config, vae.dtype, vae.attn_processors)
         adapter.use_slicing = getattr(vae, "use_slicing", False)
         return adapter
 

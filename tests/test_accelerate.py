@@ -7,6 +7,7 @@ pipeline at most the tolerance table's bf16 bound (fastdiff/validate.py: LOW_PRE
 diffusers' own bf16-autocast error, at least LOW_PRECISION_FLOOR). Unsupported features raise
 UnsupportedError naming them.
 """
+import inspect
 import json
 import types
 
@@ -311,6 +312,79 @@ def test_an_fp32_model_of_a_bf16_pipeline_saves_its_bf16_weights(folders, tmp_pa
     pipe.save_pretrained(tmp_path / "saved")
     saved = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "saved" / "unet", torch_dtype=torch.bfloat16)
     assert all(torch.equal(saved.state_dict()[k], v) for k, v in weights.items())
+
+
+# -- diffusers' model surface ------------------------------------------------------------------------
+
+def test_properties_and_forward_signature_are_diffusers(folders):
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionPipeline, folders / "t2i")
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(fast, name), getattr(plain, name)
+        assert (ours.dtype, ours.device, dict(ours.config)) == (theirs.dtype, theirs.device, dict(theirs.config)), name
+        assert {k: type(v) for k, v in ours.attn_processors.items()} == \
+            {k: type(v) for k, v in theirs.attn_processors.items()}, name
+    # pipelines and ControlNet code call the UNet positionally too
+    assert list(inspect.signature(DiffusersUNet.forward).parameters) == \
+        list(inspect.signature(diffusers.UNet2DConditionModel.forward).parameters)
+    g = torch.Generator().manual_seed(3)
+    sample, context = torch.randn(2, 4, LATENT, LATENT, generator=g), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        theirs = plain.unet(sample, 10, context, None, None, None, None, None, None, None, None, None, False)[0]
+        ours = fast.unet(sample, 10, context, None, None, None, None, None, None, None, None, None, False)[0]
+        assert rel_error(ours, theirs) <= 1e-5
+        # class labels: diffusers ignores them in a UNet without class embeddings (the only kind accelerated)
+        assert torch.equal(fast.unet(sample, 10, context, class_labels=None).sample, ours)
+        assert torch.equal(fast.unet(sample, 10, context, torch.tensor([1, 2])).sample, ours)
+        assert torch.equal(plain.unet(sample, 10, context, torch.tensor([1, 2])).sample, theirs)
+
+
+def test_attention_processors_as_diffusers_sets_them(folders):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    pipe = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, folders / "t2i"))
+    before = run(pipe, prompt=PROMPT)
+    for model in (pipe.unet, pipe.vae):
+        names = list(model.attn_processors)
+        model.set_attn_processor(AttnProcessor())
+        assert list(model.attn_processors) == names
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor}
+        model.set_attn_processor({name: AttnProcessor2_0() for name in names})
+        model.set_default_attn_processor()
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor}
+
+        class ScaledProcessor(AttnProcessor2_0):
+            pass
+
+        with pytest.raises(UnsupportedError, match="set_attn_processor: attention processors \\['ScaledProcessor'\\]"):
+            model.set_attn_processor({**model.attn_processors, names[0]: ScaledProcessor()})
+        with pytest.raises(ValueError, match="a dict of processors needs the"):  # diffusers: ValueError too
+            model.set_attn_processor({names[0]: AttnProcessor()})
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor}  # left as it was
+    assert_parity(run(pipe, prompt=PROMPT), before, "default processors set again")
+
+
+def test_fused_qkv_projections(folders):
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionPipeline, folders / "t2i")
+    for pipe in (plain, fast):
+        pipe.fuse_qkv_projections()
+    for name in ("unet", "vae"):
+        assert {type(p).__name__ for p in getattr(fast, name).attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert_parity(run(fast, prompt=PROMPT), run(plain, prompt=PROMPT), "fused QKV projections")
+    fast.unfuse_qkv_projections()
+    for name in ("unet", "vae"):
+        assert {type(p).__name__ for p in getattr(fast, name).attn_processors.values()} == {"AttnProcessor2_0"}
+    fast.fuse_qkv_projections(vae=False)
+    assert fast.fusing_unet and not fast.fusing_vae
+
+
+def test_freeu_is_refused_and_disabling_it_works(folders):
+    pipe = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, folders / "t2i"))
+    for enable in (lambda: pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4), lambda: pipe.unet.enable_freeu(0.9, 0.2, 1.2, 1.4)):
+        with pytest.raises(UnsupportedError, match="FreeU"):
+            enable()
+    pipe.disable_freeu()  # as on a plain pipeline without FreeU: nothing to undo
+    assert_parity(run(pipe, prompt=PROMPT), run(load(diffusers.StableDiffusionPipeline, folders / "t2i"), prompt=PROMPT),
+                  "FreeU refused")
 
 
 # -- refused features ----------------------------------------------------------------------------
