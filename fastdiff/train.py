@@ -18,6 +18,16 @@ same command again to continue where it stopped; a finished stage is skipped):
                 5% no image, 5% neither (InstructPix2Pix's dropout for 3-way guidance)
     export      the EMA weights as two diffusers-layout folders (out/generate, out/edit), fp16
                 safetensors, read back by Pipeline.from_pretrained
+    check       the conditioning check (not part of `all`; minutes): a fresh generator and text
+                encoder on one-circle scenes whose only variable is the colour the caption names,
+                then held-out samples judged: does the caption reach the image? Exit code 1 below
+                CHECK_TARGET colour accuracy. Uses the work folder's tokenizer and VAE when those
+                stages are finished, else the shipped default's.
+
+The UNet stages train on cached latents: each stage's scenes (or edits) are drawn, rendered and
+VAE-encoded once, seeded, into work/cache/ (reused on resume, rebuilt when the VAE changes), so a
+training step runs only the text encoder and the UNet; every stage reports the GFLOP/s its steps
+achieve (3 forward passes' worth of FLOPs a step).
 
 `all` runs tokenizer and vae, then generate, edit and decoder side by side (one thread each:
 small models keep two cores busier side by side than one at a time on two threads), then export. Training is plain
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -43,9 +54,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdiff import ops, toyworld
+from fastdiff import hardware, ops, toyworld
 
-STAGES = ("tokenizer", "vae", "generate", "edit", "decoder", "export")
+STAGES = ("tokenizer", "vae", "generate", "edit", "decoder", "export", "check")  # order fixes step_generator seeds
 TEXT_LENGTH = 32  # tokens: the longest caption is 24
 SEED = 0
 
@@ -59,12 +70,18 @@ class StageConfig:
     ema: float = 0.999
 
 
+# EMA decays give a horizon of ~10% of a stage's steps (1 / (1 - decay)): 0.999 over 2100 steps
+# averaged in the first thousand.
 CONFIGS = {
     "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
-    "generate": StageConfig(steps=2100, batch=32, lr=1e-3),
-    "edit": StageConfig(steps=1300, batch=32, lr=1e-3),
+    "generate": StageConfig(steps=2100, batch=32, lr=1e-3, ema=0.995),
+    "edit": StageConfig(steps=1300, batch=32, lr=1e-3, ema=0.992),
     "decoder": StageConfig(steps=600, batch=8, lr=3e-4, warmup=50, ema=0.0),
+    "check": StageConfig(steps=1800, batch=32, lr=1e-3, warmup=50, ema=0.99),
 }
+CACHE_SIZES = {"generate": 16384, "edit": 16384, "check": 2048}  # samples encoded once per stage (at most steps x batch)
+CHECK_TARGET = 0.95  # held-out colour accuracy the conditioning check must reach
+CHECK_SAMPLES = 48
 TEXT_ENCODER = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=3)
 VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=3, norm_num_groups=8,
            mid_block_add_attention=False)
@@ -93,6 +110,54 @@ def to_tensor(images) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) float32 in [-1, 1]."""
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode() + tensor.detach().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_latents(work: Path, name: str, vae, count: int, draw) -> dict:
+    """`count` training samples of stage `name`, drawn once: sample i is draw(step_rng(name + "-cache",
+    i)) -> (text, source scene or None, target scene); both scenes rendered and VAE-encoded (the
+    mode: what the pipelines see), the target scaled as the UNet's x0, the source unscaled as an
+    editor's image conditioning. Kept in work/cache/<name>-<count>.pt, rebuilt when the VAE differs.
+    Returns {"texts": [str], "target": (N, C, h, w), "source": (N, C, h, w) or None}."""
+    from tqdm import tqdm
+
+    path = work / "cache" / f"{name}-{count}.pt"
+    fingerprint = _fingerprint(vae)
+    if path.exists():
+        cache = torch.load(path, weights_only=True)
+        if cache["vae"] == fingerprint:
+            return cache
+    samples = [draw(step_rng(f"{name}-cache", i)) for i in range(count)]
+    encoded: dict[str, list] = {"target": [], "source": []}
+    chunk = 64
+    with torch.no_grad():  # on fastdiff's kernels (no backward needed)
+        for start in tqdm(range(0, count, chunk), desc=f"{name}: encoding {count} samples once", mininterval=10, file=sys.stdout):
+            part = samples[start:start + chunk]
+            encoded["target"].append(vae.scale_latents(vae.encode(to_tensor([t.render() for _, _, t in part]))))
+            if part[0][1] is not None:
+                encoded["source"].append(vae.encode(to_tensor([src.render() for _, src, _ in part])))
+    cache = {"texts": [text for text, _, _ in samples], "target": torch.cat(encoded["target"]),
+             "source": torch.cat(encoded["source"]) if encoded["source"] else None, "vae": fingerprint}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, cache)
+    return cache
+
+
+def _cache_size(stage: str, config: StageConfig) -> int:
+    return min(CACHE_SIZES[stage], config.steps * config.batch)
+
+
+def cached_batch(cache: dict, generator: torch.Generator, batch: int) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+    """(texts, target latents, source latents or None) of `batch` samples drawn with `generator`."""
+    index = torch.randint(0, len(cache["texts"]), (batch,), generator=generator)
+    source = cache["source"][index] if cache["source"] is not None else None
+    return [cache["texts"][i] for i in index.tolist()], cache["target"][index], source
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -213,9 +278,11 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     image.save(path)
 
 
-def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConfig, checkpoint_every: int = 250) -> dict:
+def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConfig, checkpoint_every: int = 250,
+              flops_per_step: float | None = None) -> dict:
     """Train `models` (name -> module) with AdamW on loss_fn(step) from the stage's last checkpoint
-    to config.steps; keeps an EMA of each model when config.ema > 0. Returns the final state."""
+    to config.steps; keeps an EMA of each model when config.ema > 0. With flops_per_step, the
+    GFLOP/s the steps achieved are printed and kept in the state ("gflops"). Returns the final state."""
     from tqdm import tqdm
 
     folder = work / name
@@ -246,6 +313,7 @@ def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConf
 
     bar = tqdm(total=config.steps, initial=state["step"], desc=name, mininterval=10, file=sys.stdout)
     started = time.perf_counter() - state["seconds"]
+    first_step, first_second = state["step"], state["seconds"]
     with ops.use_backend("reference"):
         while state["step"] < config.steps:
             step = state["step"]
@@ -266,9 +334,14 @@ def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConf
             state["seconds"] = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}", refresh=False)
+            if flops_per_step and state["step"] > first_step:
+                state["gflops"] = flops_per_step * (state["step"] - first_step) / (state["seconds"] - first_second) / 1e9
             if state["step"] % checkpoint_every == 0 or state["step"] == config.steps:
                 checkpoint()
     bar.close()
+    if state.get("gflops"):
+        print(f"{name}: {state['gflops']:.1f} GFLOP/s over its training steps ({hardware.cpu_name()}, "
+              f"{torch.get_num_threads()} threads)")
     return state
 
 
@@ -336,39 +409,121 @@ def _diffusion_parts(work: Path, seed: int, new_unet):
     return tokenizer, vae, new_text_model(len(tokenizer), tokenizer), new_unet(), Schedule()
 
 
-def stage_generate(work: Path, config: StageConfig) -> None:
-    tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 1, new_generator_unet)
+def _caption_sample(scene: toyworld.Scene):
+    return scene.caption(), None, scene
 
+
+def _generator_loss(stage: str, cache: dict, config: StageConfig, text_model, unet, tokenizer, schedule):
+    """The text-to-image step: v-prediction on cached latents, 10% empty captions (for guidance)."""
     def loss_fn(step):
-        rng, generator = step_rng("generate", step), step_generator("generate", step)
-        scenes = [toyworld.sample_scene(rng) for _ in range(config.batch)]
-        with torch.no_grad():
-            x0 = vae.scale_latents(vae.encode(to_tensor([s.render() for s in scenes])))
-        context = text_model(tokenize(tokenizer, _text_dropout(rng, [s.caption() for s in scenes], 0.1))).last_hidden_state
+        rng, generator = step_rng(stage, step), step_generator(stage, step)
+        captions, x0, _ = cached_batch(cache, generator, config.batch)
+        context = text_model(tokenize(tokenizer, _text_dropout(rng, captions, 0.1))).last_hidden_state
         x_t, t, v = schedule.noisy(x0, generator)
         return F.mse_loss(unet(x_t, t, context).float(), v)
+    return loss_fn
 
-    run_stage("generate", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config)
+
+def _step_flops(text_model, unet, tokenizer, sample: torch.Tensor) -> float:
+    """FLOPs of one training step on UNet input `sample` (a batch): forward + backward ~ 3 forward
+    passes of the text encoder and the UNet, 2 FLOPs a MAC."""
+    from fastdiff.models.flops import count_macs
+
+    ids = tokenize(tokenizer, [""] * len(sample))
+    with torch.no_grad():
+        hidden = text_model(ids).last_hidden_state
+    macs = count_macs(text_model, ids).total + count_macs(unet, sample, torch.zeros(len(sample), dtype=torch.long), hidden).total
+    return 3 * 2 * macs
+
+
+def stage_generate(work: Path, config: StageConfig) -> None:
+    tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 1, new_generator_unet)
+    cache = cached_latents(work, "generate", vae, _cache_size("generate", config), lambda rng: _caption_sample(toyworld.sample_scene(rng)))
+    run_stage("generate", work, {"text_encoder": text_model, "unet": unet},
+              _generator_loss("generate", cache, config, text_model, unet, tokenizer, schedule), config=config,
+              flops_per_step=_step_flops(text_model, unet, tokenizer, cache["target"][:config.batch]))
 
 
 def stage_edit(work: Path, config: StageConfig) -> None:
     tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 2, new_editor_unet)
 
+    def edit_sample(rng):
+        edit = toyworld.sample_edit(rng)
+        return edit.instruction, edit.source, edit.target
+
+    cache = cached_latents(work, "edit", vae, _cache_size("edit", config), edit_sample)
+
     def loss_fn(step):
         rng, generator = step_rng("edit", step), step_generator("edit", step)
-        edits = [toyworld.sample_edit(rng) for _ in range(config.batch)]
-        with torch.no_grad():
-            source = vae.encode(to_tensor([e.source.render() for e in edits]))  # unscaled, as the pipeline feeds it
-            x0 = vae.scale_latents(vae.encode(to_tensor([e.target.render() for e in edits])))
+        instructions, x0, source = cached_batch(cache, generator, config.batch)  # source unscaled, as the pipeline feeds it
         # InstructPix2Pix's dropout: 5% no instruction, 5% no image, 5% neither
-        draws = [rng.random() for _ in edits]
-        texts = ["" if d < 0.05 or 0.10 <= d < 0.15 else e.instruction for d, e in zip(draws, edits)]
+        draws = [rng.random() for _ in instructions]
+        texts = ["" if d < 0.05 or 0.10 <= d < 0.15 else text for d, text in zip(draws, instructions)]
         keep_image = torch.tensor([not 0.05 <= d < 0.15 for d in draws], dtype=torch.float32).view(-1, 1, 1, 1)
         context = text_model(tokenize(tokenizer, texts)).last_hidden_state
         x_t, t, v = schedule.noisy(x0, generator)
         return F.mse_loss(unet(torch.cat([x_t, source * keep_image], dim=1), t, context).float(), v)
 
-    run_stage("edit", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config)
+    run_stage("edit", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config,
+              flops_per_step=_step_flops(text_model, unet, tokenizer,
+                                         torch.cat([cache["target"][:config.batch], cache["source"][:config.batch]], dim=1)))
+
+
+def check_scene(rng: random.Random) -> toyworld.Scene:
+    """The conditioning check's world: one big circle near the center of a white background; only
+    its colour varies, and only the caption says which."""
+    color = rng.choice(list(toyworld.SHAPE_COLORS))
+    dx, dy = (rng.randint(-toyworld.JITTER, toyworld.JITTER) for _ in range(2))
+    return toyworld.Scene((toyworld.Shape("circle", color, "big", 1, 1, dx, dy),), ("white",))
+
+
+def _check_parts(work: Path):
+    """The work folder's tokenizer and VAE when those stages are finished, else the shipped default's."""
+    from transformers import CLIPTokenizer
+
+    from fastdiff.default_model import WEIGHTS
+    from fastdiff.models.vae import AutoencoderKL
+
+    vae_state = work / "vae" / "state.pt"
+    if (work / "tokenizer").exists() and vae_state.exists() and torch.load(vae_state, weights_only=True)["step"] >= CONFIGS["vae"].steps:
+        return load_tokenizer(work), trained_vae(work)
+    shipped = WEIGHTS / "generate"
+    tokenizer = CLIPTokenizer.from_pretrained(str(shipped / "tokenizer"), local_files_only=True)
+    return tokenizer, AutoencoderKL.from_diffusers(shipped / "vae").eval().requires_grad_(False)
+
+
+def stage_check(work: Path, config: StageConfig) -> dict:
+    """Train a fresh generator on check_scene, judge CHECK_SAMPLES held-out samples (new seeds and
+    jitter) by colour; writes work/check/result.json and returns it."""
+    from fastdiff.models.text_encoder import CLIPTextEncoder
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.requests import Defaults
+
+    torch.manual_seed(SEED + 4)
+    tokenizer, vae = _check_parts(work)
+    text_model, unet, schedule = new_text_model(len(tokenizer), tokenizer), new_generator_unet(), Schedule()
+    cache = cached_latents(work, "check", vae, _cache_size("check", config), lambda rng: _caption_sample(check_scene(rng)))
+    state = run_stage("check", work, {"text_encoder": text_model, "unet": unet},
+                      _generator_loss("check", cache, config, text_model, unet, tokenizer, schedule), config=config,
+                      flops_per_step=_step_flops(text_model, unet, tokenizer, cache["target"][:config.batch]))
+    for name, model in (("text_encoder", text_model), ("unet", unet)):
+        model.load_state_dict(state["ema"][name])
+        model.eval().trainable = False
+    pipe = Pipeline(unet=unet, vae=vae, scheduler_config={"_class_name": "EulerDiscreteScheduler", **SCHEDULE},
+                    defaults=Defaults(steps=20, guidance_scale=5.0, size=toyworld.SIZE),
+                    text_encoder=CLIPTextEncoder(text_model, tokenizer), name="toyworld-check")
+    held_out = random.Random(f"{SEED}-check-held-out")  # seeds and jitters the cache never drew from
+    scenes = [check_scene(held_out) for _ in range(CHECK_SAMPLES)]
+    images = pipe.generate([s.caption() for s in scenes], seed=10_000, progress=False)
+    colors = [toyworld.judge(image, scene).shapes[0].color for image, scene in zip(images, scenes)]
+    accuracy = sum(c == s.shapes[0].color for c, s in zip(colors, scenes)) / len(scenes)
+    result = {"colour_accuracy": accuracy, "target": CHECK_TARGET, "steps": state["step"], "batch": config.batch,
+              "training_seconds": round(state["seconds"]), "gflops": state.get("gflops"),
+              "confusions": sorted({f"{s.shapes[0].color}->{c}" for c, s in zip(colors, scenes) if c != s.shapes[0].color})}
+    (work / "check" / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"conditioning check: held-out colour {accuracy:.0%} (target {CHECK_TARGET:.0%}) after {state['step']} steps, "
+          f"{state['seconds'] / 60:.1f} min of training; wrong: {', '.join(result['confusions']) or 'none'}")
+    return result
 
 
 def stage_export(work: Path, out: Path) -> None:
@@ -439,6 +594,8 @@ def main(argv=None) -> int:
         stage_edit(args.work, config("edit"))
     elif args.stage == "decoder":
         stage_decoder(args.work, config("decoder"))
+    elif args.stage == "check":
+        return 0 if stage_check(args.work, config("check"))["colour_accuracy"] >= CHECK_TARGET else 1
     else:
         stage_export(args.work, args.out)
     return 0

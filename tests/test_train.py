@@ -11,7 +11,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from fastdiff import train  # noqa: E402
+from fastdiff import toyworld, train  # noqa: E402
 from fastdiff.pipeline import Pipeline  # noqa: E402
 
 STEPS = 2
@@ -133,3 +133,28 @@ def test_exported_folders_are_the_default_model(trained, tmp_path, monkeypatch):
             default_model.default_pipeline("generate", "toyworld", vae="tiny")
     finally:
         default_model.default_pipeline.cache_clear()
+
+
+def test_conditioning_check_runs_judges_and_fails_below_target(tmp_path, monkeypatch, one_thread):
+    """The check's plumbing at 2 steps (its real run is minutes: BENCHMARKS.md): a fresh generator
+    on one-circle scenes, held-out samples judged by colour, exit code 1 below the target, the
+    latent cache reused by a second run."""
+    monkeypatch.setattr(train, "CHECK_SAMPLES", 6)
+    assert train.main(["check", "--steps", "2", "--work", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "check" / "result.json").read_text())
+    assert result["steps"] == 2 and result["target"] == train.CHECK_TARGET and 0 <= result["colour_accuracy"] < 1
+    assert result["gflops"] > 0
+    [cache] = (tmp_path / "cache").glob("check-*.pt")
+    stamp = cache.stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "check")
+    train.main(["check", "--steps", "2", "--work", str(tmp_path)])
+    assert cache.stat().st_mtime_ns == stamp
+
+
+def test_check_scenes_vary_only_in_colour():
+    import random
+
+    scenes = [train.check_scene(random.Random(i)) for i in range(60)]
+    assert {s.shapes[0].color for s in scenes} == set(toyworld.SHAPE_COLORS)
+    assert {(s.shapes[0].kind, s.shapes[0].size, s.shapes[0].row, s.shapes[0].col, s.background) for s in scenes} == \
+        {("circle", "big", 1, 1, ("white",))}
