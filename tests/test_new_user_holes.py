@@ -57,3 +57,45 @@ print(json.dumps({"built": built, "errors": errors, "same": [bool(np.array_equal
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["errors"] == [] and len(report["built"]) == 1 and report["same"] == [True] * 3, report
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_png_is_scaled_as_a_viewer_shows_it(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) read as a file, as bytes (an upload) or as an opened
+    image: mid-gray stays mid-gray (it used to come out almost white, every value over 255 clipped)."""
+    import numpy as np
+    from PIL import Image
+
+    from fastdiff.images import load_image
+    from fastdiff.serving.server import decode_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    sixteen = Image.fromarray(ramp)  # uint16: mode I;16
+    sixteen.save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode in ("I;16", "I")
+    expected = np.round(ramp / 257).astype(np.int16)
+    for got in (load_image(tmp_path / "gray16.png"), load_image(Image.open(tmp_path / "gray16.png")),
+                load_image(_png_bytes(sixteen)), decode_image((tmp_path / "gray16.png").read_bytes(), 10**6)):
+        array = np.asarray(got, dtype=np.int16)
+        assert got.mode == "RGB" and np.abs(array[..., 0] - expected).max() <= 1
+        assert 120 <= array.mean() <= 135
+
+
+def test_a_float_array_outside_0_1_is_refused_not_clipped_to_white():
+    import numpy as np
+
+    from fastdiff.images import load_image
+
+    values = np.random.default_rng(0).uniform(0, 255, (16, 16, 3))
+    with pytest.raises(PipelineError, match=r"^image: a float array must hold values in \[0, 1\], got [\d.e-]+\.\.25\d\.\d+ "
+                                            r"\(for 0\.\.255 values pass a uint8 array, or divide by 255\)"):
+        load_image(values)
+    assert np.asarray(load_image(values / 255)).mean() == pytest.approx(values.mean(), abs=1)
+    load_image(np.clip(values / 255, 0, 1) * (1 + 1e-4))  # a resampler's overshoot is clipped

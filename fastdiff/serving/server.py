@@ -30,7 +30,6 @@ import secrets
 import signal
 import threading
 import time
-import warnings
 
 import uvicorn
 from PIL import Image
@@ -42,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from fastdiff.engine import Engine, EngineClosed
+from fastdiff.images import load_image
 from fastdiff.pipeline import Pipeline
 from fastdiff.requests import EditRequest, GenerateRequest, PipelineError, build_request
 
@@ -107,24 +107,9 @@ def _field_of(error: PipelineError) -> str:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Uploaded bytes -> an RGB image; the size is checked from the header before any pixel is
-    decoded (a decompression bomb is refused without inflating it)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise PipelineError(f"image: {width}x{height} ({width * height:,} pixels), over the limit of "
-                                        f"{max_pixels:,} (max_pixels)")
-                opened.load()
-                return opened.convert("RGB")
-    except PipelineError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PipelineError("image: refused by the decompression-bomb check") from None
-    except Exception:  # untrusted bytes: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
-        raise PipelineError(f"image: not a readable {'/'.join(IMAGE_FORMATS)} image") from None
+    """Uploaded bytes -> an RGB image (fastdiff.images.load_image: size checked from the header,
+    decompression bombs refused, 16-bit images scaled)."""
+    return load_image(data, max_pixels=max_pixels, formats=IMAGE_FORMATS)
 
 
 class _Metrics:
