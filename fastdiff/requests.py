@@ -206,9 +206,13 @@ def _positive_int(name, value, maximum=None):
     return int(value)
 
 
+MAX_GUIDANCE = 100.0  # far past any useful scale (SD: 7.5; 20-30 already burns images); 1e30 gave flat gray
+
+
 def _scale(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise PipelineError(f"{name}: expected a finite number >= 0, got {describe(value)}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_GUIDANCE:
+        raise PipelineError(f"{name}: expected a number in 0..{MAX_GUIDANCE:g}, got {describe(value)}")
     return float(value)
 
 

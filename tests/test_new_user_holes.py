@@ -99,3 +99,14 @@ def test_a_float_array_outside_0_1_is_refused_not_clipped_to_white():
         load_image(values)
     assert np.asarray(load_image(values / 255)).mean() == pytest.approx(values.mean(), abs=1)
     load_image(np.clip(values / 255, 0, 1) * (1 + 1e-4))  # a resampler's overshoot is clipped
+
+
+@pytest.mark.parametrize("name", ["guidance_scale", "image_guidance_scale"])
+def test_guidance_scales_are_bounded_at_the_door(name):
+    """guidance_scale=1e30 returned a flat gray image with status 200 (latents finite, huge)."""
+    from fastdiff.requests import MAX_GUIDANCE, EditRequest
+
+    for bad in (1e30, MAX_GUIDANCE + 1, -1.0, float("nan")):
+        with pytest.raises(PipelineError, match=rf"^{name}: expected a number in 0\.\.100, got "):
+            EditRequest(image="in.png", instruction="x", **{name: bad})
+    assert getattr(EditRequest(image="in.png", instruction="x", **{name: MAX_GUIDANCE}), name) == MAX_GUIDANCE
