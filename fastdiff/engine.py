@@ -88,16 +88,18 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Future:
+    def submit(self, request: Request, *, max_pixels: int | None = None) -> Future:
         """Queue a GenerateRequest (num_images must be 1) or an EditRequest. Raises PipelineError at
         once for a request the pipeline would refuse; the Future gives the PIL image (or array for
-        output_type='np')."""
+        output_type='np'). max_pixels: a tighter limit for this request (a server's); the engine's
+        own still holds when it is smaller."""
         if not isinstance(request, (GenerateRequest, EditRequest)):
             raise TypeError(f"request: expected a GenerateRequest or EditRequest, got {type(request).__name__}")
         if request.total_images != 1:
             raise PipelineError(f"num_images: the engine takes one image per request (got {request.total_images}); "
                                 "submit several requests")
-        resolved = self.pipe.resolve(request, max_pixels=self.max_pixels)
+        limit = self.max_pixels if max_pixels is None else min(self.max_pixels, max_pixels_limit(max_pixels))
+        resolved = self.pipe.resolve(request, max_pixels=limit)
         future: Future = Future()
         with self._wakeup:
             if self._closing:

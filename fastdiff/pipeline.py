@@ -214,7 +214,8 @@ class Pipeline:
         guidance_scale = d.guidance_scale if request.guidance_scale is None else request.guidance_scale
         if isinstance(request, GenerateRequest):
             if self.is_editor:
-                raise PipelineError("generate: this is an editing model (8-channel UNet); use edit()")
+                raise PipelineError(f"generate: this is an editing model ({self.unet.in_channels}-channel UNet: noisy and "
+                                    f"image latents); use edit()")
             height, width = request.height or d.size, request.width or d.size
             for name, value in (("height", height), ("width", width)):
                 if value % self.vae_scale:
@@ -234,7 +235,8 @@ class Pipeline:
             return dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                        height=height, width=width)
         if not self.is_editor:
-            raise PipelineError("edit: this is a text-to-image model; use generate() (editing needs an 8-channel UNet)")
+            raise PipelineError(f"edit: this is a text-to-image model; use generate() (editing needs a UNet of "
+                                f"{2 * self.latent_channels} input channels: noisy and image latents)")
         image = load_image(request.image, max_pixels=max_pixels // request.num_images)
         image_scale = d.image_guidance_scale if request.image_guidance_scale is None else request.image_guidance_scale
         for name, like in (("instruction_embeds", None), ("negative_instruction_embeds", request.instruction_embeds)):

@@ -278,3 +278,22 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_0(served):
     assert proc.wait(60) == 0
     assert answers == [200] * 12
     assert late in ("refused", 503)
+
+
+def test_server_pixel_limit_holds_for_an_engine_passed_in(pipes):
+    """Limits.max_pixels was ignored for a caller's Engine (only engines the app made got it)."""
+    generator, editor = pipes
+    engines = [Engine(generator, max_wait_ms=0), Engine(editor, max_wait_ms=0)]
+    app = create_app(engines, limits=Limits(max_pixels=32 * 32))
+    try:
+        with serve_in_thread(app) as url:
+            big = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "height": 64, "width": 64, "steps": 1}, timeout=TIMEOUT_S)
+            assert big.status_code == 422 and "1,024 (max_pixels)" in big.json()["error"], big.text
+            upload = {"image": b64(png_bytes(source_image(1, 64))), "instruction": "x", "steps": 1}
+            edit = httpx.post(f"{url}/v1/edit", json=upload, timeout=TIMEOUT_S)
+            assert edit.status_code == 422 and "(max_pixels)" in edit.json()["error"], edit.text
+            small = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "height": 32, "width": 32, "steps": 1}, timeout=TIMEOUT_S)
+            assert small.status_code == 200
+    finally:
+        for engine in engines:
+            engine.close()

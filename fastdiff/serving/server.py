@@ -227,7 +227,8 @@ class Service:
 
     def _submit(self, kind: str, engine: Engine, fields: dict, upload: bytes | None, cancelled: threading.Event):
         """Build the request (decoding an upload) and queue it: (future, seed). Runs in a worker thread."""
-        max_pixels = engine.max_pixels
+        # the server's limit holds for engines passed in too (theirs may be looser)
+        max_pixels = engine.max_pixels if self.limits.max_pixels is None else min(engine.max_pixels, self.limits.max_pixels)
         try:
             if kind == "edit":
                 fields["image"] = decode_image(upload if upload is not None else _base64(fields.get("image")), max_pixels)
@@ -241,7 +242,7 @@ class Service:
             if request.steps is not None and request.steps > self.limits.max_steps:
                 raise PipelineError(f"steps: expected at most {self.limits.max_steps} (this server's limit), "
                                     f"got {request.steps}")
-            future = engine.submit(request)
+            future = engine.submit(request, max_pixels=max_pixels)
         except PipelineError as error:
             raise _Refused(422, _field_of(error), str(error)) from None
         except EngineClosed:
