@@ -299,7 +299,9 @@ async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]
         body = await request.body()
         try:
             fields = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError:  # e.g. 100k nested '[': the decoder recurses per level
+            raise _Refused(400, "body", "body: JSON nested too deeply") from None
+        except ValueError as exc:  # malformed JSON, bad UTF-8, integers over Python's 4300-digit limit
             raise _Refused(400, "body", f"body: not valid JSON ({exc})") from None
         if not isinstance(fields, dict):
             raise _Refused(400, "body", f"body: expected a JSON object, got {type(fields).__name__}")
