@@ -176,6 +176,9 @@ def test_load_good_and_bad_requests_together(server, pipes, capsys):
     ok = delta("fastdiff_requests_total", endpoint="generate", outcome="ok") + \
         delta("fastdiff_requests_total", endpoint="edit", outcome="ok")
     assert ok == 160
+    invalid = sum(1 for what, i, outcome, _ in results.values() if what == "bad" and BAD[i][2] in (400, 422))
+    assert delta("fastdiff_requests_total", endpoint="generate", outcome="invalid") + \
+        delta("fastdiff_requests_total", endpoint="edit", outcome="invalid") == invalid  # refusals are counted too
     assert delta("fastdiff_unet_step_seconds_count", model="edit") > 0
     assert metric(after, "fastdiff_queue_depth", model="edit") == 0
     with capsys.disabled():
