@@ -304,3 +304,35 @@ def test_server_pixel_limit_holds_for_an_engine_passed_in(pipes):
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_a_disconnect_leaves_no_unretrieved_future_in_the_log(pipes, caplog):
+    """Every client that hung up used to leave 'Future exception was never retrieved ... _Cancelled'
+    in the log (asyncio's, when the wrapped future is collected)."""
+    import gc
+    import logging
+
+    _, editor = pipes
+    engine = Engine(editor, max_batch=1, max_wait_ms=0)
+    body = json.dumps({"image": b64(png_bytes(source_image(0, 64))), "instruction": "snow", "steps": 60}).encode()
+    try:
+        with caplog.at_level(logging.ERROR), serve_in_thread(create_app(engine)) as url:
+            for _ in range(2):
+                head = (f"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+                sock.sendall(head + body)
+                deadline = time.monotonic() + 60
+                while engine.running == 0:
+                    assert time.monotonic() < deadline, "the edit never started"
+                    time.sleep(0.02)
+                sock.close()
+                while engine.running or engine.queued:
+                    assert time.monotonic() < deadline, "the cancelled edit never ended"
+                    time.sleep(0.02)
+            time.sleep(0.5)
+            gc.collect()
+            assert httpx.get(f"{url}/healthz").status_code == 200
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text[-2000:]
+    finally:
+        engine.close()

@@ -350,6 +350,9 @@ async def _wait(future, request: Request, cancelled: threading.Event):
     if not result.done():
         cancelled.set()
         future.cancel()
+        # the engine still ends it (with _Cancelled at the next step): retrieve that here, or asyncio
+        # logs "Future exception was never retrieved" for every disconnect
+        result.add_done_callback(lambda done: done.cancelled() or done.exception())
         raise _Refused(499, "client", "client: disconnected")  # nobody reads it; counted as an outcome
     try:
         return result.result()
