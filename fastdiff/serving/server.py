@@ -497,25 +497,39 @@ def load_pipelines(model, dtype=None) -> list[Pipeline]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the app to refuse new requests as soon as a signal arrives (uvicorn
-    itself only stops accepting connections, then waits for the running requests)."""
+    """uvicorn's server, draining on the first SIGTERM/SIGINT: the socket stays open, /healthz and
+    new requests answer 503 (a load balancer sees it and routes away) while the requests in flight
+    finish, for up to drain_timeout_s; then uvicorn shuts down. A second signal stops at once.
+    (uvicorn alone closes the socket at the signal, so nobody could read the 503.)"""
 
-    def __init__(self, config, service: Service):
+    def __init__(self, config, service: Service, drain_timeout_s: float):
         super().__init__(config)
-        self.service = service
+        self.service, self.drain_timeout_s = service, drain_timeout_s
+        self._drain = None  # (deadline, signal, frame) from the first signal
 
     def handle_exit(self, sig, frame):
-        self.service.start_draining()
-        super().handle_exit(sig, frame)
+        if self._drain is None:
+            self.service.start_draining()
+            self._drain = (time.monotonic() + self.drain_timeout_s, sig, frame)
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain is not None and not self.should_exit:
+            deadline, sig, frame = self._drain
+            if not any(self.service.inflight.values()) or time.monotonic() > deadline:
+                super().handle_exit(sig, frame)
+        return await super().on_tick(counter)
 
 
 def serve_forever(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 30.0,
                   log_level: str = "info") -> int:
-    """Run `app` (from create_app) until SIGTERM or SIGINT: then stop accepting, let in-flight
-    requests finish for up to drain_timeout_s (the rest are cancelled), close the engines; 0."""
+    """Run `app` (from create_app) until SIGTERM or SIGINT: then answer 503 to new requests and
+    /healthz while the in-flight ones finish, for up to drain_timeout_s (the rest are cancelled),
+    close the engines; 0."""
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout_s,
                             log_level=log_level, lifespan="on")
-    server = _Server(config, app.state.service)
+    server = _Server(config, app.state.service, drain_timeout_s)
     # uvicorn re-raises the signal once it has shut down; a no-op handler makes SIGTERM a clean exit 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
