@@ -93,6 +93,7 @@ def good_request(client, kind, spec, index):
 BAD = [  # (name, how to send it, expected status, field named in the JSON error)
     ("missing prompt", lambda c, bomb: c.post("/v1/generate", json={"seed": 1}), 422, "prompt"),
     ("prompt of the wrong type", lambda c, bomb: c.post("/v1/generate", json={"prompt": 5}), 422, "prompt"),
+    ("a list of prompts", lambda c, bomb: c.post("/v1/generate", json={"prompt": ["a", "b"]}), 422, "prompt"),
     ("steps as text", lambda c, bomb: c.post("/v1/generate", json={"prompt": "x", "steps": "ten"}), 422, "steps"),
     ("steps 0", lambda c, bomb: c.post("/v1/generate", json={"prompt": "x", "steps": 0}), 422, "steps"),
     ("steps 10^6", lambda c, bomb: c.post("/v1/generate", json={"prompt": "x", "steps": 10**6}), 422, "steps"),

@@ -58,6 +58,8 @@ FIELDS = {"generate": _COMMON | {"prompt", "height", "width"},
 # multipart form values arrive as text: these are converted before the request checks them
 _INT_FIELDS = {"steps", "num_inference_steps", "seed", "height", "width"}
 _FLOAT_FIELDS = {"guidance_scale", "image_guidance_scale"}
+# one image per HTTP request: a list here (fine in Python, where it means several images) is refused as such
+_TEXT_FIELDS = {"prompt", "negative_prompt", "instruction"}
 RESPONSE_FORMATS = ("png", "json")
 
 
@@ -309,6 +311,9 @@ async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]
     for name in fields:
         if name not in allowed:
             raise _Refused(422, name, f"{name}: not a field of POST /v1/{kind} (expected one of {sorted(allowed)})")
+        if name in _TEXT_FIELDS and fields[name] is not None and not isinstance(fields[name], str):
+            raise _Refused(422, name, f"{name}: expected a string (one image per request: send a request per "
+                                      f"prompt), got {type(fields[name]).__name__}")
     required = ["prompt"] if kind == "generate" else ["image", "instruction"]
     for name in required:
         if fields.get(name) is None and not (name == "image" and upload is not None) \
