@@ -43,8 +43,10 @@ def _info(args) -> int:
 
 def _validate(args) -> int:
     from fastdiff.bench.timing import format_table
-    from fastdiff.validate import compare, kernel_cases
+    from fastdiff.validate import compare, kernel_cases, unet_class
 
+    if args.model is not None:
+        unet_class(args.model)  # a folder that is not a pipeline fails now, not after minutes of kernel checks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = [name for name, status in ops.backends().items() if name != "reference" and status == "available"]
     if device == "cpu":

@@ -108,12 +108,30 @@ def _tiny_diffusers_models():
     return unet.eval(), vae.eval()
 
 
+def unet_class(folder) -> str:
+    """The UNet class a pipeline folder's unet/config.json names; PipelineError when the folder is
+    not a pipeline folder (checked before any long run)."""
+    import json
+    from pathlib import Path
+
+    from fastdiff.requests import PipelineError
+
+    config = Path(folder) / "unet" / "config.json"
+    try:
+        return json.loads(config.read_text()).get("_class_name", "UNet2DConditionModel")
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"--model: {str(folder)!r} is not a pipeline folder with unet/config.json ({exc})") from None
+
+
 def compare_models(folder=None, backends=("reference", "cpp")) -> list[dict]:
     """fastdiff's UNet and VAE against diffusers' on the same weights and random inputs.
 
-    folder: a diffusers pipeline folder (its unet/ and vae/), or None for small random models.
-    fp32: relative error <= 1e-4; bf16: at most 2x diffusers' own bf16-autocast error against its
-    fp32 output (floor 1e-2). Returns rows (model, backend, dtype, error, bound, passed).
+    folder: a diffusers pipeline folder (its unet/ and vae/), or None for small random models. A
+    MobileDiffusion UNet (which diffusers cannot build) is checked against fastdiff's reference
+    backend (plain PyTorch ops) in fp32 instead, on the fast backends only. fp32: relative error
+    <= 1e-4; bf16: at most 2x the reference's own bf16 error (diffusers' under autocast, or
+    fastdiff's reference backend in bf16), floor 1e-2.
+    Returns rows (model, backend, dtype, error, bound, passed).
     """
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import UNet2DConditionModel
@@ -121,36 +139,57 @@ def compare_models(folder=None, backends=("reference", "cpp")) -> list[dict]:
     from fastdiff.models.unet_2d_condition import UNet2DCondition
     from fastdiff.models.vae import AutoencoderKL
 
+    mobile = folder is not None and unet_class(folder) == "MobileDiffusionUNet"
     if folder is None:
         d_unet, d_vae = _tiny_diffusers_models()
         size = 16
     else:
-        d_unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet").eval()
+        d_unet = None if mobile else UNet2DConditionModel.from_pretrained(f"{folder}/unet").eval()
         d_vae = DiffusersVAE.from_pretrained(f"{folder}/vae").eval()
         size = 32  # latent side: small enough for a CPU check
     generator = torch.Generator().manual_seed(1)
-    c = d_unet.config
-    sample = torch.randn(1, c.in_channels, size, size, generator=generator)
-    context = torch.randn(1, 77, c.cross_attention_dim, generator=generator)
     latents = torch.randn(1, d_vae.config.latent_channels, size, size, generator=generator)
-    runs = {
-        "unet": (lambda m, dt: m(sample.to(dt), 500, context.to(dt)), lambda: d_unet(sample, 500, context).sample,
-                 lambda dt: UNet2DCondition.from_diffusers(d_unet, dtype=dt)),
-        "vae decode": (lambda m, dt: m.decode(latents.to(dt)), lambda: d_vae.decode(latents).sample,
-                       lambda dt: AutoencoderKL.from_diffusers(d_vae, dtype=dt)),
-    }
+    runs = {"vae decode": (lambda m, dt: m.decode(latents.to(dt)), lambda: d_vae.decode(latents).sample,
+                           lambda dt: AutoencoderKL.from_diffusers(d_vae, dtype=dt))}
+    if mobile:
+        from pathlib import Path
+
+        from fastdiff.loading import load_unet
+
+        unet = {dtype: load_unet(Path(folder) / "unet", dtype=dtype)[0] for dtype in (torch.float32, torch.bfloat16)}
+        c = unet[torch.float32].config
+        side = min(size, c.sample_size)
+        sample = torch.randn(1, c.in_channels, side, side, generator=generator)
+        context = torch.randn(1, c.text_length, c.cross_attention_dim, generator=generator)
+        t = torch.tensor([500])
+
+        def reference_run(dtype=torch.float32):
+            with ops.use_backend("reference"):
+                return unet[dtype](sample.to(dtype), t, context.to(dtype)).double()
+
+        runs["unet (MobileDiffusion)"] = (lambda m, dt: m(sample.to(dt), t, context.to(dt)), reference_run,
+                                          lambda dt: unet[dt])
+    else:
+        c = d_unet.config
+        sample = torch.randn(1, c.in_channels, size, size, generator=generator)
+        context = torch.randn(1, 77, c.cross_attention_dim, generator=generator)
+        runs["unet"] = (lambda m, dt: m(sample.to(dt), 500, context.to(dt)), lambda: d_unet(sample, 500, context).sample,
+                        lambda dt: UNet2DCondition.from_diffusers(d_unet, dtype=dt))
     rows = []
     with torch.inference_mode():
-        for name, (run_fast, run_ref, build) in runs.items():
+        for name, (run_fast, run_ref, build) in sorted(runs.items(), key=lambda item: not item[0].startswith("unet")):
             ref = run_ref().double()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                autocast_error = rel_error(run_ref(), ref)
+            if name.startswith("unet (MobileDiffusion)"):
+                own_bf16_error = rel_error(run_ref(torch.bfloat16), ref)
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    own_bf16_error = rel_error(run_ref(), ref)
             for dtype in (torch.float32, torch.bfloat16):
                 model = build(dtype)
-                bound = 1e-4 if dtype == torch.float32 else max(2 * autocast_error, 1e-2)
+                bound = 1e-4 if dtype == torch.float32 else max(2 * own_bf16_error, 1e-2)
                 for backend in backends:
-                    if ops.backends()[backend] != "available":
-                        continue
+                    if ops.backends()[backend] != "available" or (backend == "reference" and name.startswith("unet (Mobile")):
+                        continue  # (the reference backend is that check's yardstick)
                     with ops.use_backend(backend):
                         error = rel_error(run_fast(model, dtype), ref)
                     rows.append({"model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),

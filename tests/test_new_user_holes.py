@@ -110,3 +110,25 @@ def test_guidance_scales_are_bounded_at_the_door(name):
         with pytest.raises(PipelineError, match=rf"^{name}: expected a number in 0\.\.100, got "):
             EditRequest(image="in.png", instruction="x", **{name: bad})
     assert getattr(EditRequest(image="in.png", instruction="x", **{name: MAX_GUIDANCE}), name) == MAX_GUIDANCE
+
+
+def test_validate_checks_the_model_folder_before_the_kernels(tmp_path, capsys):
+    """`fastdiff validate --model DIR` ran minutes of kernel checks before finding DIR unusable."""
+    from fastdiff.cli import main
+
+    assert main(["validate", "--model", str(tmp_path)]) != 0
+    out, err = capsys.readouterr()
+    assert "is not a pipeline folder with unet/config.json" in err
+    assert "attention" not in out  # no kernel row ran
+
+
+def test_validate_checks_a_mobilediffusion_folder_against_the_reference_backend():
+    """diffusers cannot build a MobileDiffusion UNet: the shipped default's is checked against
+    fastdiff's reference backend (fast backends only), its VAE against diffusers."""
+    from fastdiff.validate import compare_models
+
+    rows = compare_models(WEIGHTS / "generate")
+    assert {(r["model"], r["backend"], r["dtype"]) for r in rows if r["model"].startswith("unet")} == \
+        {("unet (MobileDiffusion)", "cpp", "float32"), ("unet (MobileDiffusion)", "cpp", "bfloat16")}
+    assert any(r["model"] == "vae decode" for r in rows)
+    assert all(r["passed"] for r in rows), rows
