@@ -126,3 +126,16 @@ def test_another_torch_gets_its_own_build_and_is_told_so(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert f"compiling the C++ kernels for torch {torch.__version__} (builds in the cache are for torch 2.12.0)" in err
     assert (cpp_build.build_dir() / "built").read_text() == torch.__version__
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch's build lock file, left by a killed build, made every later build wait forever; the
+    next build removes it (its own lock is an flock, released when a builder dies)."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
+    folder = cpp_build.build_dir()
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # what a killed torch build leaves
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kw: "rebuilt")
+    monkeypatch.setattr(cpp_build, "_module", None)
+    assert cpp_build.load() == "rebuilt"
+    assert not (folder / "lock").exists() and (folder / "built").exists()

@@ -18,6 +18,7 @@ reference with one warning (fastdiff.ops), and a forced FASTDIFF_BACKEND=cpp rai
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -73,15 +74,24 @@ def _import_built(folder: Path):
 def _compile(folder: Path):
     from torch.utils.cpp_extension import load as jit_load
 
-    others = sorted({(p / _BUILT).read_text() for p in folder.parent.glob("torch-*") if (p / _BUILT).exists()} - {torch.__version__})
-    before = f" (builds in the cache are for torch {', '.join(others)})" if others else ""
-    print(f"fastdiff: compiling the C++ kernels for torch {torch.__version__}{before} into {folder}; "
-          f"once per torch version, about 1-2 minutes", file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
-    module = jit_load(name=NAME, sources=[str(p) for p in sources()], extra_include_paths=[str(SOURCE_DIR)],
-                      extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(folder), verbose=False)
-    (folder / _BUILT).write_text(torch.__version__)
-    return module
+    with open(folder / "build.flock", "w") as guard:
+        # one build per folder across processes; the OS releases the lock if a builder dies
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if (folder / _BUILT).exists():  # another process finished it while this one waited
+            return _import_built(folder)
+        # torch's own lock file, left behind by a build that was killed: torch would wait on it forever
+        (folder / "lock").unlink(missing_ok=True)
+        others = sorted({(p / _BUILT).read_text() for p in folder.parent.glob("torch-*") if (p / _BUILT).exists()}
+                        - {torch.__version__})
+        before = f" (builds in the cache are for torch {', '.join(others)})" if others else ""
+        print(f"fastdiff: compiling the C++ kernels for torch {torch.__version__}{before} into {folder}; "
+              f"once per torch version, about 1-2 minutes", file=sys.stderr, flush=True)
+        module = jit_load(name=NAME, sources=[str(p) for p in sources()], extra_include_paths=[str(SOURCE_DIR)],
+                          extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(folder),
+                          verbose=False)
+        (folder / _BUILT).write_text(torch.__version__)
+        return module
 
 
 def load():
