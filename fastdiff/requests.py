@@ -55,8 +55,6 @@ class Defaults:
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                 "fp16": torch.float16, "float16": torch.float16}
-# fastdiff's C++ kernels run fp32 and bf16; fp16 only where Triton runs it (CUDA).
-_DEVICE_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
@@ -71,7 +69,7 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
     else:
         raise PipelineError(f"{name}: expected a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {describe(dtype)}")
     device_type = resolve_device(device).type
-    runnable = _DEVICE_DTYPES.get(device_type, (torch.float32,))
+    runnable = hardware.device_dtypes(device_type)
     if resolved not in runnable:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in runnable)
         raise PipelineError(f"{name}: {str(resolved).removeprefix('torch.')} does not run on {device_type} "
