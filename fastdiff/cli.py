@@ -33,6 +33,8 @@ def _info(args) -> int:
     slow = "" if torch.bfloat16 in hardware.fast_dtypes("cpu") else \
         f"; bf16 runs but slowly here (no BF16 dot products: ~{hardware.BF16_SLOWDOWN} the fp32 time)"
     print(f"  CPU fast dtypes: {fast}{slow}")
+    onednn = ", ".join(str(d).removeprefix("torch.") for d in hardware.onednn_dtypes()) or "none (no oneDNN in this torch)"
+    print(f"  CPU dense products (ops.linear, ops.conv2d) through oneDNN in: {onednn}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"  CUDA device {i}: {torch.cuda.get_device_name(i)}")
@@ -51,11 +53,10 @@ def _validate(args) -> int:
     fast = [name for name, status in ops.backends().items() if name != "reference" and status == "available"]
     if device == "cpu":
         fast = [name for name in fast if name == "cpp"]  # Triton's CPU interpreter is for tests, not validation
-    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     rows, failures = [], 0
     for backend in ["reference", *fast]:
-        for dtype in dtypes:
-            if backend == "cpp" and dtype == torch.float16:
+        for dtype in hardware.device_dtypes(device):
+            if dtype not in hardware.backend_dtypes(backend):
                 continue
             for label, op, op_args, kwargs, cast in kernel_cases():
                 _, result = compare(op, op_args, kwargs, backend, dtype, device=device, cast=cast)

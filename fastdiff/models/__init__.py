@@ -1,1 +1,1 @@
-"""Models built from fastdiff.ops and torch's dense conv/linear; parameter names match the original checkpoints."""
+"""Models built from fastdiff.ops (dense products included); parameter names match the original checkpoints."""

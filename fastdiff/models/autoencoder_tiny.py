@@ -18,8 +18,8 @@ for 8-bit storage, via latent_magnitude/latent_shift); those fields are kept for
 InstructPix2Pix-style editors take the KL VAE's *unscaled* image latents, which a TAESD does not
 produce, so fastdiff.loading refuses a tiny VAE for an editor UNet.
 
-All convolutions go through models.dense (oneDNN, weights packed once; the block's residual add
-is fused into its last convolution).
+All convolutions go through fastdiff.ops.conv2d (oneDNN on the CPU, weights packed once; the block's
+residual add is fused into its last convolution).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdiff.models import checkpoint, dense
+from fastdiff.models import checkpoint
+from fastdiff.models.layers import conv2d
 
 __all__ = ["AutoencoderTiny", "AutoencoderTinyConfig"]
 
@@ -107,17 +108,17 @@ class TinyBlock(nn.Module):
         self.conv = nn.Sequential(_conv3x3(width, width), nn.ReLU(), _conv3x3(width, width), nn.ReLU(), _conv3x3(width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu_(dense.conv2d(x, self.conv[0]))
-        h = F.relu_(dense.conv2d(h, self.conv[2]))
-        return F.relu_(dense.conv2d(h, self.conv[4], residual=x))  # the skip add fused into the conv
+        h = F.relu_(conv2d(self.conv[0], x))
+        h = F.relu_(conv2d(self.conv[2], h))
+        return F.relu_(conv2d(self.conv[4], h, residual=x))  # the skip add fused into the conv
 
 
 def _run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The layer list in order, convolutions through dense (diffusers' Sequential indices are kept
+    """The layer list in order, convolutions through ops.conv2d (diffusers' Sequential indices are kept
     for the parameter names, so ReLU/Upsample entries stand in their places)."""
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
-            x = dense.conv2d(x, layer)
+            x = conv2d(layer, x)
         elif isinstance(layer, nn.ReLU):
             x = F.relu_(x)
         elif isinstance(layer, nn.Upsample):

@@ -2,10 +2,10 @@
 diffusers state_dicts load without converters.
 
 Parameters live in ordinary nn.Conv2d / nn.Linear / nn.GroupNorm / nn.LayerNorm modules (for
-their names and shapes); the dense products run through `dense` (oneDNN with weights packed once
-on the CPU, residual adds fused into the GEMM / convolution), the rest through fastdiff.ops:
-GroupNorm (+ fused SiLU), attention, GEGLU / SwiGLU, separable convolutions. No module here
-imports a kernel.
+their names and shapes); everything runs through fastdiff.ops: the dense products (ops.linear,
+ops.conv2d: oneDNN with weights packed once on the CPU, residual adds fused into the GEMM /
+convolution), GroupNorm (+ fused SiLU), attention, GEGLU / SwiGLU, separable convolutions. No
+module here imports a kernel.
 
 Layout conventions:
   * feature maps are (B, C, H, W) tensors in channels_last memory, i.e. (B, H, W, C) in memory;
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 
-from . import dense
-
 __all__ = [
     "inference_only",
     "to_tokens",
     "from_tokens",
     "group_norm",
+    "conv2d",
+    "Conv2d",
     "Timesteps",
     "TimestepEmbedding",
     "SeparableConv2d",
@@ -78,12 +78,25 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool = False) -> to
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
 
 
-def _conv(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """conv(x) [+ residual]: dense nn.Conv2d through `dense` (residual fused), others as called."""
+def conv2d(conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(x) [+ residual]: an nn.Conv2d's parameters through ops.conv2d (residual fused; `bias`
+    replaces conv.bias, e.g. with a time embedding folded in), another module (SeparableConv2d) as called."""
     if isinstance(conv, nn.Conv2d):
-        return dense.conv2d(x, conv, residual)
+        return ops.conv2d(x, conv.weight, conv.bias if bias is None else bias, stride=conv.stride, padding=conv.padding,
+                          dilation=conv.dilation, groups=conv.groups, residual=residual)
+    if bias is not None:
+        raise TypeError(f"bias: only an nn.Conv2d's bias can be replaced, got a {type(conv).__name__}")
     out = conv(x)
     return out if residual is None else out + residual
+
+
+class Conv2d(nn.Conv2d):
+    """An nn.Conv2d whose call runs through ops.conv2d: for a layer called as a module, so that
+    module hooks (the MAC counter's per-block rows) see it under its name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(self, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +140,8 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return dense.linear(F.silu(dense.linear(sample, self.linear_1)), self.linear_2)
+        hidden = F.silu(ops.linear(sample, self.linear_1.weight, self.linear_1.bias))
+        return ops.linear(hidden, self.linear_2.weight, self.linear_2.bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,20 +197,20 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = group_norm(x, self.norm1, silu=True)
         if temb is None:
-            h = _conv(self.conv1, h)  # (B, C_out, H, W)
+            h = conv2d(self.conv1, h)  # (B, C_out, H, W)
         else:
             if self.time_emb_proj is None:
                 raise ValueError("temb: this ResnetBlock2D was built with temb_channels=None and takes no time embedding")
-            t = dense.linear(F.silu(temb), self.time_emb_proj)  # (B, C_out)
+            t = ops.linear(F.silu(temb), self.time_emb_proj.weight, self.time_emb_proj.bias)  # (B, C_out)
             if t.shape[0] == 1 and isinstance(self.conv1, nn.Conv2d) and self.conv1.bias is not None:
-                h = dense.conv2d(h, self.conv1, bias=self.conv1.bias + t[0])  # one sample: temb folded into the bias
+                h = conv2d(self.conv1, h, bias=self.conv1.bias + t[0])  # one sample: temb folded into the bias
             else:
-                h = _conv(self.conv1, h) + t[:, :, None, None]  # broadcast (B, C_out, 1, 1)
+                h = conv2d(self.conv1, h) + t[:, :, None, None]  # broadcast (B, C_out, 1, 1)
         h = group_norm(h, self.norm2, silu=True)
-        shortcut = dense.conv2d(x, self.conv_shortcut) if self.conv_shortcut is not None else x
+        shortcut = conv2d(self.conv_shortcut, x) if self.conv_shortcut is not None else x
         if self.output_scale_factor == 1.0:
-            return _conv(self.conv2, h, residual=shortcut)  # shortcut + conv2(h), the add fused
-        return (shortcut + _conv(self.conv2, h)) / self.output_scale_factor
+            return conv2d(self.conv2, h, residual=shortcut)  # shortcut + conv2(h), the add fused
+        return (shortcut + conv2d(self.conv2, h)) / self.output_scale_factor
 
 
 class Downsample2D(nn.Module):
@@ -217,7 +231,7 @@ class Downsample2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.conv, nn.Conv2d) and self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1))
-        return _conv(self.conv, x)
+        return conv2d(self.conv, x)
 
 
 class Upsample2D(nn.Module):
@@ -232,7 +246,7 @@ class Upsample2D(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(output_size), mode="nearest")
-        return dense.conv2d(x, self.conv) if self.conv is not None else x
+        return conv2d(self.conv, x) if self.conv is not None else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,14 +287,15 @@ class Attention(nn.Module):
         B, Lq, _ = x.shape
         context = x if context is None else context
         Lk, H, D = context.shape[1], self.heads, self.dim_head
-        q = dense.linear(x, self.to_q).view(B, Lq, H, D)  # (B, Lq, H, D) view of the projection
+        q = ops.linear(x, self.to_q.weight, self.to_q.bias).view(B, Lq, H, D)  # (B, Lq, H, D) view of the projection
         if self.shared_kv:
-            k, v = dense.linear(context, self.to_kv).view(B, Lk, H, D), None
+            k, v = ops.linear(context, self.to_kv.weight, self.to_kv.bias).view(B, Lk, H, D), None
         else:
-            k = dense.linear(context, self.to_k).view(B, Lk, H, D)
-            v = dense.linear(context, self.to_v).view(B, Lk, H, D)
+            k = ops.linear(context, self.to_k.weight, self.to_k.bias).view(B, Lk, H, D)
+            v = ops.linear(context, self.to_v.weight, self.to_v.bias).view(B, Lk, H, D)
         out = ops.attention(q, k, v, scale=self.scale, kind=self.kind)  # (B, Lq, H, D)
-        return dense.linear(out.reshape(B, Lq, H * D), self.to_out[0], residual)  # a view: kernels return contiguous outputs
+        to_out = self.to_out[0]
+        return ops.linear(out.reshape(B, Lq, H * D), to_out.weight, to_out.bias, residual=residual)  # reshape: a view
 
 
 class GLUProjection(nn.Module):
@@ -292,7 +307,7 @@ class GLUProjection(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.glu(dense.linear(x, self.proj), activation=self.activation)  # (..., 2F) -> (..., F)
+        return ops.glu(ops.linear(x, self.proj.weight, self.proj.bias), activation=self.activation)  # (..., 2F) -> (..., F)
 
 
 class FeedForward(nn.Module):
@@ -308,7 +323,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual (the output's shape), when given, is added by net.2's GEMM."""
-        return dense.linear(self.net[0](x), self.net[2], residual)
+        return ops.linear(self.net[0](x), self.net[2].weight, self.net[2].bias, residual=residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -382,8 +397,8 @@ class Transformer2DModel(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         tokens = to_tokens(group_norm(x, self.norm))  # (B, H*W, C), a view for channels_last x
-        tokens = dense.linear(tokens, self.proj_in)  # (B, H*W, inner)
+        tokens = ops.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = dense.linear(tokens, self.proj_out, residual=to_tokens(x))  # (B, H*W, C), x added by the GEMM
+        tokens = ops.linear(tokens, self.proj_out.weight, self.proj_out.bias, residual=to_tokens(x))  # (B, H*W, C), x added by the GEMM
         return from_tokens(tokens, H, W)  # (B, C, H, W) channels_last

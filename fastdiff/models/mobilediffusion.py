@@ -40,6 +40,7 @@ from .layers import (
     TimestepEmbedding,
     Timesteps,
     Transformer2DModel,
+    Conv2d,
     Upsample2D,
     group_norm,
     inference_only,
@@ -274,7 +275,7 @@ class MobileDiffusionUNet(ConditionalUNet):
 
         self.time_proj = Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownBlock(config, i, channels[max(i - 1, 0)]) for i in range(levels)
         ])
@@ -283,7 +284,7 @@ class MobileDiffusionUNet(ConditionalUNet):
             UpBlock(config, i, channels[min(i + 1, levels - 1)]) for i in reversed(range(levels))
         ])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
     @classmethod
     def from_preset(cls, name: str, **changes) -> "MobileDiffusionUNet":
@@ -302,7 +303,7 @@ class MobileDiffusionUNet(ConditionalUNet):
         temb = self.time_embedding(temb)  # (B, 4*C0)
 
         # 2. conv_in
-        x = self.conv_in(x)  # (B, C0, H, W)
+        x = self.conv_in(x)  # (B, C0, H, W), through ops.conv2d
 
         # 3. down: each level's outputs become skips; stride-2 conv between levels
         skips: list[torch.Tensor] = []

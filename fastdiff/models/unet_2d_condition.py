@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import checkpoint, dense
-from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, group_norm, inference_only
+from . import checkpoint
+from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, conv2d, group_norm, inference_only
 from .unet_common import ConditionalUNet
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
@@ -344,7 +344,7 @@ class UNet2DCondition(ConditionalUNet):
         # 2. input convolution
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        x = dense.conv2d(x, self.conv_in)  # (B, C0, H, W) channels_last
+        x = conv2d(self.conv_in, x)  # (B, C0, H, W) channels_last
         skips = [x]
 
         # 3. down: each resnet (+ transformer) output and each downsampled map is a skip
@@ -382,5 +382,5 @@ class UNet2DCondition(ConditionalUNet):
                 x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
 
         # 6. output: GroupNorm + SiLU (fused), conv
-        return dense.conv2d(group_norm(x, self.conv_norm_out, silu=True), self.conv_out)  # (B, out_channels, H, W)
+        return conv2d(self.conv_out, group_norm(x, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
 

@@ -11,7 +11,7 @@ Latent scale: `encode` and `decode` work on the VAE's own latents, as diffusers'
 and `vae.decode` do. The UNet's text-to-image latent space is `scale_latents(z)` = (z - shift_factor)
 * scaling_factor (SD: 0.18215); InstructPix2Pix / MGIE feed the image latents to the UNet unscaled.
 
-GroupNorm (+ fused SiLU) and attention go through fastdiff.ops; convolutions are torch's dense ones
+GroupNorm (+ fused SiLU), attention and the convolutions (ops.conv2d) go through fastdiff.ops,
 on channels_last maps (the layout every block keeps end to end).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.models import checkpoint
-from fastdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, from_tokens, group_norm, inference_only, to_tokens
+from fastdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv2d, from_tokens, group_norm, inference_only, to_tokens
 from fastdiff.noise import randn
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "pil_to_tensor", "tensor_to_pil"]
@@ -103,15 +103,14 @@ class MidBlockAttention(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         tokens = to_tokens(group_norm(x, self.group_norm))  # (B, H*W, C), a view of channels_last x
-        q = self.to_q(tokens).view(B, H * W, 1, C)
-        k = self.to_k(tokens).view(B, H * W, 1, C)
-        v = self.to_v(tokens).view(B, H * W, 1, C)
+        q, k, v = (ops.linear(tokens, proj.weight, proj.bias).view(B, H * W, 1, C) for proj in (self.to_q, self.to_k, self.to_v))
         if C <= ops.FAST_HEAD_DIMS[1]:
             out = ops.attention(q, k, v, scale=self.scale)  # (B, HW, 1, C)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
-        out = self.to_out[0](out.reshape(B, H * W, C))
-        return from_tokens(out, H, W) + x  # (B, C, H, W) channels_last
+        to_out = self.to_out[0]
+        out = ops.linear(out.reshape(B, H * W, C), to_out.weight, to_out.bias, residual=to_tokens(x))  # x added by the GEMM
+        return from_tokens(out, H, W)  # (B, C, H, W) channels_last
 
 
 class MidBlock(nn.Module):
@@ -174,11 +173,11 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)  # mean and logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = conv2d(self.conv_in, x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))
+        return conv2d(self.conv_out, group_norm(x, self.conv_norm_out, silu=True))
 
 
 class Decoder(nn.Module):
@@ -195,10 +194,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(conv2d(self.conv_in, z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))
+        return conv2d(self.conv_out, group_norm(x, self.conv_norm_out, silu=True))
 
 
 def _rename_deprecated_attention(state_dict: dict) -> dict:
@@ -286,7 +285,7 @@ class AutoencoderKL(nn.Module):
         self._check("images", images, self.config.in_channels)
         moments = self.encoder(images.contiguous(memory_format=torch.channels_last))
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+            moments = conv2d(self.quant_conv, moments)
         mean, logvar = moments.chunk(2, dim=1)
         return mean.contiguous(), logvar.clamp(-30.0, 20.0).contiguous()
 
@@ -306,7 +305,7 @@ class AutoencoderKL(nn.Module):
         self._check("latents", latents, self.config.latent_channels)
         z = latents.contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
+            z = conv2d(self.post_quant_conv, z)
         return self.decoder(z).contiguous()
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:

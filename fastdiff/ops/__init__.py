@@ -2,8 +2,13 @@
 
 Each op checks its arguments here (one clear ValueError/TypeError naming the argument), then
 runs on the backend that `_dispatch.select` picks for the tensors' device: Triton for CUDA,
-C++ for CPU, the reference twin (fastdiff.ops.reference) otherwise. Dtypes: fp32 and bf16 on
-every backend, fp16 on GPU; accumulation in fp32.
+C++ for CPU, the reference twin (fastdiff.ops.reference) otherwise. Dtypes: fastdiff.hardware's
+table (fp32 and bf16 on every backend, fp16 on GPU); accumulation in fp32.
+
+The dense products `linear` and `conv2d` are torch's own: on the CPU through oneDNN with weights
+packed once (fastdiff.ops.onednn, part of the C++ backend but independent of its build), else the
+twin's F.linear / F.conv2d. They are plain torch functions rather than registered ops, so that
+torch.compile (which gets the twin's aten ops) and autograd see plain products.
 
 Each op is a registered torch op (torch.ops.fastdiff.*, fastdiff/ops/_library.py) with a fake
 implementation, so torch.compile(fullgraph=True) traces it as one node and the backend is chosen
@@ -18,21 +23,24 @@ import numbers
 
 import torch
 
+from fastdiff import hardware
+
 from . import _library, reference
 from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, reference_for, select, selected_name, use_backend
 from ._library import FAST_HEAD_DIMS  # head dims the C++ and Triton attention kernels take
 
-__all__ = ["attention", "separable_conv2d", "group_norm", "glu", "backends", "use_backend", "forced_backend",
+__all__ = ["attention", "separable_conv2d", "group_norm", "glu", "linear", "conv2d", "backends", "use_backend", "forced_backend",
            "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = hardware.all_dtypes()
 
 
 def _tensor(name, value, rank=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in _DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {value.dtype}")
+        names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES)
+        raise TypeError(f"{name}: expected dtype {names}, got {value.dtype}")
     if rank is not None and value.dim() != rank:
         raise ValueError(f"{name}: expected a rank-{rank} tensor, got shape {tuple(value.shape)}")
     return value
@@ -168,3 +176,78 @@ def glu(h, *, activation="gelu"):
     if _plain_reference("glu", h.device):
         return reference.glu(h, activation=activation)
     return torch.ops.fastdiff.glu.default(h, activation)
+
+
+def _dense_backend(op, *tensors):
+    """The module that runs dense product `op`: the twin when traced (inductor generates the
+    products itself), when a gradient is needed (autograd through plain torch) or when the
+    reference is forced; else the backend's (oneDNN on a CPU)."""
+    if torch.compiler.is_compiling() or _plain_reference(op, tensors[0].device):
+        return reference
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return reference
+    return select(op, tensors[0].device.type)
+
+
+def _residual(residual, shape):
+    if residual is not None and tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual: expected the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+
+
+def linear(x, weight, bias=None, residual=None):
+    """x·weightᵀ + bias (+ residual), with the residual added by the GEMM where the backend can.
+
+    x: (..., I); weight: (O, I), or (O, I, 1, 1) (a 1x1 convolution's, applied to tokens);
+    bias: (O,) or None; residual: (..., O) or None. Returns (..., O). Differentiable (plain torch).
+    """
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least one dimension (..., in_features), got a scalar")
+    _tensor("weight", weight)
+    if weight.dim() not in (2, 4) or (weight.dim() == 4 and weight.shape[2:] != (1, 1)) or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight: expected shape (out_features, {x.shape[-1]}) or (out_features, {x.shape[-1]}, 1, 1) "
+                         f"for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    _vector("bias", bias, weight.shape[0])
+    if residual is not None:
+        _tensor("residual", residual)
+        _residual(residual, (*x.shape[:-1], weight.shape[0]))
+    _same_kind("x", x, weight=weight, bias=bias, residual=residual)
+    return _dense_backend("linear", x, weight, bias, residual).linear(x, weight, bias, residual=residual)
+
+
+def _pair(name, value, minimum):
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution with zero padding (+ residual, added by the convolution where the backend can).
+
+    x: (N, C, H, W), either memory format; weight: (O, C / groups, kh, kw); bias: (O,) or None;
+    stride, padding, dilation: an int or a pair; residual: the output's shape, or None.
+    Returns (N, O, H', W') in channels_last memory format. Differentiable (plain torch).
+    """
+    _tensor("x", x, rank=4)
+    _tensor("weight", weight, rank=4)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"groups: expected a positive int dividing the {x.shape[1]} input and {weight.shape[0]} "
+                         f"output channels, got {groups!r}")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"weight: expected (out_channels, {x.shape[1] // groups}, kh, kw) for x with {x.shape[1]} "
+                         f"channels in {groups} groups, got {tuple(weight.shape)}")
+    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    _vector("bias", bias, weight.shape[0])
+    out_hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+              for i in range(2)]
+    if min(out_hw) < 1:
+        raise ValueError(f"x: a {tuple(x.shape[2:])} map padded by {padding} is smaller than the "
+                         f"{tuple(weight.shape[2:])} kernel (dilation {dilation})")
+    if residual is not None:
+        _tensor("residual", residual, rank=4)
+        _residual(residual, (x.shape[0], weight.shape[0], *out_hw))
+    _same_kind("x", x, weight=weight, bias=bias, residual=residual)
+    return _dense_backend("conv2d", x, weight, bias, residual).conv2d(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, residual=residual)

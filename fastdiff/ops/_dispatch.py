@@ -1,4 +1,8 @@
-"""Backend choice: CUDA tensors -> Triton, CPU tensors -> C++, anything else -> reference.
+"""Backend choice: CUDA tensors -> Triton, CPU tensors -> C++, anything else -> reference
+(hardware.device_backend). The dense products (linear, conv2d) are torch's own: the C++ backend
+runs them through oneDNN (fastdiff.ops.onednn, which needs no fastdiff._C, so a failed C++ build
+leaves them fast), and Triton, which has no kernel for them, through the reference (torch's CUDA
+products are the fast path there).
 
 FASTDIFF_BACKEND=reference|cpp|triton or `use_backend(name)` forces one. A backend chosen
 automatically that cannot run falls back to the reference (with one warning); a backend asked
@@ -13,12 +17,19 @@ import os
 import threading
 import warnings
 
+from fastdiff import hardware
+
 BACKENDS = ("reference", "cpp", "triton")
 
 _local = threading.local()
 _modules: dict[str, object] = {}
 _load_errors: dict[str, str] = {}
 _warned: set[str] = set()
+
+_MODULES = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.ops.triton",
+            "onednn": "fastdiff.ops.onednn"}
+DENSE_OPS = ("linear", "conv2d")
+_DENSE_IMPLEMENTATION = {"cpp": "onednn", "triton": "reference"}
 
 
 class BackendConfigError(ValueError):
@@ -27,14 +38,14 @@ class BackendConfigError(ValueError):
 
 
 def _import(name: str):
-    """The module implementing backend `name`, or None (reason kept in _load_errors)."""
+    """The module implementing backend `name` (or "onednn", the C++ backend's dense products), or None
+    (reason kept in _load_errors)."""
     if name in _modules:
         return _modules[name]
     if name in _load_errors:
         return None
-    target = {"reference": "fastdiff.ops.reference", "cpp": "fastdiff.ops.cpp", "triton": "fastdiff.ops.triton"}[name]
     try:
-        module = importlib.import_module(target)
+        module = importlib.import_module(_MODULES[name])
     except BackendConfigError:
         raise
     except Exception as exc:  # missing extension, missing triton, broken build
@@ -90,11 +101,16 @@ def use_backend(name: str):
         _local.forced = previous
 
 
+def _implementation(backend: str, op: str) -> str:
+    """The module key that runs `op` for `backend`: the backend's own, but for the dense products."""
+    return _DENSE_IMPLEMENTATION.get(backend, backend) if op in DENSE_OPS else backend
+
+
 def _runnable_on(name: str, device_type: str) -> str | None:
-    """None if backend `name` can run on `device_type`, else why not."""
+    """None if backend module `name` can run on `device_type`, else why not."""
     if _import(name) is None:
         return _load_errors[name]
-    if name == "cpp" and device_type != "cpu":
+    if name in ("cpp", "onednn") and device_type != "cpu":
         return f"the C++ backend runs on CPU tensors, got {device_type}"
     if name == "triton" and device_type != "cuda" and not (device_type == "cpu" and _triton_runs_on_cpu()):
         return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device_type}"
@@ -105,11 +121,12 @@ def select(op: str, device_type: str):
     """The backend module that runs `op` for tensors on `device_type`."""
     forced = forced_backend()
     if forced is not None:
-        why = _runnable_on(forced, device_type)
+        name = _implementation(forced, op)
+        why = _runnable_on(name, device_type)
         if why is not None:
             raise RuntimeError(f"fastdiff.ops.{op}: backend {forced!r} was asked for but cannot run: {why}")
-        return _modules[forced]
-    auto = {"cuda": "triton", "cpu": "cpp"}.get(device_type, "reference")
+        return _modules[name]
+    auto = _implementation(hardware.device_backend(device_type), op)
     why = _runnable_on(auto, device_type)
     if why is None:
         return _modules[auto]

@@ -2,13 +2,13 @@
 fastdiff.ops.cpp_build), same signatures as the reference twins.
 
 Arguments are already checked by fastdiff.ops; the C++ side checks again (TORCH_CHECK) for
-direct callers. CPU dtypes are fp32 and bf16.
+direct callers. Dtypes: hardware.backend_dtypes("cpp") (fp32 and bf16).
 """
 from __future__ import annotations
 
 import os
 
-import torch
+from fastdiff import hardware
 
 from . import cpp_build
 from ._dispatch import BackendConfigError
@@ -26,12 +26,13 @@ def _check_simd_cap():
 _check_simd_cap()  # on import, i.e. when the C++ backend is first used
 _C = cpp_build.load()
 
-_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = hardware.backend_dtypes("cpp")
 
 
 def _check_dtype(name, t):
-    if t.dtype not in _CPU_DTYPES:
-        raise TypeError(f"{name}: the C++ backend takes float32 or bfloat16, got {t.dtype}")
+    if t.dtype not in _DTYPES:
+        names = " or ".join(str(d).removeprefix("torch.") for d in _DTYPES)
+        raise TypeError(f"{name}: the C++ backend takes {names}, got {t.dtype}")
 
 
 def attention(q, k, v=None, *, scale=None, kind="softmax"):

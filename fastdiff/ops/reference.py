@@ -89,3 +89,19 @@ def glu(h, *, activation="gelu"):
     a, gate = h.chunk(2, dim=-1)
     act = F.gelu(gate) if activation == "gelu" else F.silu(gate)
     return a * act
+
+
+def linear(x, weight, bias=None, residual=None):
+    """x: (..., I); weight: (O, I), or (O, I, 1, 1) (a 1x1 convolution applied to tokens); bias: (O,)
+    or None; residual: (..., O) or None. Returns x·weightᵀ + bias + residual: (..., O)."""
+    out = F.linear(x, weight.flatten(1) if weight.dim() == 4 else weight, bias)
+    return out if residual is None else out + residual
+
+
+def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """x: (N, C, H, W); weight: (O, C / groups, kh, kw); bias: (O,) or None; zero padding;
+    residual: the output's shape, or None. Returns F.conv2d(...) + residual, channels_last."""
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    return out.contiguous(memory_format=torch.channels_last)
