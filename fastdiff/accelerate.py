@@ -329,7 +329,6 @@ class DiffusersUNet(_Adapter):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         refused = {
-            "timestep_cond": (timestep_cond is not None, "LCM-style guidance embedding"),
             "attention_mask": (attention_mask is not None, "attention masks"),
             "encoder_attention_mask": (encoder_attention_mask is not None, "attention masks"),
             "cross_attention_kwargs": (bool(cross_attention_kwargs), "e.g. a LoRA scale on unfused LoRA: fuse LoRA "
@@ -341,7 +340,7 @@ class DiffusersUNet(_Adapter):
         for name, (given, what) in refused.items():
             if given:
                 raise UnsupportedError(f"{name}: not supported by fastdiff.accelerate ({what})")
-        noise = self.model(sample, timestep, encoder_hidden_states,
+        noise = self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                            down_block_additional_residuals=down_block_additional_residuals,
                            mid_block_additional_residual=mid_block_additional_residual)
         noise = noise.to(sample.dtype).contiguous()  # diffusers returns contiguous NCHW

@@ -61,6 +61,12 @@ def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
         state_dict = checkpoint.match_state_dict(state_dict, unet.state_dict(), owner="MobileDiffusionUNet")
         unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
         return unet.eval(), config.get("sample_size", unet.config.sample_size)
+    if config.get("time_cond_proj_dim") is not None:
+        # UNet2DCondition runs it (timestep_cond), but a Pipeline has neither LCM's sampler nor its
+        # guidance embedding: its images would be silently wrong
+        raise ValueError(f"an LCM UNet (time_cond_proj_dim={config['time_cond_proj_dim']}) is not run by fastdiff's "
+                         f"Pipeline (no LCMScheduler, no guidance embedding); use diffusers' "
+                         f"LatentConsistencyModelPipeline with fastdiff.accelerate(pipe)")
     from fastdiff.models.unet_2d_condition import UNet2DCondition
 
     return UNet2DCondition.from_diffusers(folder, dtype=dtype, device=device), config.get("sample_size", 64)

@@ -420,7 +420,6 @@ def test_head_counts_are_checked_only_where_attention_runs(folders, config):
     (dict(class_embed_type="timestep"), "class embeddings"),
     (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
      "addition_embed_type='text_time'"),
-    (dict(time_cond_proj_dim=16), "time_cond_proj_dim"),
 ])
 def test_unsupported_unet_configs(folders, config, feature):
     pipe = _sd_pipe_with_unet(folders, **config)

@@ -132,14 +132,21 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2: (B, in_channels) -> (B, out_dim or time_embed_dim)."""
+    """linear_1 -> SiLU -> linear_2: (B, in_channels) -> (B, out_dim or time_embed_dim).
 
-    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None):
+    cond_proj_dim (LCM's guidance embedding, diffusers' `cond_proj`): a bias-free linear of the
+    condition (B, cond_proj_dim) is added to the sample before linear_1.
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None, cond_proj_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim else None
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            sample = sample + dense.linear(condition, self.cond_proj)
         hidden = F.silu(ops.linear(sample, self.linear_1.weight, self.linear_1.bias))
         return ops.linear(hidden, self.linear_2.weight, self.linear_2.bias)
 

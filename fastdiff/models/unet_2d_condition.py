@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import checkpoint
 from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, conv2d, group_norm, inference_only
-from .unet_common import ConditionalUNet
+from .unet_common import ConditionalUNet, describe
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
 
@@ -43,7 +43,6 @@ UNSUPPORTED_FIELDS = {
     "resnet_time_scale_shift": "default",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "attention_type": "default",
 }
 # Fields accepted and ignored: bookkeeping, training-only, or unused by the block types above
@@ -87,6 +86,7 @@ class UNet2DConditionConfig:
     upcast_attention: bool = False
     time_embedding_type: str = "positional"
     time_embedding_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM: a guidance embedding (timestep_cond) added to the time embedding
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
@@ -231,7 +231,7 @@ class UNet2DCondition(ConditionalUNet):
         # input and time embedding
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], config.conv_in_kernel, padding=config.conv_in_kernel // 2)
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
-        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, cond_proj_dim=config.time_cond_proj_dim)
 
         # down: block i maps channels[i-1] -> channels[i]; all but the last halve the resolution
         self.down_blocks = nn.ModuleList()
@@ -328,18 +328,37 @@ class UNet2DCondition(ConditionalUNet):
     def cross_attention_dim(self) -> int:
         return self.config.cross_dim
 
+    def _check_timestep_cond(self, timestep_cond, batch: int) -> torch.Tensor | None:
+        if timestep_cond is None:
+            return None
+        dim = self.config.time_cond_proj_dim
+        if dim is None:
+            raise ValueError("timestep_cond: this UNet has no guidance embedding (config time_cond_proj_dim is None); "
+                             "pass None")
+        if not isinstance(timestep_cond, torch.Tensor) or not timestep_cond.is_floating_point():
+            raise TypeError(f"timestep_cond: expected a floating-point ({batch}, {dim}) tensor, got {describe(timestep_cond)}")
+        if timestep_cond.dim() != 2 or timestep_cond.shape[0] not in (1, batch) or timestep_cond.shape[1] != dim:
+            raise ValueError(f"timestep_cond: expected shape ({batch}, {dim}) (config time_cond_proj_dim {dim}), "
+                             f"got {tuple(timestep_cond.shape)}")
+        if timestep_cond.device != self.device:
+            raise ValueError(f"timestep_cond: on {timestep_cond.device}, the model is on {self.device}")
+        return timestep_cond.to(self.dtype)
+
     @inference_only
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *, timestep_cond=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
         encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W).
+        timestep_cond: (B, time_cond_proj_dim) (or (1, ...) for all), LCM's guidance embedding, for a
+        model built with time_cond_proj_dim; without it the time embedding is the timestep's alone, as in diffusers.
         ControlNet residuals, as diffusers takes them: down_block_additional_residuals, one tensor per
         skip feature (conv_in's output first), added to the skips; mid_block_additional_residual added
         to the mid block's output."""
         x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+        timestep_cond = self._check_timestep_cond(timestep_cond, x.shape[0])
 
         # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
-        temb = self.time_embedding(self.time_proj(timestep).to(self.dtype))
+        temb = self.time_embedding(self.time_proj(timestep).to(self.dtype), timestep_cond)
 
         # 2. input convolution
         if self.config.center_input_sample:
