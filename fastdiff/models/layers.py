@@ -146,7 +146,7 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if condition is not None:
-            sample = sample + dense.linear(condition, self.cond_proj)
+            sample = sample + ops.linear(condition, self.cond_proj.weight)
         hidden = F.silu(ops.linear(sample, self.linear_1.weight, self.linear_1.bias))
         return ops.linear(hidden, self.linear_2.weight, self.linear_2.bias)
 
