@@ -46,7 +46,7 @@ bench: $(STAMP)
 # without one it says so and exits 0. Never builds .venv (the GPU image is offline): .venv's python
 # when it exists, else $(PYTHON). Options: make gpu-check GPU_CHECK_ARGS="--only tests,kernels".
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m fastdiff.bench.gpu_check $(GPU_CHECK_ARGS)
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist $(VENV) .venv-latest *.egg-info

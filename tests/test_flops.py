@@ -89,6 +89,19 @@ def test_counts_on_meta_equal_counts_on_real_tensors():
     assert all(v > 0 for v in meta.macs.values())
 
 
+def test_counts_in_inference_mode_equal_counts_outside():
+    """A model and inputs made in inference mode are counted in full (ops whose every input is an
+    inference tensor would escape the counter)."""
+    from fastdiff.models.mobilediffusion import PRESETS, build_meta
+
+    model, inputs = build_meta(PRESETS["tiny"], batch_size=1)
+    outside = count_macs(model, *inputs)
+    with torch.inference_mode():
+        model, inputs = build_meta(PRESETS["tiny"], batch_size=1)
+        inside = count_macs(model, *inputs)
+    assert inside.macs == outside.macs
+
+
 def _sd15_attention_macs():
     """The two attention matmuls of SD1.5's 16 transformer blocks at 512x512, by hand:
     self-attention 2·L²·C, cross-attention 2·L·77·C (C = heads·head_dim = the level's channels)."""

@@ -1,4 +1,4 @@
-"""`make gpu-check` (fastdiff.bench.gpu_check) without a GPU: the clean no-CUDA exit, the report
+"""`make gpu-check` (tools/gpu_check.py) without a GPU: the clean no-CUDA exit, the report
 from fake stage results, the time budget, the GPU test selection, and each stage's function run in
 Triton's interpreter at tiny sizes on the CPU (fp32/fp16: the interpreter's bf16 tl.dot is wrong)."""
 from __future__ import annotations
@@ -16,9 +16,16 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.bench import gpu, gpu_check
+from fastdiff.bench.kernels import dtype_name, kernel_cases
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+sys.path.insert(0, str(TOOLS))  # project tooling, not part of the package
+
+import gpu_check  # noqa: E402
+import gpu_rows  # noqa: E402
+
+GPU_CHECK = [sys.executable, str(TOOLS / "gpu_check.py")]
 NO_CUDA = dict(os.environ, CUDA_VISIBLE_DEVICES="")
 # the stage functions on device="cpu" need Triton's interpreter (conftest sets it without CUDA)
 needs_triton = pytest.mark.skipif(ops.backends()["triton"] != "available" or os.environ.get("TRITON_INTERPRET") != "1",
@@ -31,7 +38,7 @@ needs_triton = pytest.mark.skipif(ops.backends()["triton"] != "available" or os.
 
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     out = tmp_path / "report"
-    run = subprocess.run([sys.executable, "-P", "-m", "fastdiff.bench.gpu_check", "--out", str(out)], cwd=tmp_path, env=NO_CUDA,
+    run = subprocess.run([*GPU_CHECK, "--out", str(out)], cwd=tmp_path, env=NO_CUDA,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
@@ -144,7 +151,7 @@ def test_budget_kills_the_process_group_and_keeps_its_output(tmp_path):
 
 def test_a_stage_past_its_budget_is_timed_out_not_passed(tmp_path):
     out = tmp_path / "r"
-    code = subprocess.run([sys.executable, "-P", "-m", "fastdiff.bench.gpu_check", "--device", "cpu", "--only", "kernels",
+    code = subprocess.run([*GPU_CHECK, "--device", "cpu", "--only", "kernels",
                            "--budget", "kernels=0.5", "--cases", "f24", "--no-install", "--out", str(out)],
                           env=NO_CUDA, capture_output=True, text=True, timeout=300)
     assert code.returncode == 2, code.stdout + code.stderr
@@ -234,8 +241,8 @@ def test_gpu_test_set_selects_every_gpu_test(tmp_path):
     and neither this file nor the sm_90 compile check (one collection, read by the rows plugin)."""
     rows = tmp_path / "rows.jsonl"
     run = subprocess.run([sys.executable, "-P", "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "-p", "fastdiff.bench.pytest_rows", "-k", gpu_check.PYTEST_K],
-                         cwd=REPO, env=dict(NO_CUDA, FASTDIFF_PYTEST_ROWS=str(rows)), capture_output=True, text=True, timeout=600)
+                          "-p", "pytest_rows", "-k", gpu_check.PYTEST_K],
+                         cwd=REPO, env=dict(NO_CUDA, FASTDIFF_PYTEST_ROWS=str(rows), PYTHONPATH=str(TOOLS)), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
     [collection] = [line["collection"] for line in gpu_check.read_rows(rows) if "collection" in line]
     selected, gpu_marked = set(collection["selected"]), set(collection["gpu_marked"])
@@ -278,7 +285,7 @@ TINY_CASES = ["keys1", "3x40x7x13-g8", "f24", "2x40x7x13-to24"]
 
 @needs_triton
 def test_kernel_rows_in_the_interpreter(one_thread):
-    rows = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32, torch.float16], names=TINY_CASES, rounds=1)
+    rows = gpu_rows.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32, torch.float16], names=TINY_CASES, rounds=1)
     assert [(r["case"], r["dtype"]) for r in rows] == [(c, d) for d in ("fp32", "fp16") for c in TINY_CASES]
     for r in rows:
         assert r["check"] == "ok", r
@@ -293,18 +300,19 @@ def test_kernel_row_catches_a_wrong_kernel(monkeypatch, one_thread):
 
     real = fastdiff.ops.triton.glu
     monkeypatch.setattr(fastdiff.ops.triton, "glu", lambda h, **kw: real(h, **kw) * 1.05)
-    [row] = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
+    [row] = gpu_rows.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
     assert row["check"] == "mismatch" and row["error"] == pytest.approx(0.05, rel=1e-3)
     monkeypatch.setattr(fastdiff.ops.triton, "glu", lambda h, **kw: real(h, **kw) * float("nan"))
-    [row] = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
+    [row] = gpu_rows.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float32], names=["f24"], rounds=1)
     assert row["check"] == "mismatch" and row["problem"] == "output has NaN/inf"
 
 
 def test_kernel_order_lets_every_op_take_turns(monkeypatch):
     """dtype by dtype, one case of each op in turn: a run cut short still has every op."""
-    monkeypatch.setattr(gpu, "kernel_row", lambda case, dtype, device, **kw: {"case": case.name, "dtype": gpu.dtype_name(dtype)})
+    monkeypatch.setattr(gpu_rows, "kernel_run", lambda case, dtype, device, **kw: (case, dtype))
+    monkeypatch.setattr(gpu_rows, "measure", lambda run, **kw: {"case": run[0].name, "dtype": dtype_name(run[1])})
     names = ["keys1", "d8", "3x40x7x13-g8", "f24", "f3"]  # table order: attention x2, group_norm, glu x2
-    rows = gpu.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float16, torch.float32], names=names)
+    rows = gpu_rows.kernel_rows(device="cpu", size="tiny", dtypes=[torch.float16, torch.float32], names=names)
     order = ["keys1", "3x40x7x13-g8", "f24", "d8", "f3"]
     assert [(r["dtype"], r["case"]) for r in rows] == [(d, c) for d in ("fp16", "fp32") for c in order]
 
@@ -312,15 +320,15 @@ def test_kernel_order_lets_every_op_take_turns(monkeypatch):
 def test_kernel_cases_are_the_models_cases_of_shapes():
     from fastdiff import shapes
 
-    assert [c.name for c in gpu.kernel_cases(size="full")] == [c.name for c in shapes.model_cases()]
-    assert {c.op for c in gpu.kernel_cases(size="full", ops_filter=["glu"])} == {"glu"}
+    assert [c.name for c in kernel_cases(size="full")] == [c.name for c in shapes.model_cases()]
+    assert {c.op for c in kernel_cases(size="full", ops_filter=["glu"])} == {"glu"}
     with pytest.raises(ValueError, match="no case named"):
-        gpu.kernel_cases(size="tiny", names=["no-such-case"])
+        kernel_cases(size="tiny", names=["no-such-case"])
 
 
 @needs_triton
 def test_unet_step_mobilediffusion_in_the_interpreter(one_thread):
-    [row] = gpu.unet_rows("mobilediffusion", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, side=8, rounds=1, warmup=0)
+    [row] = gpu_rows.unet_rows("mobilediffusion", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, side=8, rounds=1, warmup=0)
     assert row["res"] == 64 and row["accuracy"]["passed"] and row["accuracy"]["fastdiff_error"] < 1e-4
     assert row["fastdiff_ms"] > 0 and row["baseline_ms"] > 0 and row["speedup"] == pytest.approx(row["baseline_ms"] / row["fastdiff_ms"])
 
@@ -331,15 +339,15 @@ def test_unet_accuracy_check_fails_for_a_wrong_kernel(monkeypatch, one_thread):
 
     real = fastdiff.ops.triton.group_norm
     monkeypatch.setattr(fastdiff.ops.triton, "group_norm", lambda *a, **kw: real(*a, **kw) * 1.1)  # every resnet's norm
-    monkeypatch.setattr(gpu, "time_ms", lambda *a, **kw: {"ms": 1.0})  # only the accuracy check matters here
-    [row] = gpu.unet_rows("mobilediffusion", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, side=8, rounds=1, warmup=0)
+    monkeypatch.setattr(gpu_rows, "median_ms", lambda *a, **kw: 1.0)  # only the accuracy check matters here
+    [row] = gpu_rows.unet_rows("mobilediffusion", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, side=8, rounds=1, warmup=0)
     assert not row["accuracy"]["passed"] and row["accuracy"]["fastdiff_error"] > row["accuracy"]["bound"]
 
 
 @needs_triton
 def test_unet_step_sd15_against_diffusers_in_the_interpreter(one_thread):
     pytest.importorskip("diffusers")
-    [row] = gpu.unet_rows("sd15", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, rounds=1, warmup=0)
+    [row] = gpu_rows.unet_rows("sd15", device="cpu", batches=(1,), dtype=torch.float32, tiny=True, rounds=1, warmup=0)
     assert row["baseline"] == "diffusers fp32 SDPA"
     assert row["accuracy"]["passed"] and row["accuracy"]["fastdiff_error"] < 1e-4
     assert row["fastdiff_ms"] > 0 and row["baseline_ms"] > 0

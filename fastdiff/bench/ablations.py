@@ -22,7 +22,8 @@ import time
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.bench.timing import format_table
+from fastdiff.bench.timing import format_table, interleaved_ms
+from fastdiff.bench.unet import fill_random
 from fastdiff.models.mobilediffusion import PRESETS, MobileDiffusionConfig, MobileDiffusionUNet, summarize
 
 
@@ -61,47 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
-def _random_model(config: MobileDiffusionConfig, dtype: torch.dtype) -> MobileDiffusionUNet:
-    """Random weights without the cost of nn.init on ~400M parameters: build on meta, allocate, fill."""
-    with torch.device("meta"):
-        model = MobileDiffusionUNet(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.rsplit(".", 2)[-2]:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02, generator=generator)
-    return model.eval()
-
-
 class _Forward:
     """One forward pass of `config` at batch 1 on random weights, callable."""
 
     def __init__(self, config: MobileDiffusionConfig, dtype: torch.dtype):
-        self.model = _random_model(config, dtype)
+        with torch.device("meta"):
+            model = MobileDiffusionUNet(config)
+        self.model = fill_random(model).to(dtype)
         side = config.sample_size
         self.sample = torch.randn(1, config.in_channels, side, side).to(dtype)
         self.context = torch.randn(1, config.text_length, config.cross_attention_dim).to(dtype)
 
     def __call__(self):
         return self.model(self.sample, 500, self.context)
-
-
-def _paired_ms(default: _Forward, variant: _Forward, repeats: int, budget_s: float) -> tuple[list[float], list[float]]:
-    """Forward times (ms) of the default and a variant, run alternately so that both see the same
-    machine load; stops after `repeats` pairs or past budget_s (keeping >= 3 pairs)."""
-    times = ([], [])
-    with torch.inference_mode():
-        default(), variant()  # warm-up
-        start = time.perf_counter()
-        while len(times[1]) < repeats and not (len(times[1]) >= 3 and time.perf_counter() - start > budget_s):
-            for fn, out in zip((default, variant), times):
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _ratio(value: float, base: float) -> str:
@@ -133,7 +106,9 @@ def run(args) -> int:
             # the default, and compared with those default runs only.
             start = time.perf_counter()
             with ops.use_backend(backend):
-                default_ms, variant_ms = _paired_ms(default, _Forward(config, dtype), args.repeats, args.budget_s)
+                times = interleaved_ms({"default": default, "variant": _Forward(config, dtype)}, repeats=args.repeats,
+                                       budget_s=args.budget_s)
+            default_ms, variant_ms = times["default"], times["variant"]
             row["latency_ms"], row["paired_default_ms"] = statistics.median(variant_ms), statistics.median(default_ms)
             results[0]["default_runs_ms"] += default_ms
             print(f"  {name}: {row['latency_ms']:.0f} ms, default beside it {row['paired_default_ms']:.0f} ms "

@@ -1,193 +1,320 @@
-"""Kernel table: each fastdiff op beside its torch baseline at the real models' shapes, same run.
+"""Kernel table: each fastdiff op beside its torch baselines at the real models' shapes, same run.
 
-Shapes: the real models' cases of fastdiff.shapes (SD1.5 and MobileDiffusion at batch 2,
-InstructPix2Pix at batch 3, the VAE decoder; 512x512 images or a 504x376 photo). Each row
-gives the torch and fastdiff medians, the speedup (torch / fastdiff), fastdiff's achieved
-GFLOP/s (products) or GB/s (bandwidth-bound ops), and the issue's target for that row.
-The pytest-benchmark files in bench/ time the same cases.
+Also the one harness of every kernel table: `kernel_run` gives a fastdiff.shapes case's fastdiff
+call and its baselines' calls on a device, `measure` times them and checks fastdiff's output
+against the first baseline's. bench/bench_kernels.py (pytest-benchmark) and tools/gpu_check.py
+(`make gpu-check`) time the same calls.
+
+Baselines, on (B, H, L, D) or NCHW copies made outside the timed call where torch prefers them:
+  attention (softmax)  F.scaled_dot_product_attention (on CUDA also its forced flash, cuDNN and
+                       memory-efficient backends); shared K/V passes K twice, and fastdiff with a
+                       separate V tensor is a baseline too (one K/V read must be no slower)
+  attention (relu)     relu(q kᵀ · scale) / Lk · v, materialised, as plain torch writes it
+  group_norm           F.group_norm (+ F.silu) on NHWC input (fastdiff's) and on NCHW (diffusers')
+  glu                  chunk + gelu/silu + mul
+  separable_conv2d     depthwise 3x3 + 1x1 F.conv2d, and the 1x1 alone (the floor)
+Each row: the medians, speedup = baseline ms / fastdiff ms, fastdiff's achieved GFLOP/s (FLOPs
+counted by fastdiff.models.flops) or GB/s (bandwidth-bound ops: bytes read + written) and that
+as a share of this machine's measured peak (fastdiff.bench.peak), the output check (relative L2
+error, a gross-error bound per dtype: accuracy proper is the tests' job) and the issue's target.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 import fastdiff.ops as ops
+from fastdiff import shapes
+from fastdiff.bench.peak import bandwidth_peak, compute_peak
 from fastdiff.bench.timing import format_table, median_ms
-from fastdiff.shapes import model_cases
+from fastdiff.models.flops import count_call_macs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a row's rate counts: FLOPs for the products, bytes for the bandwidth-bound ops.
+UNITS = {"attention": "GFLOP/s", "separable_conv2d": "GFLOP/s", "group_norm": "GB/s", "glu": "GB/s"}
+# Gross-error bound of a row's output check (fastdiff vs its first baseline, relative L2 norm).
+ROW_BOUND = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 @dataclasses.dataclass
-class Case:
-    op: str
-    shape: str
+class KernelRun:
+    """One case ready to time: fastdiff's call and each baseline's (all return their output, the
+    baselines' in fastdiff's shape), the work one call does and the issue's speedup targets."""
+
+    case: shapes.Case
     dtype: torch.dtype
-    baseline_name: str
-    make: Callable[[torch.dtype, str], tuple[Callable, Callable]]  # -> (baseline_fn, fastdiff_fn)
-    work: float  # flops (products) or bytes (bandwidth-bound ops)
+    device: str
+    fastdiff: Callable
+    baselines: dict[str, Callable]
+    work: float  # FLOPs (GFLOP/s rows) or bytes (GB/s rows) of one call
     unit: str  # "GFLOP/s" or "GB/s"
-    target: float | None  # required speedup (baseline ms / fastdiff ms), None if the issue sets none
-
-    @property
-    def name(self) -> str:
-        return f"{self.op}[{self.shape},{str(self.dtype).removeprefix('torch.')}]"
+    targets: dict[str, float] = dataclasses.field(default_factory=dict)  # baseline name -> required speedup
 
 
-def _on(case, dtype, device):
-    """The case's inputs in `dtype` on `device` (made in fp32 on the CPU)."""
-    args, _ = case.inputs(dtype=torch.float32)
-    return tuple(a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else a for a in args)
+def _sdpa_backends(device_type: str) -> dict[str, object]:
+    """SDPA variants to time: the default choice, and on CUDA each forced backend."""
+    variants = {"SDPA": None}
+    if device_type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        variants.update({"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
+                         "SDPA mem-efficient": SDPBackend.EFFICIENT_ATTENTION})
+    return variants
 
 
-def _attention(case, *, vs_separate=False):
-    def make(dtype, device):
-        q, k, v = _on(case, dtype, device)  # v None: shared K/V
-        fast = lambda: ops.attention(q, k, v, kind=case.kind)  # noqa: E731
-        if vs_separate:  # baseline: the same kernel with a separate V tensor
-            v_sep = torch.randn_like(k)
-            return (lambda: ops.attention(q, k, v_sep, kind=case.kind)), fast
-        # The baseline gets the (B, H, L, D) contiguous layout it prefers: transposes are not charged to it.
+def _sdpa(backend, q, k, v):
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _flops(case, args, options) -> float:
+    """2 x the MACs fastdiff.models.flops counts for the case's op, on meta tensors (nothing computed)."""
+    meta = tuple(torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a for a in args)
+    return 2.0 * sum(count_call_macs(getattr(ops, case.op), *meta, **options).values())
+
+
+def kernel_run(case: shapes.Case, dtype: torch.dtype, device="cpu", *, backend: str | None = None) -> KernelRun:
+    """The calls of `case` in `dtype` on `device`; fastdiff's on `backend` (by name: a broken
+    backend fails instead of timing a fallback), or the automatic choice when None. The issue's
+    speedup targets are the CPU's (none on other devices)."""
+    device_type = torch.device(device).type
+    args, options = case.inputs(dtype=dtype, device=device)
+
+    def fastdiff(fn):
+        if backend is None:
+            return fn
+
+        def on_backend():
+            with ops.use_backend(backend):
+                return fn()
+
+        return on_backend
+
+    cpu, bf16 = device_type == "cpu", dtype == torch.bfloat16
+    targets = {}
+    if case.op == "attention":
+        q, k, v = args  # v None: shared K/V
+        kind = options["kind"]
+        fast = fastdiff(lambda: ops.attention(q, k, v, kind=kind))
         qt, kt = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         vt = kt if v is None else v.transpose(1, 2).contiguous()
-        if case.kind == "relu":  # no torch op: relu(q kᵀ · scale) / Lk, then · v, materialised
-            scale, inv_keys = qt.shape[-1] ** -0.5, 1.0 / kt.shape[-2]
-            return (lambda: (torch.relu(qt @ kt.transpose(-1, -2) * scale) * inv_keys) @ vt), fast
-        return (lambda: F.scaled_dot_product_attention(qt, kt, vt)), fast
-
-    return make
-
-
-def _group_norm(case):
-    def make(dtype, device):
-        x, groups, w, b, eps = _on(case, dtype, device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if case.silu:
-            baseline = lambda: F.silu(F.group_norm(x, groups, w, b, eps))  # noqa: E731
+        back = lambda o: o.transpose(1, 2)  # noqa: E731  (B, H, L, D) -> fastdiff's (B, L, H, D)
+        if kind == "relu":
+            scale, inv_keys = q.shape[-1] ** -0.5, 1.0 / k.shape[1]
+            baselines = {"materialised relu": lambda: back((torch.relu(qt @ kt.transpose(-1, -2) * scale) * inv_keys) @ vt)}
         else:
-            baseline = lambda: F.group_norm(x, groups, w, b, eps)  # noqa: E731
-        return baseline, (lambda: ops.group_norm(x, groups, w, b, eps, silu=case.silu))
+            baselines = {name: (lambda b=b: back(_sdpa(b, qt, kt, vt))) for name, b in _sdpa_backends(device_type).items()}
+            if cpu:
+                self_attention = case.seqlen_q == case.seqlen_k
+                targets["SDPA"] = (2.5 if bf16 else 1.5) if self_attention else (3.0 if bf16 else 2.0)
+        if v is None:
+            v_separate = torch.randn_like(k)
+            baselines["fastdiff separate K/V"] = fastdiff(lambda: ops.attention(q, k, v_separate, kind=kind))
+            if cpu:
+                targets["fastdiff separate K/V"] = 1.0
+        return KernelRun(case, dtype, device, fast, baselines, _flops(case, args, options), UNITS[case.op], targets)
+    if case.op == "group_norm":
+        x, groups, w, b, eps = args
+        silu = options["silu"]
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fast = fastdiff(lambda: ops.group_norm(x_cl, groups, w, b, eps, silu=silu))
 
-    return make
+        def torch_norm(inp):
+            out = F.group_norm(inp, groups, w, b, eps)
+            return F.silu(out) if silu else out
 
+        label = "F.group_norm+F.silu" if silu else "F.group_norm"
+        if cpu and silu:
+            targets[f"{label} NHWC"] = 3.0
+        return KernelRun(case, dtype, device, fast, {f"{label} NHWC": lambda: torch_norm(x_cl), f"{label} NCHW": lambda: torch_norm(x)},
+                         2.0 * x.numel() * x.element_size(), UNITS[case.op], targets)
+    if case.op == "glu":
+        (h,) = args
+        activation = options["activation"]
+        act = F.gelu if activation == "gelu" else F.silu
 
-def _glu(case):
-    def make(dtype, device):
-        (h,) = _on(case, dtype, device)
-        act = F.gelu if case.activation == "gelu" else F.silu
-
-        def baseline():
+        def chunk_act_mul():
             a, gate = h.chunk(2, dim=-1)
             return a * act(gate)
 
-        return baseline, (lambda: ops.glu(h, activation=case.activation))
-
-    return make
-
-
-def _separable_conv(case, *, pointwise_only_baseline):
-    def make(dtype, device):
-        x, dw_w, dw_b, pw_w, pw_b = _on(case, dtype, device)
+        return KernelRun(case, dtype, device, fastdiff(lambda: ops.glu(h, activation=activation)), {"chunk+act+mul": chunk_act_mul},
+                         1.5 * h.numel() * h.element_size(), UNITS[case.op])  # h read, half of it written
+    if case.op == "separable_conv2d":
+        x, dw_w, dw_b, pw_w, pw_b = args
         x = x.contiguous(memory_format=torch.channels_last)
-        if pointwise_only_baseline:  # the floor: torch's 1x1 conv alone (oneDNN on CPU)
-            baseline = lambda: F.conv2d(x, pw_w, pw_b)  # noqa: E731
-        else:
-            baseline = lambda: F.conv2d(F.conv2d(x, dw_w, dw_b, padding=1, groups=case.channels), pw_w, pw_b)  # noqa: E731
-        return baseline, (lambda: ops.separable_conv2d(x, dw_w, dw_b, pw_w, pw_b))
-
-    return make
-
-
-def _cases_for(dtype: torch.dtype) -> list[Case]:
-    """One row per model case of fastdiff.shapes (and two per separable conv: both baselines), with
-    the issue's target for its kind of row."""
-    bf16 = dtype == torch.bfloat16
-    size = torch.tensor([], dtype=dtype).element_size()
-    rows = []
-    for c in model_cases("attention"):
-        B, Lq, Lk, H, D = c.dims
-        flops = 4 * B * H * Lq * Lk * D
-        if c.kind == "relu":
-            rows.append(Case("attention relu", c.label, dtype, "materialised relu", _attention(c), flops, "GFLOP/s", None))
-        elif Lq == Lk:
-            rows.append(Case("attention self", c.label, dtype, "SDPA", _attention(c), flops, "GFLOP/s", 2.5 if bf16 else 1.5))
-        else:
-            rows.append(Case("attention cross", c.label, dtype, "SDPA", _attention(c), flops, "GFLOP/s", 3.0 if bf16 else 2.0))
-        if c.shared_kv:  # shared K/V must be no slower than a separate V
-            rows.append(Case("attention shared K/V", c.label, dtype, "fastdiff separate K/V", _attention(c, vs_separate=True),
-                             flops, "GFLOP/s", 1.0))
-    for c in model_cases("group_norm"):
-        nbytes = 2 * math.prod(c.shape) * size
-        baseline = "F.group_norm+F.silu" if c.silu else "F.group_norm"
-        shape = "x".join(map(str, c.shape)) + ("" if c.groups == 32 else f" g{c.groups}") + " NHWC"
-        rows.append(Case("group_norm+silu" if c.silu else "group_norm", shape, dtype, baseline, _group_norm(c),
-                         nbytes, "GB/s", 3.0 if c.silu else None))
-    for c in model_cases("glu"):
-        nbytes = 1.5 * math.prod(c.shape) * size  # h read, half of it written
-        rows.append(Case(f"glu ({c.activation})", "x".join(map(str, c.shape)), dtype, "chunk+act+mul", _glu(c), nbytes, "GB/s", None))
-    for c in model_cases("separable_conv2d"):
-        N, C, H, W = c.shape
-        flops = 2 * N * H * W * C * (c.out_channels + 9)
-        for pointwise_only in (False, True):
-            baseline = "conv 1x1 alone" if pointwise_only else "conv dw3x3 + conv 1x1"
-            rows.append(Case("separable_conv2d", f"{c.label} NHWC", dtype, baseline,
-                             _separable_conv(c, pointwise_only_baseline=pointwise_only), flops, "GFLOP/s",
-                             1 / 1.1 if pointwise_only else None))
-    return rows
+        pw_w = pw_w.contiguous(memory_format=torch.channels_last)
+        channels = x.shape[1]
+        fast = fastdiff(lambda: ops.separable_conv2d(x, dw_w, dw_b, pw_w, pw_b))
+        conv = " (cuDNN)" if device_type == "cuda" else ""
+        if device_type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        depthwise = lambda: F.conv2d(x, dw_w, dw_b, padding=1, groups=channels)  # noqa: E731
+        baselines = {f"conv dw3x3+1x1{conv}": lambda: F.conv2d(depthwise(), pw_w, pw_b),
+                     f"conv 1x1 alone{conv}": lambda: F.conv2d(x, pw_w, pw_b)}
+        if cpu:
+            targets["conv 1x1 alone"] = 1 / 1.1
+        return KernelRun(case, dtype, device, fast, baselines, _flops(case, args, options), UNITS[case.op], targets)
+    raise ValueError(f"case: unknown op {case.op!r}")
 
 
-def cases(dtypes=(torch.float32, torch.bfloat16)) -> list[Case]:
-    return [c for dtype in dtypes for c in _cases_for(dtype)]
+def kernel_cases(*, size: str = shapes.FULL, names: Iterable[str] | None = None, ops_filter: Iterable[str] | None = None) -> list:
+    """The models' cases of fastdiff.shapes at `size`, or the cases named (exact names, odd ones
+    too), optionally only those of the given ops."""
+    names, ops_filter = set(names or ()), set(ops_filter or ())
+    unknown = names - {c.name for c in shapes.TABLE}
+    if unknown:
+        raise ValueError(f"names: no case named {sorted(unknown)} in fastdiff.shapes")
+    selected = shapes.cases(size=size) if names else shapes.model_cases(size=size)
+    return [c for c in selected if (not names or c.name in names) and (not ops_filter or c.op in ops_filter)]
 
 
-def measure(case: Case, *, device: str, repeats: int) -> dict:
-    baseline_fn, fast_fn = case.make(case.dtype, device)
-    baseline_ms = median_ms(baseline_fn, device=device, repeats=repeats)
-    fast_ms = median_ms(fast_fn, device=device, repeats=repeats)
-    speedup = baseline_ms / fast_ms
-    return {
-        "op": case.op, "shape": case.shape, "dtype": str(case.dtype).removeprefix("torch."), "baseline": case.baseline_name,
-        "baseline_ms": baseline_ms, "fastdiff_ms": fast_ms, "speedup": speedup,
-        "throughput": case.work / fast_ms / 1e6, "unit": case.unit, "target": case.target,
-        "met": None if case.target is None else speedup >= case.target,
-    }
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float32 on out's device."""
+    out, ref = out.float(), ref.to(out.device).float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(row: dict, out: torch.Tensor, expected: torch.Tensor) -> None:
+    finite = bool(torch.isfinite(out).all())
+    same_shape = out.shape == expected.shape
+    row["error"] = rel_error(out, expected) if finite and same_shape else float("nan")
+    if not finite:
+        row["check"], row["problem"] = "mismatch", "output has NaN/inf"
+    elif not same_shape:
+        row["check"], row["problem"] = "mismatch", f"shape {tuple(out.shape)} vs {tuple(expected.shape)}"
+    elif row["error"] > row["bound"]:
+        row["check"], row["problem"] = "mismatch", f"relative error {row['error']:.2e} > {row['bound']:.0e}"
+    else:
+        row["check"] = "ok"
+
+
+def measure(run: KernelRun, *, repeats: int = 7, budget_s: float = 10.0) -> dict:
+    """Time fastdiff's call and each baseline's (their first call is a warm-up whose output is
+    kept), and check fastdiff's output against the first baseline that runs. A fastdiff call that
+    raises is the row's failure (check "error"); a baseline that raises is "unavailable"."""
+    case = run.case
+    row = {"op": case.op, "case": case.name, "model": case.model, "shape": case.label, "dtype": dtype_name(run.dtype),
+           "device": str(run.device), "unit": run.unit, "fastdiff_ms": None, "rate": None, "baselines": {},
+           "error": None, "bound": ROW_BOUND[run.dtype], "check": None}
+    time = lambda fn: median_ms(fn, device=run.device, warmup=1, repeats=repeats, budget_s=budget_s)  # noqa: E731
+    with torch.inference_mode():
+        try:
+            out = run.fastdiff()
+            row["fastdiff_ms"] = time(run.fastdiff)
+        except Exception as exc:  # noqa: BLE001  a kernel that raises is this row's failure
+            row["check"], row["problem"] = "error", f"fastdiff: {type(exc).__name__}: {exc}"[:500]
+            return row
+        row["rate"] = run.work / row["fastdiff_ms"] / 1e6
+        for name, fn in run.baselines.items():
+            target = run.targets.get(name)
+            try:
+                expected = fn()
+                ms = time(fn)
+            except Exception as exc:  # noqa: BLE001  e.g. no flash kernel for fp32 or this head dim
+                row["baselines"][name] = {"ms": None, "speedup": None, "unavailable": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            speedup = ms / row["fastdiff_ms"]
+            row["baselines"][name] = {"ms": ms, "speedup": speedup, "target": target,
+                                      "met": None if target is None else speedup >= target}
+            if row["check"] is None:
+                row["checked_against"] = name
+                _check(row, out, expected)
+            del expected
+    if row["check"] is None:
+        row["check"] = "unchecked"
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: `fastdiff bench kernels`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "all"], default="all", help="dtypes to run (fp16: GPU only)")
+    parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all", help="dtypes to run (fp16: GPU only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", default="", help="only rows whose op contains this text (e.g. 'attention')")
+    parser.add_argument("--backend", choices=["auto", *ops.BACKENDS], default="auto", help="fastdiff's backend (default: automatic)")
+    parser.add_argument("--ops", default="", help="only cases whose op contains this text (e.g. 'attention')")
+    parser.add_argument("--cases", default="", help="only these fastdiff.shapes cases, comma-separated (odd ones too)")
+    parser.add_argument("--size", choices=shapes.SIZES, default=shapes.FULL,
+                        help="the cases' size (full: the models'; quick, tiny: reduced, for a quick look)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
+def _rows_of(r: dict, percent: Callable[[dict], str]) -> list[list[str]]:
+    """One table line per (case, baseline)."""
+    check = f"ok {r['error']:.0e}" if r["check"] == "ok" else f"{r['check']}: {r['problem']}"[:70] if r.get("problem") else r["check"]
+    lead = [r["case"], r["shape"], r["dtype"]]
+    if r["fastdiff_ms"] is None:
+        return [lead + ["-", "-", "-", "-", "-", "-", check, "-"]]
+    lines = []
+    for name, b in r["baselines"].items():
+        if b["ms"] is None:
+            lines.append(lead + [name, "n/a", f"{r['fastdiff_ms']:.3f}", "-", "-", "-", check, "-"])
+            continue
+        target = "-" if b["target"] is None else f">= {b['target']:.2f}x {'MET' if b['met'] else 'MISSED'}"
+        lines.append(lead + [name, f"{b['ms']:.3f}", f"{r['fastdiff_ms']:.3f}", f"{b['speedup']:.2f}x",
+                             f"{r['rate']:.0f} {r['unit']}", percent(r), check, target])
+    return lines
+
+
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "fp16": [torch.float16]}
-    dtypes = names.get(args.dtype, [torch.float32, torch.bfloat16] + ([torch.float16] if args.device == "cuda" else []))
-    selected = [c for c in cases(dtypes) if args.ops in c.op]
-    backend = ops.selected_name(torch.device(args.device).type)
-    print(f"fastdiff kernels on {args.device} (backend {backend}, {torch.get_num_threads()} threads); median of {args.repeats} runs; speedup = baseline / fastdiff")
-    rows, results = [], []
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: expected a positive integer, got {args.repeats}")
+    device_type = torch.device(args.device).type
+    dtypes = [DTYPES[args.dtype]] if args.dtype != "all" else [torch.float32, torch.bfloat16] + ([torch.float16] if device_type == "cuda" else [])
+    names = [n for n in (s.strip() for s in args.cases.split(",")) if n]
+    selected = [c for c in kernel_cases(size=args.size, names=names) if args.ops in c.op]
+    backend = None if args.backend == "auto" else args.backend
+    backend_name = backend or ops.selected_name(device_type)
+    print(f"fastdiff kernels on {args.device} (backend {backend_name}, {torch.get_num_threads()} threads, {args.size} sizes); "
+          f"median of {args.repeats} runs; speedup = baseline / fastdiff")
+    units = {UNITS[c.op] for c in selected}
+    peaks = {}
+    if "GFLOP/s" in units:
+        for dtype in dtypes:
+            peaks["GFLOP/s", dtype] = peak = compute_peak(dtype, args.device)
+            print(f"peak {peak.rate:.0f} GFLOP/s {dtype_name(dtype)}: {peak.how}")
+    if "GB/s" in units:
+        peak = bandwidth_peak(args.device)
+        peaks.update({("GB/s", dtype): peak for dtype in dtypes})
+        print(f"peak {peak.rate:.0f} GB/s: {peak.how}")
+    percent = lambda r: peaks[r["unit"], DTYPES[r["dtype"]]].percent(r["rate"])  # noqa: E731
     try:
         from tqdm import tqdm
-        progress = tqdm(selected, desc="kernels", leave=False)
+        progress = tqdm([(c, d) for d in dtypes for c in selected], desc="kernels", leave=False)
     except ImportError:
-        progress = selected
-    for case in progress:
-        r = measure(case, device=args.device, repeats=args.repeats)
-        results.append(r)
-        target = "-" if r["target"] is None else f">= {r['target']:.2f}x {'MET' if r['met'] else 'MISSED'}"
-        rows.append([r["op"], r["shape"], r["dtype"], r["baseline"], f"{r['baseline_ms']:.2f}", f"{r['fastdiff_ms']:.2f}",
-                     f"{r['speedup']:.2f}x", f"{r['throughput']:.0f} {r['unit']}", target])
-    print(format_table(["op", "shape", "dtype", "baseline", "baseline ms", "fastdiff ms", "speedup", "fastdiff rate", "target"], rows))
+        progress = [(c, d) for d in dtypes for c in selected]
+    results, lines = [], []
+    for case, dtype in progress:
+        row = measure(kernel_run(case, dtype, args.device, backend=backend), repeats=args.repeats)
+        row["percent_of_peak"] = None if row["rate"] is None else 100 * row["rate"] / peaks[row["unit"], dtype].rate
+        results.append(row)
+        lines += _rows_of(row, percent)
+    print(format_table(["case", "shape", "dtype", "baseline", "baseline ms", "fastdiff ms", "speedup", "fastdiff rate",
+                        "% of peak", "check", "target"], lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "backend": backend, "threads": torch.get_num_threads(), "rows": results}, f, indent=2)
-    return 0
+            json.dump({"device": args.device, "backend": backend_name, "threads": torch.get_num_threads(), "size": args.size,
+                       "peaks": [{"dtype": dtype_name(d), **dataclasses.asdict(p)} for (_, d), p in peaks.items()],
+                       "rows": results}, f, indent=2)
+    wrong = [r for r in results if r["check"] in ("mismatch", "error")]
+    for r in wrong:
+        print(f"{r['case']} {r['dtype']}: {r['check']}: {r.get('problem')}")
+    return 1 if wrong else 0

@@ -17,13 +17,13 @@ guidance and EulerAncestralDiscreteScheduler.step (fp32 eager, and bf16 weights)
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.bench.timing import format_table, median_ms
-from fastdiff.bench.unet import SD15_CONFIG, _fill_random
+from fastdiff.bench.timing import elapsed_ms, format_table, median_ms
+from fastdiff.bench.unet import SD15_CONFIG, fill_random
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LLAVA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32011, rms_norm_eps=1e-6,
@@ -45,17 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-diffusion", action="store_true")
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def _mllm_rows(args, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,7 +53,7 @@ def _mllm_rows(args, dtype):
     config = LlamaConfig(**LLAVA_7B, num_hidden_layers=args.layers, eos_token_id=None, bos_token_id=1)
     with torch.device("meta"):
         llm = LlamaForCausalLM(config)
-    llm = _fill_random(llm).to(dtype)
+    llm = fill_random(llm).to(dtype)
     with torch.device("cpu"):  # the rotary frequencies: a buffer that to_empty left uninitialised
         llm.model.rotary_emb = type(llm.model.rotary_emb)(config=config)
     llava = LlavaV1(llm, None, None, select_layer=-2, patch_token_id=0)
@@ -78,8 +67,8 @@ def _mllm_rows(args, dtype):
     for repeat in range(args.repeats + 1):  # interleaved, so a change in the machine's load hits both; run 0 warms up
         timings = {}
         llava.greedy(ids[0].tolist(), embeds, max_new_tokens=n, no_repeat_ngram_size=3, eos_token_id=None, timings=timings)
-        first = _timed(lambda: llm.generate(**generate, max_new_tokens=1))
-        whole = _timed(lambda: llm.generate(**generate, max_new_tokens=n, min_new_tokens=n))
+        first = elapsed_ms(lambda: llm.generate(**generate, max_new_tokens=1)) / 1e3
+        whole = elapsed_ms(lambda: llm.generate(**generate, max_new_tokens=n, min_new_tokens=n)) / 1e3
         if repeat:
             fastdiff_runs.append(timings)
             prefill.append(first)
@@ -94,9 +83,10 @@ def _mllm_rows(args, dtype):
         return [args.prompt_tokens / prefill_s, 1 / decode_per_token_s,
                 args.prompt_tokens / project(prefill_s, fixed_prefill), 1 / project(decode_per_token_s, fixed_decode)]
 
-    ours = rates(_median([r["prefill_s"] for r in fastdiff_runs]), _median([r["decode_s"] for r in fastdiff_runs]) / (n - 1))
-    p = _median(prefill)
-    theirs = rates(p, (_median(total) - p) / (n - 1))
+    median = statistics.median_high  # one of the runs, as before
+    ours = rates(median([r["prefill_s"] for r in fastdiff_runs]), median([r["decode_s"] for r in fastdiff_runs]) / (n - 1))
+    p = median(prefill)
+    theirs = rates(p, (median(total) - p) / (n - 1))
     return [(f"fastdiff greedy loop ({args.dtype})", ours), (f"transformers generate ({args.dtype})", theirs)]
 
 
@@ -111,7 +101,7 @@ def _diffusion_rows(args, dtype):
     config = dict(SD15_CONFIG, in_channels=8)
     with torch.device("meta"):
         reference = UNet2DConditionModel(**config)
-    reference = _fill_random(reference)
+    reference = fill_random(reference)
     side = args.res // 8
     g = torch.Generator().manual_seed(0)
     image_latents = torch.randn(1, 4, side, side, generator=g)

@@ -16,13 +16,12 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from fastdiff.bench.timing import format_table
-from fastdiff.bench.unet import SD15_CONFIG, _fill_random
+from fastdiff.bench.timing import elapsed_ms, format_table
+from fastdiff.bench.unet import SD15_CONFIG, fill_random
 
 # stable-diffusion-v1-5's vae/config.json and scheduler/scheduler_config.json
 SD15_VAE_CONFIG = dict(
@@ -65,8 +64,8 @@ def build_pipelines():
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**SD15_CONFIG)
         vae = diffusers.AutoencoderKL(**SD15_VAE_CONFIG)
-    unet, vae = _fill_random(unet, 0), _fill_random(vae, 1)
-    torch.manual_seed(2)  # built normally: its position-id buffer is not in the state_dict _fill_random fills
+    unet, vae = fill_random(unet, seed=0), fill_random(vae, seed=1)
+    torch.manual_seed(2)  # built normally: its position-id buffer is not in the state_dict fill_random fills
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_CONFIG)).eval()
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = _stand_in_tokenizer(Path(folder))
@@ -129,9 +128,7 @@ def run(args) -> int:
     times = {name: [] for name in runs}
     for round_ in range(args.rounds):
         for name, fn in runs.items():
-            start = time.perf_counter()
-            fn(args.steps, args.res)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(elapsed_ms(lambda: fn(args.steps, args.res)) / 1e3)
             print(f"round {round_ + 1}/{args.rounds}: {name}: {times[name][-1]:.1f} s", flush=True)
 
     medians = {name: statistics.median(t) for name, t in times.items()}

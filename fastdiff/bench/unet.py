@@ -5,17 +5,25 @@ same random weights (SD1.5's config; ip2p = InstructPix2Pix/MGIE's 8 input chann
 eager fp32, diffusers bf16 autocast channels_last, and OpenVINO (fp32 and bf16) when the `bench`
 extra is installed. --model mobilediffusion: fastdiff.MobileDiffusionUNet against itself on the
 reference backend (plain PyTorch ops), and OpenVINO running the same module when installed.
-Speedup = baseline ms / fastdiff ms. Latent = res / 8, text context 77 x 768.
+Speedup = baseline ms / fastdiff ms. Latent = res / 8, text context 77 x 768. Each row's GFLOP/s
+counts the step's FLOPs (2 x the MACs of fastdiff.models.flops, attention matmuls included) and
+is given as a share of this CPU's measured peak in the row's dtype (fastdiff.bench.peak).
+
+fill_random and SD15_CONFIG serve the other tables (mgie, pipeline, ablations) and tools/gpu_check.py.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 import fastdiff.ops as ops
+from fastdiff.bench.peak import compute_peak
 from fastdiff.bench.timing import format_table, median_ms
+from fastdiff.models.flops import count_macs
+from fastdiff.models.mobilediffusion import PRESETS
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -27,17 +35,31 @@ SD15_CONFIG = dict(
 )
 
 
-def _fill_random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Small random weights without nn.init's cost on ~1e9 parameters (build on meta, then fill)."""
-    module = module.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
+def fill_random(module: torch.nn.Module, device="cpu", seed: int = 0) -> torch.nn.Module:
+    """Materialise a module built on the meta device on `device` with small random weights (norm
+    weights 1, norm biases 0, every other float tensor of the state dict N(0, 0.02)), drawn on the
+    device: no nn.init pass over ~1e9 parameters. Buffers outside the state dict stay unset."""
+    module = module.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "conv_norm_out.weight")):
+            if not tensor.is_floating_point():
+                continue
+            owner = name.rsplit(".", 2)
+            is_norm = len(owner) >= 2 and "norm" in owner[-2]
+            if is_norm and name.endswith(".weight"):
                 tensor.fill_(1.0)
+            elif is_norm and name.endswith(".bias"):
+                tensor.zero_()
             else:
                 tensor.normal_(0, 0.02, generator=generator)
     return module.eval()
+
+
+def step_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs of model(*inputs), counted on meta copies of the inputs (model on the meta device too)."""
+    meta = [torch.empty_like(t, device="meta") for t in inputs]
+    return 2.0 * count_macs(model, *meta).total
 
 
 def _openvino_runner(module, example: tuple, dtype_name: str):
@@ -54,6 +76,8 @@ def _openvino_runner(module, example: tuple, dtype_name: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["sd15", "ip2p", "mobilediffusion"], default="sd15")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mobilediffusion",
+                        help="--model mobilediffusion's size (tiny: the test size, for a quick look)")
     parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent side = res / 8)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="fastdiff's weights and activations")
     parser.add_argument("--batch", type=int, default=1)
@@ -65,18 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sd_rows(args, dtype):
+    """(FLOPs of one step, [(run, its dtype, ms)]): fastdiff beside diffusers and OpenVINO."""
     from diffusers import UNet2DConditionModel
 
     from fastdiff.models.unet_2d_condition import UNet2DCondition
 
     config = dict(SD15_CONFIG, in_channels=8 if args.model == "ip2p" else 4)
-    with torch.device("meta"):
-        reference = UNet2DConditionModel(**config)
-    reference = _fill_random(reference)
     side = args.res // 8
     sample = torch.randn(args.batch, config["in_channels"], side, side)
     timestep = torch.full((args.batch,), 500)
     context = torch.randn(args.batch, 77, 768)
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    flops = step_flops(reference, sample, timestep, context)
+    reference = fill_random(reference)
     time = lambda fn: median_ms(fn, repeats=args.repeats, budget_s=args.budget_s)  # noqa: E731
 
     sample_cl = sample.contiguous(memory_format=torch.channels_last)
@@ -86,8 +112,8 @@ def _sd_rows(args, dtype):
         fast_sample, fast_context = sample_cl.to(dtype), context.to(dtype)
         return time(lambda: fast(fast_sample, timestep, fast_context))
 
-    results = [(f"fastdiff {args.dtype}", time_fastdiff())]
-    results.append(("diffusers eager fp32", time(lambda: reference(sample, timestep, context))))
+    results = [(f"fastdiff {args.dtype}", args.dtype, time_fastdiff())]
+    results.append(("diffusers eager fp32", "fp32", time(lambda: reference(sample, timestep, context))))
 
     reference_cl = reference.to(memory_format=torch.channels_last)
 
@@ -95,37 +121,40 @@ def _sd_rows(args, dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return reference_cl(sample_cl, timestep, context)
 
-    results.append(("diffusers bf16 autocast channels_last", time(autocast_bf16)))
+    results.append(("diffusers bf16 autocast channels_last", "bf16", time(autocast_bf16)))
     if not args.no_openvino:
         for ov_dtype in ("fp32", "bf16"):
             runner = _openvino_runner(reference, (sample, timestep, context), ov_dtype)
             if runner is None:
                 break
-            results.append((f"OpenVINO {ov_dtype}", time(runner)))
-    return results
+            results.append((f"OpenVINO {ov_dtype}", ov_dtype, time(runner)))
+    return flops, results
 
 
 def _mobilediffusion_rows(args, dtype):
+    """(FLOPs of one step, [(run, its dtype, ms)]): fastdiff beside its reference backend and OpenVINO."""
     from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
 
-    config = MobileDiffusionConfig.from_preset("mobilediffusion", sample_size=args.res // 8)
-    with torch.device("meta"):
-        model = MobileDiffusionUNet(config)
-    model = _fill_random(model).to(dtype)
+    config = MobileDiffusionConfig.from_preset(args.preset, sample_size=args.res // 8)
     side = args.res // 8
     sample = torch.randn(args.batch, config.in_channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
     timestep = torch.full((args.batch,), 500)
     context = torch.randn(args.batch, 77, config.cross_attention_dim).to(dtype)
+    with torch.device("meta"):
+        model = MobileDiffusionUNet(config)
+    flops = step_flops(model, sample, timestep, context)
+    model = fill_random(model).to(dtype)
     step = lambda: model(sample, timestep, context)  # noqa: E731
-    results = [(f"fastdiff {args.dtype}", median_ms(step, repeats=args.repeats, budget_s=args.budget_s))]
+    time = lambda fn: median_ms(fn, repeats=args.repeats, budget_s=args.budget_s)  # noqa: E731
+    results = [(f"fastdiff {args.dtype}", args.dtype, time(step))]
     with ops.use_backend("reference"):
-        results.append((f"fastdiff {args.dtype}, reference backend", median_ms(step, repeats=args.repeats, budget_s=args.budget_s)))
+        results.append((f"fastdiff {args.dtype}, reference backend", args.dtype, time(step)))
     if not args.no_openvino:
         with ops.use_backend("reference"):  # OpenVINO traces plain PyTorch ops
             runner = _openvino_runner(model.float(), (sample.float(), timestep, context.float()), args.dtype)
         if runner is not None:
-            results.append((f"OpenVINO {args.dtype} (same module)", median_ms(runner, repeats=args.repeats, budget_s=args.budget_s)))
-    return results
+            results.append((f"OpenVINO {args.dtype} (same module)", args.dtype, time(runner)))
+    return flops, results
 
 
 def run(args) -> int:
@@ -133,17 +162,26 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.res % 64:
         raise ValueError(f"--res: expected a multiple of 64, got {args.res}")
+    if args.preset != "mobilediffusion" and args.model != "mobilediffusion":
+        raise ValueError(f"--preset: only for --model mobilediffusion, got --model {args.model}")
     dtype = _DTYPES[args.dtype]
     backend = ops.selected_name("cpu")
     print(f"UNet step: {args.model} at {args.res}x{args.res}, batch {args.batch}, fastdiff {args.dtype} on the {backend} "
           f"backend, {torch.get_num_threads()} threads; median of {args.repeats}; speedup = baseline / fastdiff")
     with torch.inference_mode():
-        results = (_mobilediffusion_rows if args.model == "mobilediffusion" else _sd_rows)(args, dtype)
-    fast_ms = results[0][1]
-    rows = [[name, f"{ms:.0f}", "-" if i == 0 else f"{ms / fast_ms:.2f}x"] for i, (name, ms) in enumerate(results)]
-    print(format_table(["run", "ms / step", "fastdiff speedup"], rows))
+        flops, results = (_mobilediffusion_rows if args.model == "mobilediffusion" else _sd_rows)(args, dtype)
+    peaks = {name: compute_peak(_DTYPES[name]) for name in dict.fromkeys(d for _, d, _ in results)}
+    print(f"{flops / 1e9:.4g} GFLOP per step (fastdiff.models.flops); % of peak against "
+          + "; ".join(f"{p.rate:.0f} GFLOP/s {name} ({p.how})" for name, p in peaks.items()))
+    fast_ms = results[0][2]
+    rows = [[run_name, f"{ms:.0f}", "-" if i == 0 else f"{ms / fast_ms:.2f}x", f"{flops / ms / 1e6:.3g}",
+             peaks[dtype_name].percent(flops / ms / 1e6)] for i, (run_name, dtype_name, ms) in enumerate(results)]
+    print(format_table(["run", "ms / step", "fastdiff speedup", "GFLOP/s", "% of peak"], rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "res": args.res, "batch": args.batch, "dtype": args.dtype, "backend": backend,
-                       "threads": torch.get_num_threads(), "rows": [{"run": n, "ms": ms} for n, ms in results]}, f, indent=2)
+                       "threads": torch.get_num_threads(), "flops": flops,
+                       "peaks": {name: dataclasses.asdict(p) for name, p in peaks.items()},
+                       "rows": [{"run": n, "dtype": d, "ms": ms, "percent_of_peak": 100 * flops / ms / 1e6 / peaks[d].rate}
+                                for n, d, ms in results]}, f, indent=2)
     return 0

@@ -10,7 +10,9 @@ Counted, in four categories (one MAC = one multiply + one add):
   depthwise  grouped convolutions: out_elements * (in_channels / groups) * kh * kw
   linear     mm / addmm: M * K * N (nn.Linear on any rank folds to these)
   attention  the two attention matmuls (bmm / baddbmm, or a fused SDPA op): Lq*Lk*D each
-Norms, activations, softmax and elementwise ops are not counted.
+Norms, activations, softmax and elementwise ops are not counted. Counting runs outside inference
+mode, on normal copies of arguments that are inference tensors: an op whose every input is an
+inference tensor (an inference-mode model's weights and activations) escapes the dispatch mode.
 
 Conventions differ: published UNet figures (e.g. 339 G MACs for SD1.5 at 512x512, and the
 budgets MobileDiffusion quotes) come from module-hook counters that see conv and linear layers
@@ -112,6 +114,21 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _countable(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
+
+
+def count_call_macs(fn, *args, **kwargs) -> dict[str, int]:
+    """MACs by category of one call fn(*args, **kwargs) that is not a module's forward, e.g. one
+    fastdiff.ops call (no grad, reference ops; on meta tensors nothing is computed)."""
+    counter = _Counter(ModuleTracker())
+    with torch.inference_mode(False):
+        args, kwargs = [_countable(a) for a in args], {k: _countable(v) for k, v in kwargs.items()}
+        with torch.no_grad(), ops.use_backend("reference"), counter.tracker, counter:
+            fn(*args, **kwargs)
+    return dict(counter.macs)
+
+
 def count_macs(model: torch.nn.Module, *args, **kwargs) -> MacCount:
     """Run model(*args, **kwargs) once (no grad, reference ops) and count its MACs.
 
@@ -120,8 +137,10 @@ def count_macs(model: torch.nn.Module, *args, **kwargs) -> MacCount:
     """
     tracker = ModuleTracker()
     counter = _Counter(tracker)
-    with torch.no_grad(), ops.use_backend("reference"), tracker, counter:
-        model(*args, **kwargs)
+    with torch.inference_mode(False):
+        args, kwargs = [_countable(a) for a in args], {k: _countable(v) for k, v in kwargs.items()}
+        with torch.no_grad(), ops.use_backend("reference"), tracker, counter:
+            model(*args, **kwargs)
     root = type(model).__name__
     by_module = {}
     for name, macs in counter.by_module.items():

@@ -1,6 +1,8 @@
 """`make gpu-check`: everything a CUDA machine should tell us, in one run of under 8 minutes.
 
-    python -m fastdiff.bench.gpu_check [--out gpu-report] [--only tests,kernels,unet] [--skip ...]
+    python tools/gpu_check.py [--out gpu-report] [--only tests,kernels,unet] [--skip ...]
+
+Project tooling, not part of the installed package: it checks a checkout (and its fastdiff).
 
 Stages, in order, each with its own time budget (seconds, --budget STAGE=S; the whole run is
 also capped by --total-budget-s, 465 by default):
@@ -13,10 +15,10 @@ also capped by --total-budget-s, 465 by default):
                  i.e. every test marked `gpu` (the Triton kernels against their float64 twins at
                  real sizes, fp32/fp16/bf16) and every Triton-backend test (which on CUDA also
                  runs bf16 tl.dot, wrong in the interpreter). pytest-xdist (-n 4) when installed.
-  kernels  (100) fastdiff.bench.gpu.kernel_rows: every model case of fastdiff.shapes in fp16 and
+  kernels  (100) gpu_rows.kernel_rows: every model case of fastdiff.shapes in fp16 and
                  bf16, Triton vs SDPA (default, flash, cuDNN, mem-efficient), cuDNN convs,
                  F.group_norm, chunk+act+mul, with an output check per row.
-  unet     (100) fastdiff.bench.gpu.unet_rows: SD1.5 (vs diffusers fp16 SDPA) and MobileDiffusion
+  unet     (100) gpu_rows.unet_rows: SD1.5 (vs diffusers fp16 SDPA) and MobileDiffusion
                  (vs the same module in plain PyTorch + SDPA), batch 1 and 8, fp16, 512x512, with
                  an accuracy check against the fp32 baseline. Half the remaining budget per model.
 
@@ -35,7 +37,7 @@ Without a CUDA device it prints one line saying so and what it would run, and ex
 used by tests/test_gpu_check.py).
 
 The GPU image has torch, Triton, transformers and pytest but no diffusers and no network. Run
-`python -m fastdiff.bench.gpu_check --make-bundle` here first: it zips the pure-Python packages
+`python tools/gpu_check.py --make-bundle` here first: it zips the pure-Python packages
 in BUNDLE (diffusers) from this environment into .gpu-bundle/ (git-ignored), which the device
 call must carry; setup unpacks it there when the package is missing.
 """
@@ -59,7 +61,8 @@ import time
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
 STAGES = ("setup", "tests", "kernels", "unet")
 SELECTABLE = STAGES[1:]
 BUDGET_S = {"setup": 45, "tests": 200, "kernels": 100, "unet": 100}
@@ -171,9 +174,9 @@ def unpack_bundle(folder: Path | str, target: Path | str, *, importable=lambda n
 
 
 def _child_env(extra_path: list[str], device: str) -> dict:
+    """The stages' environment: tools/ importable (the workers, the pytest plugin), the bundle's packages."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join([*extra_path, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), *extra_path, *filter(None, [env.get("PYTHONPATH")])])
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -285,7 +288,7 @@ def consolidate_tests(lines: list[dict]) -> list[dict]:
 def stage_tests(args, budget_s: float, ctx: dict) -> Stage:
     stage = Stage("tests", budget_s=budget_s)
     rows_path = ctx["work"] / "tests.jsonl"
-    cmd = [sys.executable, "-P", "-m", "pytest", *args.test_paths, "-q", "-k", args.pytest_k, "-p", "fastdiff.bench.pytest_rows",
+    cmd = [sys.executable, "-P", "-m", "pytest", *args.test_paths, "-q", "-k", args.pytest_k, "-p", "pytest_rows",
            "-p", "no:cacheprovider", "--continue-on-collection-errors", "-rfE"]
     if args.workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(args.workers)]
@@ -325,7 +328,7 @@ def stage_tests(args, budget_s: float, ctx: dict) -> Stage:
 
 
 def _worker_cmd(args, stage: str, rows_path: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-P", "-m", "fastdiff.bench.gpu_check", "--worker", stage, "--rows", str(rows_path),
+    cmd = [sys.executable, "-P", str(TOOLS / "gpu_check.py"), "--worker", stage, "--rows", str(rows_path),
            "--device", args.device, "--size", args.size, "--dtypes", ",".join(args.dtypes), "--batches", ",".join(map(str, args.batches)),
            "--rounds", str(args.rounds)]
     if args.cases:
@@ -397,7 +400,8 @@ def worker(args) -> int:
     """Runs inside a stage's process: measures, appending each row to args.rows as it comes."""
     import torch
 
-    from fastdiff.bench import gpu
+    import gpu_rows
+    from fastdiff.bench.kernels import DTYPES
 
     device = args.device
     if device == "cpu":
@@ -408,15 +412,15 @@ def worker(args) -> int:
             out.flush()
 
         if args.worker == "kernels":
-            dtypes = [gpu.DTYPE_NAMES[d] for d in args.dtypes]
-            gpu.kernel_rows(device=device, size=args.size, dtypes=dtypes, names=args.cases, ops_filter=args.kernel_ops,
+            dtypes = [DTYPES[d] for d in args.dtypes]
+            gpu_rows.kernel_rows(device=device, size=args.size, dtypes=dtypes, names=args.cases, ops_filter=args.kernel_ops,
                             rounds=args.rounds, budget_s=2.0, emit=emit)
         elif args.worker == "unet":
             for model in args.models:
                 if model == "sd15" and importlib.util.find_spec("diffusers") is None:
                     emit({"model": model, "skipped": "diffusers is not installed: no baseline, no SD1.5 config to build"})
                     continue
-                gpu.unet_rows(model, device=device, batches=args.batches, dtype=torch.float16 if device == "cuda" else torch.float32,
+                gpu_rows.unet_rows(model, device=device, batches=args.batches, dtype=torch.float16 if device == "cuda" else torch.float32,
                               tiny=args.size != "full", rounds=args.rounds, warmup=1 if device == "cuda" else 0, emit=emit)
         else:
             raise ValueError(f"--worker: expected kernels or unet, got {args.worker!r}")
@@ -558,7 +562,7 @@ def _budget(text: str) -> tuple[str, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastdiff.bench.gpu_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu-report", help="report folder (default gpu-report)")
     p.add_argument("--only", type=_csv, default=None, help=f"stages to run, from {','.join(SELECTABLE)} (setup always runs)")
@@ -643,7 +647,7 @@ def main(argv=None) -> int:
     ctx["log"].write_text("")
     began = time.perf_counter()
     report = {"verdict": "INCOMPLETE", "meta": {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                               "command": " ".join([Path(sys.executable).name, "-m", "fastdiff.bench.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
+                                               "command": " ".join([Path(sys.executable).name, "tools/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
                                                "git": _git_head(), "total_budget_s": args.total_budget_s, "seconds": 0.0, "device": args.device},
               "stages": []}
     planned = ["setup"] + [s for s in SELECTABLE if (args.only is None or s in args.only) and s not in args.skip]

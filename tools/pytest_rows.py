@@ -1,6 +1,6 @@
 """pytest plugin of `make gpu-check`: one JSON line per test phase outcome, written as it happens.
 
-    FASTDIFF_PYTEST_ROWS=rows.jsonl pytest -p fastdiff.bench.pytest_rows ...
+    FASTDIFF_PYTEST_ROWS=rows.jsonl PYTHONPATH=tools pytest -p pytest_rows ...
 
 Lines are flushed one by one, so a run killed at its time budget keeps every result so far
 (a JUnit file is written only at the end). Under pytest-xdist only the controller writes.

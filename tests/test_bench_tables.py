@@ -1,0 +1,134 @@
+"""The benchmark tables at their smallest settings (the kernel harness, % of peak, FLOPs from
+fastdiff.models.flops), and the tooling's place: CI machinery in tools/, outside the package."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import shapes
+from fastdiff.bench.__main__ import main
+from fastdiff.bench.kernels import kernel_run, measure
+from fastdiff.bench.peak import bandwidth_peak, compute_peak
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = Path(fastdiff.__file__).parent
+# the smallest case of each op (odd shapes, already tiny)
+TINY_CASES = ["keys1", "3x40x7x13-g8", "f24", "2x40x7x13-to24"]
+
+
+def test_kernel_table_at_tiny_sizes(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["kernels", "--size", "tiny", "--cases", ",".join(TINY_CASES), "--dtype", "fp32", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "% of peak" in text and "GFLOP/s fp32: torch.mm 2048x2048 float32" in text and "GB/s: copy of 256 MiB" in text
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["rows"]] == TINY_CASES
+    for row in report["rows"]:
+        assert row["check"] == "ok" and row["error"] < 1e-5, row
+        assert row["rate"] > 0 and row["percent_of_peak"] > 0
+        assert all(b["ms"] > 0 for b in row["baselines"].values())
+    assert {p["unit"] for p in report["peaks"]} == {"GFLOP/s", "GB/s"}
+
+
+def test_kernel_table_refuses_an_unknown_case():
+    with pytest.raises(ValueError, match="names: no case named"):
+        main(["kernels", "--cases", "no-such-case", "--dtype", "fp32"])
+
+
+@pytest.mark.parametrize("name", ["sd15-cross-32x32", "md-relu-self-32x32", "md-320to640-32x32"])
+def test_kernel_flops_are_counted_by_models_flops(name):
+    """The harness's FLOPs (fastdiff.models.flops on meta tensors) are the products' textbook counts."""
+    case = next(c for c in shapes.model_cases() if c.name == name).reduced("tiny")
+    run = kernel_run(case, torch.float32)
+    if case.op == "attention":
+        B, Lq, Lk, H, D = case.dims
+        assert run.work == 4 * B * H * Lq * Lk * D and run.unit == "GFLOP/s"
+    else:
+        N, C, H, W = case.shape
+        assert run.work == 2 * N * H * W * C * (case.out_channels + 9) and run.unit == "GFLOP/s"
+
+
+def test_measure_flags_a_wrong_output():
+    run = kernel_run(shapes.case("glu", "f24"), torch.float32)
+    right = run.fastdiff
+    run.fastdiff = lambda: right() * 1.05
+    row = measure(run, repeats=1)
+    assert row["check"] == "mismatch" and row["error"] == pytest.approx(0.05, rel=1e-3)
+    run.fastdiff = lambda: right() * math.nan
+    assert measure(run, repeats=1)["problem"] == "output has NaN/inf"
+    run.fastdiff = lambda: 1 / 0
+    row = measure(run, repeats=1)
+    assert row["check"] == "error" and "ZeroDivisionError" in row["problem"]
+
+
+def test_peaks_are_measured_once_and_say_how():
+    peak = compute_peak(torch.float32)
+    assert peak.rate > 0 and peak.unit == "GFLOP/s" and peak.how.startswith("torch.mm 2048x2048 float32")
+    assert compute_peak(torch.float32) is peak
+    assert bandwidth_peak().unit == "GB/s" and bandwidth_peak().rate > 0
+    assert peak.percent(peak.rate / 4) == "25%"
+
+
+def test_unet_table_tiny_mobilediffusion(tmp_path, capsys):
+    from fastdiff.models.flops import count_macs
+    from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
+
+    out = tmp_path / "unet.json"
+    assert main(["unet", "--model", "mobilediffusion", "--preset", "tiny", "--res", "64", "--dtype", "fp32", "--repeats", "1",
+                 "--no-openvino", "--json", str(out)]) == 0
+    assert "% of peak" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    config = MobileDiffusionConfig.from_preset("tiny", sample_size=8)
+    with torch.device("meta"):
+        model = MobileDiffusionUNet(config)
+        inputs = torch.empty(1, config.in_channels, 8, 8), torch.full((1,), 500), torch.empty(1, 77, config.cross_attention_dim)
+    assert report["flops"] == 2 * count_macs(model, *inputs).total > 0
+    assert [r["run"] for r in report["rows"]] == ["fastdiff fp32", "fastdiff fp32, reference backend"]
+    assert all(r["percent_of_peak"] > 0 for r in report["rows"])
+    with pytest.raises(ValueError, match="--preset"):
+        main(["unet", "--model", "sd15", "--preset", "tiny"])
+
+
+# ---------------------------------------------------------------------------------------------
+# where the tooling lives
+
+
+def _python_files():
+    return [*PACKAGE.rglob("*.py"), *(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")]
+
+
+def test_ci_tooling_is_outside_the_package():
+    tools = {p.stem for p in (REPO / "tools").glob("*.py")}
+    assert {"gpu_check", "gpu_rows", "pytest_rows"} <= tools and not (REPO / "tools" / "__init__.py").exists()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in tools | {"tools"} for n in names), f"{path} imports the tooling: {names}"
+    assert not any((PACKAGE / "bench" / f"{name}.py").exists() for name in tools)
+
+
+def _own_package(path: Path) -> str | None:
+    if not path.is_relative_to(PACKAGE):
+        return None
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1])
+
+
+def test_no_module_imports_another_modules_private_names():
+    """`from x import _name` only for a package's own private modules (`from . import _dispatch`,
+    `from fastdiff import _C` in fastdiff/cli.py)."""
+    found = []
+    for path in _python_files():
+        own = _own_package(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not (node.level and node.module is None) and node.module != own:
+                found += [f"{path.relative_to(REPO)}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
