@@ -74,6 +74,8 @@ def test_wheels_carry_kernels_sources_and_weights_and_no_top_level_kernels(built
                          "fastdiff/weights/edit/unet/diffusion_pytorch_model.safetensors"):
             assert expected in names, f"{label}: {expected} missing"
         assert not any(n.startswith("kernels/") or n.startswith("csrc/") for n in names), label
+        assert not any(n.startswith(("tools/", "bench/")) for n in names), f"{label}: project tooling is not installed"
+        assert "fastdiff/bench/kernels.py" in names and "fastdiff/bench/peak.py" in names, f"{label}: the tables are"
         assert not any(n.endswith(".so") for n in names), f"{label}: nothing is compiled at build time"
 
 
