@@ -17,6 +17,7 @@ _LAZY = {
     "AutoencoderKL": "fastdiff.models.vae",
     "AutoencoderTiny": "fastdiff.models.autoencoder_tiny",
     "Pipeline": "fastdiff.pipeline",
+    "Resolved": "fastdiff.pipeline",
     "PipelineError": "fastdiff.requests",
     "GenerateRequest": "fastdiff.requests",
     "EditRequest": "fastdiff.requests",

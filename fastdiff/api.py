@@ -38,7 +38,7 @@ def get_pipeline(model: str | os.PathLike | None, kind: str, dtype=None) -> Pipe
     if model is None:
         model, source = os.environ.get("FASTDIFF_MODEL") or DEFAULT_MODEL, "FASTDIFF_MODEL"
     if str(model) not in MODELS and not os.path.isdir(model):
-        raise PipelineError(f"{source}: {os.fspath(model)!r} is neither an embedded default ({', '.join(MODELS)}) "
+        raise PipelineError(source, f"{os.fspath(model)!r} is neither an embedded default ({', '.join(MODELS)}) "
                             f"nor a diffusers pipeline folder")
     with _loading:
         if str(model) in MODELS:

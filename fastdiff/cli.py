@@ -102,13 +102,13 @@ def _check_output(path: str) -> None:
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise PipelineError(f"-o/--output: folder {folder} does not exist")
+        raise PipelineError("-o/--output", f"folder {folder} does not exist")
     Image.init()
     extension = os.path.splitext(path)[1].lower()
     writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
     if extension not in writable:
         what = repr(extension) if extension else "a file without an extension"
-        raise PipelineError(f"-o/--output: cannot write images as {what}; use one of .png, .jpg, .webp, ... "
+        raise PipelineError("-o/--output", f"cannot write images as {what}; use one of .png, .jpg, .webp, ... "
                             f"({len(writable)} extensions PIL writes)")
 
 
@@ -160,28 +160,39 @@ def _edit(args) -> int:
     return _run(args, "edit", request)
 
 
+# MGIE.from_pretrained's arguments and the flags that set them
+MGIE_FLAGS = {"llava_dir": "--llava", "mgie_dir": "--mgie", "ip2p_dir": "--ip2p", "vision_dir": "--vision"}
+
+
 def _edit_mgie(args) -> int:
     """MGIE end to end: LLaVA reads the instruction, its [IMG] states condition the edit."""
     import time
 
-    from fastdiff.mgie import MGIE, check_instruction
+    from fastdiff.mgie import MAX_SIZE, MGIE, check_instruction
 
     for flag in ("mgie", "llava", "ip2p"):
         if getattr(args, flag) is None:
-            raise PipelineError(f"--{flag}: needed for an MGIE edit (--mgie MGIE_DIR --llava LLAVA_DIR --ip2p IP2P_DIR)")
+            raise PipelineError(f"--{flag}", "needed for an MGIE edit (--mgie MGIE_DIR --llava LLAVA_DIR --ip2p IP2P_DIR)")
     if args.model is not None:
-        raise PipelineError("--model: not with --mgie (MGIE's editor is the --ip2p folder)")
+        raise PipelineError("--model", "not with --mgie (MGIE's editor is the --ip2p folder)")
     check_instruction(args.instruction)
     start = time.perf_counter()
     # 7B weights: bf16 unless asked otherwise (fp32 would need ~27 GB)
-    mgie = MGIE.from_pretrained(args.llava, args.mgie, args.ip2p, vision_dir=args.vision, dtype=args.dtype or "bf16")
+    try:
+        mgie = MGIE.from_pretrained(args.llava, args.mgie, args.ip2p, vision_dir=args.vision, dtype=args.dtype or "bf16")
+    except PipelineError as exc:  # name the flag the user typed, not the Python argument
+        if exc.field not in MGIE_FLAGS:
+            raise
+        raise PipelineError(MGIE_FLAGS[exc.field], exc.detail) from exc
     print(f"model: {mgie!r}, loaded in {time.perf_counter() - start:.1f} s")
     options = dict(steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
                    sampler=args.sampler)
     result = mgie.edit(args.image, args.instruction, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
     result.image.save(args.output)
     t = result.timings
-    print(f"expressive instruction: {result.expressive_instruction}")
+    print(f"expressive instruction: {result.expressive_instruction or '(none: the MLLM wrote no text)'}")
+    if not result.img_token_written:
+        print("  (the MLLM wrote no [IMG] token: its last 8 hidden states condition the edit, as MGIE does then)")
     print(f"  MLLM vision + embed  {t['vision_s']:8.2f} s")
     print(f"  MLLM prefill         {t['prefill_s']:8.2f} s  ({t['prompt_tokens']} tokens, "
           f"{t['prompt_tokens'] / t['prefill_s']:.1f} tokens/s)")
@@ -190,7 +201,8 @@ def _edit_mgie(args) -> int:
     print(f"  VAE encode, edit head{t['encode_s']:8.2f} s")
     print(f"  UNet                 {t['unet_s']:8.2f} s  ({t['steps']} steps, {t['unet_s'] / t['steps']:.2f} s/step)")
     print(f"  VAE decode           {t['vae_decode_s']:8.2f} s")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} ({result.image.width}x{result.image.height}: MGIE edits the input shrunk to fit "
+          f"{MAX_SIZE}x{MAX_SIZE})")
     return 0
 
 
@@ -229,7 +241,7 @@ def _serve(args) -> int:
         return serve_forever(options, host=args.host, port=args.port, replicas=args.replicas, autoscale=args.autoscale,
                              num_cpus=args.num_cpus, num_gpus=args.num_gpus, drain_timeout_s=args.drain_timeout)
     if args.replicas or args.autoscale:
-        raise PipelineError("--replicas/--autoscale: only with --ray")
+        raise PipelineError("--replicas/--autoscale", "only with --ray")
     from fastdiff.serving import create_app, load_pipelines, serve_forever
 
     if args.threads:

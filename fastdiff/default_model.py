@@ -99,7 +99,7 @@ MODELS = (TRAINED, *SIZES)  # the names model=/FASTDIFF_MODEL/--model accept bes
 def _trained_pipeline(kind: str, dtype: torch.dtype) -> Pipeline:
     folder = WEIGHTS / kind
     if not (folder / "model_index.json").is_file():
-        raise PipelineError(f"model: the trained default's weights are missing from {folder}; "
+        raise PipelineError("model", f"the trained default's weights are missing from {folder}; "
                             f"`make train-default` trains and writes them")
     pipe = Pipeline.from_pretrained(folder, dtype=dtype)
     pipe.name = f"fastdiff-{TRAINED}-{kind} (trained on fastdiff.toyworld)"

@@ -32,6 +32,7 @@ from concurrent.futures import Future
 
 from fastdiff import ops
 from fastdiff.jobs import group_jobs, predict
+from fastdiff.pipeline import Resolved
 from fastdiff.requests import EditRequest, GenerateRequest, PipelineError, Request, build_request, max_pixels_limit
 
 _live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -76,7 +77,7 @@ class Engine:
         self.max_wait_s = max_wait_ms / 1000
         self.max_pixels = pipe.max_pixels if max_pixels is None else max_pixels_limit(max_pixels)
         self._backend = ops.forced_backend()
-        self._queue: deque[tuple[Future, Request]] = deque()
+        self._queue: deque[tuple[Future, Resolved]] = deque()
         self._wakeup = threading.Condition()
         self._closing = False
         self._cancel_queued = False
@@ -88,18 +89,28 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def submit(self, request: Request, *, max_pixels: int | None = None) -> Future:
-        """Queue a GenerateRequest (num_images must be 1) or an EditRequest. Raises PipelineError at
-        once for a request the pipeline would refuse; the Future gives the PIL image (or array for
-        output_type='np'). max_pixels: a tighter limit for this request (a server's); the engine's
-        own still holds when it is smaller."""
-        if not isinstance(request, (GenerateRequest, EditRequest)):
-            raise TypeError(f"request: expected a GenerateRequest or EditRequest, got {type(request).__name__}")
-        if request.total_images != 1:
-            raise PipelineError(f"num_images: the engine takes one image per request (got {request.total_images}); "
+    def submit(self, request: Request | Resolved, *, max_pixels: int | None = None) -> Future:
+        """Queue a GenerateRequest (num_images must be 1) or an EditRequest, resolved here, or what
+        this engine's pipe.resolve returned for one (a caller that resolved it already: MGIE, the
+        server). Raises PipelineError at once for a request the pipeline would refuse; the Future
+        gives the PIL image (or array for output_type='np'). max_pixels: a tighter limit for this
+        request; the engine's own still holds when it is smaller."""
+        if not isinstance(request, (GenerateRequest, EditRequest, Resolved)):
+            raise TypeError(f"request: expected a GenerateRequest, an EditRequest or a Resolved, got {type(request).__name__}")
+        if isinstance(request, Resolved) and request.pipe is not self.pipe:
+            raise TypeError("request: resolved by another pipeline than this engine's")
+        total = (request.request if isinstance(request, Resolved) else request).total_images
+        if total != 1:
+            raise PipelineError("num_images", f"the engine takes one image per request (got {total}); "
                                 "submit several requests")
         limit = self.max_pixels if max_pixels is None else min(self.max_pixels, max_pixels_limit(max_pixels))
-        resolved = self.pipe.resolve(request, max_pixels=limit)
+        if isinstance(request, Resolved):
+            resolved = request
+            if resolved.pixels > limit:
+                name = "image" if isinstance(resolved.request, EditRequest) else "height, width"
+                raise PipelineError(name, f"{resolved.pixels:,} pixels, over the limit of {limit:,} (max_pixels)")
+        else:
+            resolved = self.pipe.resolve(request, max_pixels=limit)
         future: Future = Future()
         with self._wakeup:
             if self._closing:
@@ -170,12 +181,12 @@ class Engine:
                 taken.append(self._queue.popleft())
             return taken
 
-    def _prepare(self, future, request):
+    def _prepare(self, future, request: Resolved):
         """A _Running for a queued request, or None when it was cancelled or cannot be prepared."""
         if not future.set_running_or_notify_cancel():
             return None  # cancelled by its owner while queued
         try:
-            prepared = self.pipe.prepare(request, max_pixels=self.max_pixels)
+            prepared = self.pipe.prepare(request)
         except Exception as exc:
             future.set_exception(exc)
             return None

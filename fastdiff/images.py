@@ -17,7 +17,7 @@ FLOAT_SLACK = 1e-3  # float images a little outside [0, 1] (a resampler's oversh
 
 def _check_pixels(width: int, height: int, max_pixels: int | None, source: str) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise PipelineError(f"image: {source}{width}x{height} ({width * height:,} pixels), over the limit of "
+        raise PipelineError("image", f"{source}{width}x{height} ({width * height:,} pixels), over the limit of "
                             f"{max_pixels:,} (max_pixels)")
 
 
@@ -44,11 +44,11 @@ def _decode(source, max_pixels: int | None, label: str, formats) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         where = "" if isinstance(source, bytes) else f"{source!r} "
-        raise PipelineError(f"image: {where}refused by PIL's decompression-bomb check ({exc})") from None
+        raise PipelineError("image", f"{where}refused by PIL's decompression-bomb check ({exc})") from None
     except Exception as exc:  # untrusted bytes: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
         if not isinstance(source, bytes):
-            raise PipelineError(f"image: cannot read {source!r} as an image ({exc})") from None
-        raise PipelineError(f"image: not a readable {'/'.join(formats or ('PIL',))} image") from None
+            raise PipelineError("image", f"cannot read {source!r} as an image ({exc})") from None
+        raise PipelineError("image", f"not a readable {'/'.join(formats or ('PIL',))} image") from None
 
 
 def load_image(image, *, max_pixels: int | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
@@ -68,23 +68,23 @@ def load_image(image, *, max_pixels: int | None = None, formats: tuple[str, ...]
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
         if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-            raise PipelineError(f"image: expected an HxW or HxWxC (C = 1, 3, 4) array, got shape {image.shape}")
+            raise PipelineError("image", f"expected an HxW or HxWxC (C = 1, 3, 4) array, got shape {image.shape}")
         _check_pixels(array.shape[1], array.shape[0], max_pixels, "")
         if np.issubdtype(array.dtype, np.floating):
             if not np.isfinite(array).all():
-                raise PipelineError("image: the array contains NaN or infinite values")
+                raise PipelineError("image", "the array contains NaN or infinite values")
             low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
             if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:  # e.g. 0..255 values in a float array: never clip to white
-                raise PipelineError(f"image: a float array must hold values in [0, 1], got {low:g}..{high:g} "
+                raise PipelineError("image", f"a float array must hold values in [0, 1], got {low:g}..{high:g} "
                                     f"(for 0..255 values pass a uint8 array, or divide by 255)")
             array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
         elif array.dtype != np.uint8:
-            raise PipelineError(f"image: expected a uint8 array or a float array in [0, 1], got dtype {array.dtype}")
+            raise PipelineError("image", f"expected a uint8 array or a float array in [0, 1], got dtype {array.dtype}")
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     if isinstance(image, Image.Image):
         _check_pixels(*image.size, max_pixels, "")
         return _to_rgb(image)
-    raise PipelineError(f"image: expected a PIL image, a numpy array, a path or an image file's bytes, "
+    raise PipelineError("image", "expected a PIL image, a numpy array, a path or an image file's bytes, "
                         f"got {type(image).__name__}")
 
 
@@ -92,7 +92,7 @@ def image_to_tensor(image: Image.Image, multiple: int) -> torch.Tensor:
     """RGB image -> (1, 3, H, W) in [-1, 1], sides rounded down to `multiple` (as diffusers' VaeImageProcessor)."""
     width, height = (side - side % multiple for side in image.size)
     if width == 0 or height == 0:
-        raise PipelineError(f"image: {image.size[0]}x{image.size[1]} is smaller than the model's {multiple}-pixel grid")
+        raise PipelineError("image", f"{image.size[0]}x{image.size[1]} is smaller than the model's {multiple}-pixel grid")
     if (width, height) != image.size:
         image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0

@@ -61,8 +61,8 @@ class Job:
         guided = self.guidance.combine(prediction.float())
         latents = self.run.step(guided, i, self.latents, generator=self.generator)
         if not torch.isfinite(latents).all():
-            raise PipelineError(f"step {i + 1} of {self.run.num_steps}: the latents are no longer finite (NaN or "
-                                f"infinite UNet output: check the model's weights and the conditioning)")
+            raise PipelineError("latents", f"no longer finite at step {i + 1} of {self.run.num_steps} (NaN or infinite "
+                                           f"UNet output: check the model's weights and the conditioning)")
         self.latents = latents
         if self.on_step is not None:
             self.on_step(self.run.next_index)

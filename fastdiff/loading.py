@@ -9,8 +9,9 @@
       text_encoder/  tokenizer/  scheduler/scheduler_config.json
 
     mgie/unet.pt                   MGIE's UNet state_dict (replaces unet/'s weights)
-    mgie/mllm.pt                   MGIE's MLLM state_dict: its edit_head.* and embed_tokens (the
-                                   last 8 rows are the [IMG] token embeddings)
+    mgie/mllm.pt                   MGIE's MLLM state_dict: edit_head.*, emb (the 8 [IMG] token
+                                   embeddings the edit head adds to the MLLM's states), and the
+                                   LLaMA's embed_tokens / lm_head with the rows of the new tokens
 
 Nothing here imports diffusers; pickles are read with weights_only=True.
 """
@@ -25,35 +26,41 @@ import torch
 from fastdiff.models import checkpoint
 from fastdiff.requests import Defaults, PipelineError
 
-MGIE_IMG_TOKENS = 8
+# MGIE's [IMG] tokens: the MLLM writes them, their hidden states condition the edit
+IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
 
 
-def _read_json(path: Path, what: str) -> dict:
+def is_editor(unet, vae) -> bool:
+    """An InstructPix2Pix-style UNet: it takes the noisy latents and the source image's, side by side."""
+    return unet.config.in_channels == 2 * vae.config.latent_channels
+
+
+def _read_json(path: Path, what: str, field: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise PipelineError(f"folder: {what} missing: no {path}") from None
+        raise PipelineError("folder", f"{what} missing: no {path}") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read {what} ({exc})") from None
+        raise PipelineError(field, f"{path}: cannot read {what} ({exc})") from None
 
 
 def _require_dir(folder: Path, name: str) -> Path:
     if not (folder / name).is_dir():
-        raise PipelineError(f"folder: the {name}/ part is missing from {folder} (a diffusers pipeline folder has "
+        raise PipelineError("folder", f"the {name}/ part is missing from {folder} (a diffusers pipeline folder has "
                             f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     return folder / name
 
 
 def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
     """unet/ of a pipeline folder: an SD-family UNet2DConditionModel or a MobileDiffusionUNet."""
-    config = _read_json(folder / "config.json", "the UNet config")
+    config = _read_json(folder / "config.json", "the UNet config", "unet")
     if config.get("_class_name") == "MobileDiffusionUNet":
         from fastdiff.models.mobilediffusion import MobileDiffusionConfig, MobileDiffusionUNet
 
         fields = {f.name for f in dataclasses.fields(MobileDiffusionConfig)}
         unknown = sorted(k for k in config if k not in fields and not k.startswith("_"))
         if unknown:
-            raise PipelineError(f"{folder / 'config.json'}: fields unknown to MobileDiffusionConfig: {unknown}")
+            raise PipelineError("unet", f"{folder / 'config.json'}: fields unknown to MobileDiffusionConfig: {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
         with torch.device("meta"):
             unet = MobileDiffusionUNet(MobileDiffusionConfig(**values))
@@ -72,14 +79,15 @@ def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
     return UNet2DCondition.from_diffusers(folder, dtype=dtype, device=device), config.get("sample_size", 64)
 
 
-def _load_part(name: str, load):
-    """load() with its errors (bad config, missing or misshapen weights) as PipelineError naming the part."""
+def _load_part(field: str, load, what: str = ""):
+    """load() with its errors (bad config, missing or misshapen weights) as PipelineError naming the
+    part (`field`, and `what` of it)."""
     try:
         return load()
     except PipelineError:
         raise
     except Exception as exc:  # CheckpointError, bad config fields, safetensors and pickle errors, ...
-        raise PipelineError(f"{name}: cannot load ({exc})") from exc
+        raise PipelineError(field, f"{what}{': ' if what else ''}cannot load ({exc})") from exc
 
 
 def _own_aligned_memory(module) -> None:
@@ -99,19 +107,19 @@ def _vae_folder(folder: Path, vae) -> Path:
         return _require_dir(folder, "vae")
     if vae == "tiny":
         own = folder / "vae" / "config.json"
-        if own.is_file() and _read_json(own, "the VAE config").get("_class_name") == "AutoencoderTiny":
+        if own.is_file() and _read_json(own, "the VAE config", "vae").get("_class_name") == "AutoencoderTiny":
             return folder / "vae"
-        raise PipelineError(f"vae='tiny': {folder / 'vae'} holds no AutoencoderTiny and nothing is downloaded; pass "
-                            f"vae=DIR, a diffusers AutoencoderTiny folder (TAESD: config.json + weights, e.g. a local "
+        raise PipelineError("vae", f"vae='tiny': {folder / 'vae'} holds no AutoencoderTiny and nothing is downloaded; "
+                            f"pass vae=DIR, a diffusers AutoencoderTiny folder (TAESD: config.json + weights, e.g. a local "
                             f"copy of madebyollin/taesd for SD1.x/2.x latents)")
     if not Path(vae).is_dir():
-        raise PipelineError(f"vae: expected None, 'tiny' or a diffusers VAE folder, got {vae!r} (no such directory)")
+        raise PipelineError("vae", f"expected None, 'tiny' or a diffusers VAE folder, got {vae!r} (no such directory)")
     return Path(vae)
 
 
 def load_vae(folder: Path, *, dtype: torch.dtype, device=None):
     """A diffusers VAE folder (or a pipeline folder's vae/): AutoencoderTiny or AutoencoderKL, by its config's _class_name."""
-    config = _read_json(checkpoint.resolve_model_folder(folder, "vae") / "config.json", "the VAE config")
+    config = _read_json(checkpoint.resolve_model_folder(folder, "vae") / "config.json", "the VAE config", "vae")
     if config.get("_class_name") == "AutoencoderTiny":
         from fastdiff.models.autoencoder_tiny import AutoencoderTiny
 
@@ -127,15 +135,16 @@ def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=N
     from fastdiff.models.text_encoder import CLIPTextEncoder
 
     if not folder.is_dir():
-        raise PipelineError(f"folder: no directory at {folder}")
-    index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)")
-    scheduler_config = _read_json(_require_dir(folder, "scheduler") / "scheduler_config.json", "the scheduler config")
+        raise PipelineError("folder", f"no directory at {folder}")
+    index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)", "folder")
+    scheduler_config = _read_json(_require_dir(folder, "scheduler") / "scheduler_config.json", "the scheduler config",
+                                  "scheduler")
     unet_folder, vae_folder = _require_dir(folder, "unet"), _vae_folder(folder, vae)
     unet, sample_size = _load_part("unet", lambda: load_unet(unet_folder, dtype=dtype, device=device))
     vae = _load_part("vae", lambda: load_vae(vae_folder, dtype=dtype, device=device))
-    if unet.config.in_channels == 2 * vae.config.latent_channels and type(vae).__name__ == "AutoencoderTiny":
+    if is_editor(unet, vae) and type(vae).__name__ == "AutoencoderTiny":
         # InstructPix2Pix-style UNets take the KL VAE's unscaled image latents; TAESD's are scaled
-        raise PipelineError("vae: an editor UNet needs the KL VAE's image latents; an AutoencoderTiny (TAESD) cannot encode them")
+        raise PipelineError("vae", "an editor UNet needs the KL VAE's image latents; an AutoencoderTiny (TAESD) cannot encode them")
     text_encoder = None
     if (folder / "text_encoder").is_dir():
         _require_dir(folder, "tokenizer")
@@ -147,35 +156,42 @@ def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=N
     stored = index.get("fastdiff", {}).get("defaults", {})
     unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(Defaults)})
     if unknown:
-        raise PipelineError(f"{folder / 'model_index.json'}: unknown fastdiff defaults {unknown}")
-    editor = unet.config.in_channels == 2 * vae.config.latent_channels
-    parts["defaults"] = Defaults(**{"steps": 100 if editor else 50, "size": sample_size * vae.config.downscale, **stored})
+        raise PipelineError("folder", f"{folder / 'model_index.json'}: unknown fastdiff defaults {unknown}")
+    parts["defaults"] = Defaults.for_model(editor=is_editor(unet, vae), **{"size": sample_size * vae.config.downscale,
+                                                                         **stored})
     if mgie is not None:
-        parts.update(load_mgie(Path(mgie), unet, dtype=dtype, device=device))
+        mgie_parts, _ = load_mgie(Path(mgie), unet, dtype=dtype, device=device)
+        parts.update(mgie_parts)
     return parts
 
 
-def load_mgie(folder: Path, unet, *, dtype: torch.dtype, device=None) -> dict:
-    """MGIE's unet.pt (into `unet`) and mllm.pt (edit head + [IMG] token embeddings)."""
+def load_mgie(folder: Path, unet, *, dtype: torch.dtype, device=None, field: str = "mgie") -> tuple[dict, dict]:
+    """MGIE's unet.pt (into `unet`) and mllm.pt, each read once: (the Pipeline arguments edit_head
+    and img_token_embeddings, mllm.pt's other tensors: the MLLM's rows for its new tokens).
+    The [IMG] token embeddings are mllm.pt's `emb`, as MGIE's inference passes them to the edit head
+    (apple/ml-mgie: `emb = ckpt["emb"]`; `edit_head(hidden, emb)`). Errors name `field`, the
+    caller's argument for the folder."""
     from fastdiff.models.edit_head import EditHead
 
     for name in ("unet.pt", "mllm.pt"):
         if not (folder / name).is_file():
-            raise PipelineError(f"mgie: {name} missing from {folder} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
-    _load_part("mgie: unet.pt", lambda: unet.load_state_dict(checkpoint.read_state_dict(folder / "unet.pt")))
-    mllm = _load_part("mgie: mllm.pt", lambda: checkpoint.read_state_dict(folder / "mllm.pt"))
-    embedding_keys = [k for k in mllm if k.endswith("embed_tokens.weight")]
-    if len(embedding_keys) != 1:
-        raise PipelineError(f"mgie: expected one '...embed_tokens.weight' in mllm.pt (the [IMG] token embeddings are its "
-                            f"last {MGIE_IMG_TOKENS} rows), found {embedding_keys or 'none'}")
-    img_embeddings = mllm[embedding_keys[0]][-MGIE_IMG_TOKENS:].to(device=device, dtype=dtype)
-    edit_head = _load_part("mgie: mllm.pt edit head", lambda: EditHead.from_mgie(mllm, dtype=dtype, device=device))
+            raise PipelineError(field, f"{name} missing from {folder} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
+    _load_part(field, lambda: unet.load_state_dict(checkpoint.read_state_dict(folder / "unet.pt")), "unet.pt")
+    mllm = _load_part(field, lambda: checkpoint.read_state_dict(folder / "mllm.pt"), "mllm.pt")
+    emb = mllm.pop("emb", None)
+    if emb is None:
+        raise PipelineError(field, f"{folder / 'mllm.pt'} has no 'emb' (MGIE's [IMG] token embeddings, added to the "
+                                   f"MLLM states by the edit head); keys start {sorted(mllm)[:6]}")
+    head_state = {k: mllm.pop(k) for k in [k for k in mllm if k.startswith("edit_head.")]}
+    edit_head = _load_part(field, lambda: EditHead.from_mgie(head_state, dtype=dtype, device=device), "mllm.pt edit head")
+    width = edit_head.llm2hid.in_features
+    if emb.numel() != len(IMG_TOKENS) * width:
+        raise PipelineError(field, f"emb in {folder / 'mllm.pt'} is {tuple(emb.shape)}; expected ({len(IMG_TOKENS)}, "
+                                   f"{width}): one row per [IMG] token, as wide as the edit head's input")
     _own_aligned_memory(unet)
     _own_aligned_memory(edit_head)
-    if edit_head.llm2hid.in_features != img_embeddings.shape[-1]:
-        raise PipelineError(f"mgie: the edit head takes {edit_head.llm2hid.in_features}-wide states but embed_tokens rows "
-                            f"are {img_embeddings.shape[-1]} wide")
-    return dict(edit_head=edit_head, img_token_embeddings=img_embeddings)
+    img_embeddings = emb.reshape(len(IMG_TOKENS), width).to(device=device, dtype=dtype)
+    return dict(edit_head=edit_head, img_token_embeddings=img_embeddings), mllm
 
 
 def _save_model(model, folder: Path, config: dict) -> None:

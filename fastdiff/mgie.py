@@ -6,8 +6,9 @@ MLLM's own reading of the instruction (its "expressive instruction") out.
     result.image.save("out.png"); print(result.expressive_instruction)
 
 The procedure is MGIE's inference (apple/ml-mgie, ml_mgie/mgie.py), step by step:
-  1. the image is shrunk to fit 512 x 512 (PIL thumbnail; max_size); the MLLM sees its centre
-     square resized to 512, through CLIP's own preprocessing;
+  1. the image is shrunk to fit 512 x 512 (PIL thumbnail; max_size), and the edit is made at that
+     size (a 1024x700 input gives a 512x350 result); the MLLM sees its centre square resized to
+     512, through CLIP's own preprocessing;
   2. prompt: vicuna_v1_1 around "what will this image be like if {instruction}", a newline and
      <im_start> + <im_patch> x (image_size / patch_size)^2 + <im_end>;
   3. LLaVA-v1 (fastdiff.models.llava) decodes greedily, 96 new tokens at most, no 3-gram
@@ -16,10 +17,12 @@ The procedure is MGIE's inference (apple/ml-mgie, ml_mgie/mgie.py), step by step
      len(hid) - 9); hid[p:p+8] are the [IMG] states; the output text without its special
      tokens is the expressive instruction;
   5. the InstructPix2Pix pipeline with MGIE's UNet, conditioned by edit_head(hid, emb) against
-     edit_head(zeros, emb) (fastdiff.Pipeline's img_hidden_states), 3-way guidance, Euler
-     ancestral, 100 steps, scales 7.5 / 1.5 by default.
-Steps 1-4 run per request in the caller's thread; step 5 is an ordinary EditRequest, so in an
-Engine its denoising shares the step-level UNet batch with every other edit (`submit`).
+     edit_head(zeros, emb) (fastdiff.Pipeline's img_hidden_states; emb is mllm.pt's, see
+     loading.load_mgie), 3-way guidance, Euler ancestral; 100 steps and scales 7.5 / 1.5 are the
+     editing pipeline's defaults (fastdiff.requests.Defaults), MGIE's.
+The edit is resolved (Pipeline.resolve) once, before the MLLM runs, so bad options fail at once;
+steps 1-4 run per request in the caller's thread; step 5 is an ordinary edit, so in an Engine its
+denoising shares the step-level UNet batch with every other edit (`submit`).
 """
 from __future__ import annotations
 
@@ -32,16 +35,16 @@ import torch
 from PIL import Image
 
 from fastdiff import loading
+from fastdiff.loading import IMG_TOKENS
 from fastdiff.images import load_image
 from fastdiff.jobs import step_jobs
 from fastdiff.models.checkpoint import CheckpointError
-from fastdiff.models.llava import IMAGE_END, IMAGE_PATCH, IMAGE_START, LlavaV1, read_llava_config, read_weights
-from fastdiff.pipeline import Pipeline
+from fastdiff.models.llava import IMAGE_END, IMAGE_PATCH, IMAGE_START, LlavaV1, read_llava_config
+from fastdiff.pipeline import Pipeline, Resolved
 from fastdiff.requests import DEFAULT_MAX_PIXELS, EditRequest, PipelineError, build_request, describe, resolve_dtype
 
 __all__ = ["MGIE", "MGIEReading", "MGIEEdit", "IMG_TOKENS"]
 
-IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
 # vicuna_v1_1: system, " ", "USER: " + message, " ", "ASSISTANT:" (the assistant's turn left open)
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -53,12 +56,14 @@ MAX_SIZE = 512  # MGIE shrinks the input to fit this square, and shows the MLLM 
 @dataclasses.dataclass(frozen=True)
 class MGIEReading:
     """What the MLLM made of an instruction: its text, the 8 [IMG] hidden states (8, W) that
-    condition the edit, where they were taken (img_position, in prompt + output positions), the
-    image as the diffusion sees it, and timings (s) and token counts."""
+    condition the edit, where they were taken (img_position, in prompt + output positions; when
+    the MLLM wrote no [IMG] token, img_token_written is False and they are its last states, MGIE's
+    fallback), the image as the diffusion sees it, and timings (s) and token counts."""
 
     expressive_instruction: str
     img_hidden_states: torch.Tensor
     img_position: int
+    img_token_written: bool
     image: Image.Image
     generated_ids: list[int]
     timings: dict
@@ -66,31 +71,34 @@ class MGIEReading:
 
 @dataclasses.dataclass(frozen=True)
 class MGIEEdit:
-    """mgie.edit's result: the edited image (PIL unless output_type says otherwise), the expressive
-    instruction, and timings per stage in seconds."""
+    """mgie.edit's result: the edited image (PIL unless output_type says otherwise; the size of the
+    input after max_size's shrink, sides rounded down to the VAE's factor: 8 for SD), the expressive instruction, whether
+    the MLLM wrote its [IMG] tokens (see MGIEReading), and timings per stage in seconds."""
 
     image: object
     expressive_instruction: str
+    img_token_written: bool
     timings: dict
 
 
 def _folder(name: str, value) -> Path:
     if not isinstance(value, (str, Path)) or not Path(value).is_dir():
-        raise PipelineError(f"{name}: expected a folder, got {describe(value)}" + (
+        raise PipelineError(name, f"expected a folder, got {describe(value)}" + (
             " (no such directory)" if isinstance(value, (str, Path)) else ""))
     return Path(value)
 
 
+# fields of the loaders' errors that stand for the folder an MGIE argument names (None: the
+# detail starts with the file's path)
+_FOLDER_FIELDS = ("folder", "mgie", "llava_dir", "path", None)
+
+
 def _renamed(argument: str, load):
-    """load() with its PipelineError and CheckpointError messages re-headed by the argument at fault."""
+    """load() with its PipelineErrors and CheckpointErrors naming `argument`, the folder at fault."""
     try:
         return load()
     except (PipelineError, CheckpointError) as exc:
-        message = str(exc)
-        head, sep, rest = message.partition(": ")
-        if sep and head in ("folder", "mgie", "llava_dir", "path"):
-            message = rest
-        raise PipelineError(f"{argument}: {message}") from exc
+        raise PipelineError(argument, exc.detail if exc.field in _FOLDER_FIELDS else str(exc)) from exc
 
 
 def _vision_tower(name: str, llava_dir: Path, vision_dir, dtype, device):
@@ -107,10 +115,10 @@ def _vision_tower(name: str, llava_dir: Path, vision_dir, dtype, device):
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
     except OSError as exc:
         if vision_dir is None:
-            raise PipelineError(f"vision_dir: the vision tower {name!r} (mm_vision_tower in {llava_dir / 'config.json'}) "
+            raise PipelineError("vision_dir", f"the vision tower {name!r} (mm_vision_tower in {llava_dir / 'config.json'}) "
                                 f"is not found locally; download it (e.g. `huggingface-cli download {name} --local-dir "
                                 f"clip`) and pass vision_dir=that folder (CLI: --vision)") from exc
-        raise PipelineError(f"vision_dir: cannot load a CLIP vision model and its preprocessor_config.json from "
+        raise PipelineError("vision_dir", "cannot load a CLIP vision model and its preprocessor_config.json from "
                             f"{source} ({exc})") from exc
     return vision, processor
 
@@ -125,13 +133,13 @@ def _center_square(image: Image.Image, side: int) -> Image.Image:
 
 def check_instruction(value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise PipelineError(f"instruction: expected a non-empty string, got {describe(value)}")
+        raise PipelineError("instruction", f"expected a non-empty string, got {describe(value)}")
     return value
 
 
 def _max_size(value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
-        raise PipelineError(f"max_size: expected an integer >= 8 or None, got {describe(value)}")
+        raise PipelineError("max_size", f"expected an integer >= 8 or None, got {describe(value)}")
     return value
 
 
@@ -165,29 +173,18 @@ class MGIE:
         dtype = resolve_dtype(dtype, device)
         llava_dir, mgie_dir = _folder("llava_dir", llava_dir), _folder("mgie_dir", mgie_dir)
         ip2p_dir = _folder("ip2p_dir", ip2p_dir)
-        if not (mgie_dir / "mllm.pt").is_file():
-            raise PipelineError(f"mgie_dir: mllm.pt missing from {mgie_dir} (MGIE's checkpoint folder holds unet.pt and mllm.pt)")
-        mllm = {k: v() for k, (_, v) in _renamed("mgie_dir", lambda: read_weights(mgie_dir / "mllm.pt")).items()}
-        if "emb" not in mllm:
-            raise PipelineError(f"mgie_dir: {mgie_dir / 'mllm.pt'} has no 'emb' (MGIE's [IMG] token embeddings, added to "
-                                f"the MLLM states by the edit head); keys start {sorted(mllm)[:6]}")
         # the diffusion half first: its problems show in seconds, before the 7B weights are read
         parts = _renamed("ip2p_dir", lambda: loading.load_pipeline_parts(ip2p_dir, dtype=dtype, device=device))
-        parts.update(_renamed("mgie_dir", lambda: loading.load_mgie(mgie_dir, parts["unet"], dtype=dtype, device=device)))
-        width = parts["edit_head"].llm2hid.in_features
-        if mllm["emb"].numel() != len(IMG_TOKENS) * width:
-            raise PipelineError(f"mgie_dir: emb in mllm.pt is {tuple(mllm['emb'].shape)}; expected ({len(IMG_TOKENS)}, "
-                                f"{width}), the edit head's input")
-        # MGIE conditions the edit head on mllm.pt's emb (load_mgie's default is embed_tokens' last rows)
-        parts["img_token_embeddings"] = mllm["emb"].reshape(len(IMG_TOKENS), width).to(device=device, dtype=dtype)
-        parts["name"] = f"mgie:{mgie_dir.name}+{ip2p_dir.name}"
+        mgie_parts, mllm = loading.load_mgie(mgie_dir, parts["unet"], dtype=dtype, device=device, field="mgie_dir")
+        parts.update(mgie_parts, name=f"mgie:{mgie_dir.name}+{ip2p_dir.name}")
         pipe = _renamed("mgie_dir", lambda: Pipeline(**parts, max_pixels=max_pixels))
+        width = pipe.edit_head.llm2hid.in_features
 
         _, mm = _renamed("llava_dir", lambda: read_llava_config(llava_dir))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(llava_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise PipelineError(f"llava_dir: cannot load the tokenizer from {llava_dir} ({exc})") from exc
+            raise PipelineError("llava_dir", f"cannot load the tokenizer from {llava_dir} ({exc})") from exc
         # MGIE's order: the [IMG] tokens, the embeddings resized to this vocabulary, then LLaVA's
         # image tokens, which LLaVA-v1's tokenizer already holds (so they need no new rows)
         tokenizer.add_tokens(list(IMG_TOKENS), special_tokens=True)
@@ -196,15 +193,14 @@ class MGIE:
         tokenizer.add_tokens(image_tokens, special_tokens=True)
         beyond = [t for t in image_tokens if tokenizer.convert_tokens_to_ids(t) >= vocab_size]
         if beyond:
-            raise PipelineError(f"llava_dir: its tokenizer lacks {beyond} (LLaVA-v1's tokenizer holds {image_tokens} "
+            raise PipelineError("llava_dir", f"its tokenizer lacks {beyond} (LLaVA-v1's tokenizer holds {image_tokens} "
                                 f"before MGIE's [IMG] tokens)")
         vision, processor = _vision_tower(mm["mm_vision_tower"], llava_dir, vision_dir, dtype, device)
-        overrides = {k: v for k, v in mllm.items() if k != "emb" and not k.startswith("edit_head.")}
         llava = _renamed("llava_dir", lambda: LlavaV1.from_pretrained(
             llava_dir, vision, vocab_size=vocab_size, patch_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PATCH),
-            overrides=overrides, dtype=dtype, device=device))
+            overrides=mllm, dtype=dtype, device=device))  # mllm.pt's rows for the new tokens
         if llava.width != width:
-            raise PipelineError(f"llava_dir: the LLM is {llava.width} wide but MGIE's edit head takes {width}-wide states")
+            raise PipelineError("llava_dir", f"the LLM is {llava.width} wide but MGIE's edit head takes {width}-wide states")
         eos = llava.llm.config.eos_token_id
         return cls(llava=llava, tokenizer=tokenizer, image_processor=processor, pipe=pipe,
                    eos_token_id=eos[0] if isinstance(eos, list) else eos, use_im_start_end=bool(mm.get("mm_use_im_start_end")))
@@ -219,9 +215,16 @@ class MGIE:
     def describe(self, image, instruction: str, *, max_size: int | None = MAX_SIZE) -> MGIEReading:
         """Run only the MLLM: the expressive instruction and the [IMG] hidden states for `image`."""
         instruction, max_size = check_instruction(instruction), _max_size(max_size)
+        return self._read(self._input_image(image, max_size), instruction)
+
+    def _input_image(self, image, max_size: int | None) -> Image.Image:
+        """The image as MGIE edits it: shrunk to fit max_size x max_size (PIL thumbnail, as MGIE)."""
         image = load_image(image, max_pixels=self.pipe.max_pixels)  # a new RGB image: safe to shrink in place
         if max_size is not None:
             image.thumbnail((max_size, max_size))
+        return image
+
+    def _read(self, image: Image.Image, instruction: str) -> MGIEReading:
         timings = {}
         start = time.perf_counter()
         device = self.llava.mm_projector.weight.device
@@ -233,36 +236,39 @@ class MGIE:
                                               no_repeat_ngram_size=NO_REPEAT_NGRAM, eos_token_id=self.eos_token_id,
                                               timings=timings)  # hidden: (L + n - 1, W)
         sequence = ids + generated
+        written = self.img0_id in generated
         last = len(hidden) - len(IMG_TOKENS) - 1
-        position = min(sequence.index(self.img0_id) - 1, last) if self.img0_id in sequence else last
+        position = min(sequence.index(self.img0_id) - 1, last) if written else last
         states = hidden[position:position + len(IMG_TOKENS)]  # (8, W)
         text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         timings.update(prompt_tokens=len(ids), new_tokens=len(generated))
-        return MGIEReading(text, states.clone(), position, image, generated, timings)
+        return MGIEReading(text, states.clone(), position, written, image, generated, timings)
 
     # -- editing --------------------------------------------------------------------------------
 
-    def _request(self, image, instruction, max_size, options) -> tuple[EditRequest, MGIEReading]:
-        """The EditRequest for MGIE's conditioning: options checked (by the request and the pipeline)
-        before the MLLM runs, then its [IMG] states and the shrunk image filled in."""
+    def _resolve(self, image, instruction, max_size, options) -> tuple[Resolved, MGIEReading]:
+        """The edit resolved once, before the MLLM runs (so bad options fail in milliseconds, not
+        after the 7B model), with a placeholder for the [IMG] states; then the MLLM reads the
+        shrunk image and its states replace the placeholder."""
+        instruction, max_size = check_instruction(instruction), _max_size(max_size)
         placeholder = torch.zeros(len(IMG_TOKENS), self.llava.width)
-        request = build_request(EditRequest, image=image, img_hidden_states=placeholder, **options)
-        self.pipe.resolve(request)
-        reading = self.describe(image, instruction, max_size=max_size)
-        request = dataclasses.replace(request, image=reading.image, img_hidden_states=reading.img_hidden_states.float())
-        return request, reading
+        request = build_request(EditRequest, image=self._input_image(image, max_size), img_hidden_states=placeholder,
+                                **options)
+        resolved = self.pipe.resolve(request)
+        reading = self._read(resolved.request.image, instruction)
+        return resolved.with_img_hidden_states(reading.img_hidden_states.float()), reading
 
-    def edit(self, image, instruction: str, *, steps: int = 100, guidance_scale: float = 7.5,
-             image_guidance_scale: float = 1.5, seed: int | None = None, max_size: int | None = MAX_SIZE,
-             **options) -> MGIEEdit:
-        """Edit `image` (PIL, array or path) following `instruction`. seed: None draws one (MGIE's demo
-        uses 13331); max_size: the input is shrunk to fit max_size x max_size first (MGIE: 512; None
-        keeps it); further options are EditRequest's (sampler, generator, latents, output_type, ...)."""
-        request, reading = self._request(image, instruction, max_size, dict(
-            steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, seed=seed, **options))
+    def edit(self, image, instruction: str, *, max_size: int | None = MAX_SIZE, **options) -> MGIEEdit:
+        """Edit `image` (PIL, array or path) following `instruction`. max_size: the input is shrunk to
+        fit max_size x max_size first, as MGIE does (512: a 1024x700 input gives a 512x350 result;
+        None keeps its size). options: EditRequest's (steps, guidance_scale, image_guidance_scale,
+        seed, sampler, generator, latents, output_type, ...); what is not given takes the pipeline's
+        defaults, MGIE's: 100 steps, scales 7.5 / 1.5, the ip2p folder's Euler ancestral. seed:
+        None draws one (MGIE's demo uses 13331)."""
+        resolved, reading = self._resolve(image, instruction, max_size, options)
         timings = dict(reading.timings)
         start = time.perf_counter()
-        prepared = self.pipe.prepare(request)  # VAE encoder, edit head on the states and on zeros
+        prepared = self.pipe.prepare(resolved)  # VAE encoder, edit head on the states and on zeros
         timings["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
         while not all(job.done for job in prepared.jobs):
@@ -272,16 +278,16 @@ class MGIE:
         start = time.perf_counter()
         outputs = prepared.finish()
         timings["vae_decode_s"] = time.perf_counter() - start
-        return MGIEEdit(outputs[0], reading.expressive_instruction, timings)
+        return MGIEEdit(outputs[0], reading.expressive_instruction, reading.img_token_written, timings)
 
     def submit(self, engine, image, instruction: str, *, max_size: int | None = MAX_SIZE, **options) -> Future:
         """Run the MLLM here, then queue the edit on `engine` (a fastdiff.Engine over `self.pipe`),
         where its denoising joins the shared UNet batch. The Future gives an MGIEEdit (timings: the
-        MLLM's only). Options as edit (the pipeline's defaults: 100 steps, 7.5 / 1.5)."""
+        MLLM's only). Options as edit."""
         if getattr(engine, "pipe", None) is not self.pipe:
-            raise PipelineError("engine: expected a fastdiff.Engine over this MGIE's pipeline: Engine(mgie.pipe)")
-        request, reading = self._request(image, instruction, max_size, options)
-        inner, outer = engine.submit(request), Future()
+            raise PipelineError("engine", "expected a fastdiff.Engine over this MGIE's pipeline: Engine(mgie.pipe)")
+        resolved, reading = self._resolve(image, instruction, max_size, options)
+        inner, outer = engine.submit(resolved), Future()
 
         def relay(done: Future):
             if done.cancelled():
@@ -289,7 +295,8 @@ class MGIE:
             elif done.exception() is not None:
                 outer.set_exception(done.exception())
             else:
-                outer.set_result(MGIEEdit(done.result(), reading.expressive_instruction, dict(reading.timings)))
+                outer.set_result(MGIEEdit(done.result(), reading.expressive_instruction, reading.img_token_written,
+                                          dict(reading.timings)))
 
         inner.add_done_callback(relay)
         return outer

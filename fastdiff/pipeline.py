@@ -7,9 +7,10 @@
 Both follow diffusers' StableDiffusionPipeline / StableDiffusionInstructPix2PixPipeline step for
 step (same guidance order, latent scaling and image-latent concatenation), on fastdiff's models;
 tests/test_pipeline.py checks the images against diffusers'. Every call is a request value
-(fastdiff.requests) that `prepare` turns into Jobs (fastdiff.jobs), each image with its own
-generator, so results do not depend on batching; the Engine (fastdiff.engine) prepares the same
-requests and runs their jobs together.
+(fastdiff.requests) that `resolve` checks against the model once, into a Resolved (defaults
+filled, sampler built, guidance chosen, image loaded), and `prepare` turns into Jobs
+(fastdiff.jobs), each image with its own generator, so results do not depend on batching; the
+Engine (fastdiff.engine) prepares the same Resolved values and runs their jobs together.
 """
 from __future__ import annotations
 
@@ -23,22 +24,55 @@ import torch
 from fastdiff import loading
 from fastdiff.images import image_to_tensor, load_image, tensor_to_images
 from fastdiff.jobs import Job, step_jobs
-from fastdiff.requests import (DEFAULT_MAX_PIXELS, Defaults, EditGuidance, EditRequest, GenerateRequest, NoGuidance,
-                               PipelineError, Request, TextGuidance, build_request, describe, max_pixels_limit, resolve_dtype)
-from fastdiff.samplers import make_sampler
+from fastdiff.requests import (DEFAULT_MAX_PIXELS, Defaults, EditRequest, GenerateRequest, Guidance, PipelineError, Request,
+                               build_request, choose_guidance, describe, max_pixels_limit, resolve_dtype)
+from fastdiff.samplers import Sampler, make_sampler
 
 # The sampler used when the folder's scheduler class is not implemented here (SD1.5 ships
 # PNDMScheduler): diffusers' usual replacement, `DPMSolverMultistepScheduler.from_config(...)`.
 FALLBACK_SAMPLER = "dpmpp_2m"
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Resolved:
+    """A request resolved against one pipeline (Pipeline.resolve), once: what every later stage
+    (prepare, the Engine, MGIE, the server) takes, so none of them fills defaults or checks again.
+
+    request: every default filled in (steps, scales, sampler name, size), an edit's image loaded.
+    sampler: built from the pipeline's scheduler config. guidance: the row layout and combine the
+    scales ask for. latent_shape: one image's (1, C, h, w). pixels: what the pixel limit was
+    checked on (all output images; an edit's input image per image)."""
+
+    request: Request
+    pipe: "Pipeline"
+    sampler: Sampler
+    guidance: Guidance
+    latent_shape: tuple[int, int, int, int]
+    pixels: int
+
+    def with_img_hidden_states(self, states: torch.Tensor) -> "Resolved":
+        """This edit conditioned by MGIE's [IMG] states instead of the placeholder it was resolved
+        with (the MLLM runs after the request is checked); same shape, nothing else changes."""
+        expected = tuple(self.request.img_hidden_states.shape)
+        if tuple(states.shape) != expected:
+            raise PipelineError("img_hidden_states", f"expected {expected} like the resolved request, got {describe(states)}")
+        return dataclasses.replace(self, request=dataclasses.replace(self.request, img_hidden_states=states))
+
+
 @dataclasses.dataclass(eq=False)
 class Prepared:
     """A request made ready to denoise: its jobs (one per image) and how to decode their results."""
 
-    request: Request  # resolved: every default filled in, the image loaded
+    resolved: Resolved
     jobs: list[Job]
-    pipe: "Pipeline"
+
+    @property
+    def request(self) -> Request:
+        return self.resolved.request
+
+    @property
+    def pipe(self) -> "Pipeline":
+        return self.resolved.pipe
 
     def finish(self):
         """The outputs from the jobs' final latents, per request.output_type: a list of PIL images, an
@@ -58,15 +92,10 @@ class Prepared:
         replaced = result.get("latents") if isinstance(result, dict) else None
         if replaced is not None:
             if not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape:
-                raise PipelineError(f"callback_on_step_end: returned latents of {describe(replaced)}, expected the "
+                raise PipelineError("callback_on_step_end", f"returned latents of {describe(replaced)}, expected the "
                                     f"shape {tuple(latents.shape)} it was given")
             for job, row in zip(self.jobs, replaced.split(1)):
                 job.latents = row.to(job.latents)
-
-
-def _edit_guided(text_scale: float, image_scale: float) -> bool:
-    """diffusers' do_classifier_free_guidance for InstructPix2Pix."""
-    return text_scale > 1 and image_scale >= 1
 
 
 def _known_sampler(name) -> bool:
@@ -115,19 +144,19 @@ class Pipeline:
         self.vae_scale = vae.config.downscale
         self.cross_attention_dim = unet.cross_attention_dim
         in_channels = unet.in_channels
-        self.is_editor = in_channels == 2 * self.latent_channels
+        self.is_editor = loading.is_editor(unet, vae)
         if not self.is_editor and in_channels != self.latent_channels:
             raise PipelineError(
-                f"unet: in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
+                "unet", f"in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
                 f"channels) nor editing ({2 * self.latent_channels}); inpainting UNets are not supported"
             )
         if text_encoder is not None and text_encoder.hidden_size != self.cross_attention_dim:
-            raise PipelineError(f"text_encoder: hidden size {text_encoder.hidden_size} differs from the UNet's "
+            raise PipelineError("text_encoder", f"hidden size {text_encoder.hidden_size} differs from the UNet's "
                                 f"cross_attention_dim {self.cross_attention_dim}")
         if edit_head is not None and edit_head.hid2feat.out_features != self.cross_attention_dim:
-            raise PipelineError(f"mgie: the edit head's output width {edit_head.hid2feat.out_features} differs from the "
+            raise PipelineError("mgie", f"the edit head's output width {edit_head.hid2feat.out_features} differs from the "
                                 f"UNet's cross_attention_dim {self.cross_attention_dim}")
-        self.defaults = defaults or Defaults(steps=100 if self.is_editor else 50)
+        self.defaults = defaults or Defaults.for_model(editor=self.is_editor)
         scheduler_class = self.scheduler_config.get("_class_name")
         if self.defaults.sampler is None and not _known_sampler(scheduler_class):
             warnings.warn(f"scheduler: {scheduler_class} is not implemented by fastdiff; sampling with "
@@ -175,90 +204,98 @@ class Pipeline:
         try:
             return make_sampler(name or self.defaults.sampler, self.scheduler_config)
         except ValueError as exc:
-            raise PipelineError(f"{'sampler' if name else 'scheduler'}: {exc}") from None
+            raise PipelineError("sampler" if name else "scheduler", str(exc)) from None
 
-    def _check_steps(self, sampler_name, steps) -> None:
+    def _checked_sampler(self, sampler_name, steps) -> Sampler:
+        """The sampler, built once per request; its step range checked now."""
         sampler = self._sampler(sampler_name)
         try:
             sampler.start(steps)
         except ValueError as exc:
-            raise PipelineError(f"steps: {exc}") from None
+            raise PipelineError("steps", str(exc)) from None
+        return sampler
 
     def _check_embeds(self, name, embeds, like=None) -> None:
         D = self.cross_attention_dim
         if embeds.shape[-1] != D:
-            raise PipelineError(f"{name}: expected a float (L, {D}) or (1, L, {D}) tensor (the UNet's "
+            raise PipelineError(name, f"expected a float (L, {D}) or (1, L, {D}) tensor (the UNet's "
                                 f"cross_attention_dim is {D}), got {describe(embeds)}")
         if like is not None and embeds.shape[-2:] != like.shape[-2:]:
-            raise PipelineError(f"{name}: expected the shape {tuple(like.shape[-2:])} of its conditional twin, "
+            raise PipelineError(name, f"expected the shape {tuple(like.shape[-2:])} of its conditional twin, "
                                 f"got {tuple(embeds.shape[-2:])}")
 
     def _check_text(self, name, text, embeds, needed=True) -> None:
         """Text conditioning needs the text encoder; say which embeddings to pass instead."""
         if needed and embeds is None and self.text_encoder is None:
-            raise PipelineError(f"{name}: this pipeline has no text encoder; pass {name}_embeds instead")
+            raise PipelineError(name, f"this pipeline has no text encoder; pass {name}_embeds instead")
 
     def _check_latents(self, latents, shape) -> None:
         if latents is not None and tuple(latents.shape[-3:]) != tuple(shape[-3:]):
-            raise PipelineError(f"latents: expected a float tensor of shape {tuple(shape)}, got {describe(latents)}")
+            raise PipelineError("latents", f"expected a float tensor of shape {tuple(shape)}, got {describe(latents)}")
 
-    def resolve(self, request: Request, *, max_pixels: int | None = None) -> Request:
-        """`request` with this model's defaults filled in, checked against the model (kind, sizes,
-        embedding widths, the sampler's step range, the pixel limit) and, for an edit, its image
-        loaded: every error a request can raise before the models run. Cheap: no model runs."""
+    def resolve(self, request: Request, *, max_pixels: int | None = None) -> Resolved:
+        """`request` resolved against this model, once (see Resolved): its defaults filled in, checked
+        against the model (kind, sizes, embedding widths, the sampler's step range, the pixel limit),
+        for an edit its image loaded: every error a request can raise before the models run.
+        Cheap: no model runs. max_pixels: a limit for this request (default: the pipeline's)."""
+        if not isinstance(request, (GenerateRequest, EditRequest)):
+            raise TypeError(f"request: expected a GenerateRequest or EditRequest, got {type(request).__name__}")
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
         d = self.defaults
-        sampler = request.sampler or d.sampler
+        sampler_name = request.sampler or d.sampler
         steps = request.steps or d.steps
-        self._check_steps(sampler, steps)
+        sampler = self._checked_sampler(sampler_name, steps)
         guidance_scale = d.guidance_scale if request.guidance_scale is None else request.guidance_scale
         if isinstance(request, GenerateRequest):
             if self.is_editor:
-                raise PipelineError(f"generate: this is an editing model ({self.unet.in_channels}-channel UNet: noisy and "
+                raise PipelineError("generate", f"this is an editing model ({self.unet.in_channels}-channel UNet: noisy and "
                                     f"image latents); use edit()")
             height, width = request.height or d.size, request.width or d.size
             for name, value in (("height", height), ("width", width)):
                 if value % self.vae_scale:
-                    raise PipelineError(f"{name}: expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
+                    raise PipelineError(name, f"expected a multiple of {self.vae_scale} (the VAE's factor), got {value}")
             pixels = height * width * request.total_images
             if pixels > max_pixels:
-                raise PipelineError(f"height, width: {request.total_images} x {width}x{height} ({pixels:,} pixels), over "
+                raise PipelineError("height, width", f"{request.total_images} x {width}x{height} ({pixels:,} pixels), over "
                                     f"the limit of {max_pixels:,} (max_pixels)")
             for name, like in (("prompt_embeds", None), ("negative_prompt_embeds", request.prompt_embeds)):
                 if getattr(request, name) is not None:
                     self._check_embeds(name, getattr(request, name), like)
+            filled = dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler_name,
+                                         height=height, width=width)
+            guidance = choose_guidance(filled)
             self._check_text("prompt", request.prompt, request.prompt_embeds)
             self._check_text("negative_prompt", request.negative_prompt, request.negative_prompt_embeds,
-                             needed=guidance_scale > 1)
-            self._check_latents(request.latents, (request.total_images, self.latent_channels,
-                                                  height // self.vae_scale, width // self.vae_scale))
-            return dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                       height=height, width=width)
-        if not self.is_editor:
-            raise PipelineError(f"edit: this is a text-to-image model; use generate() (editing needs a UNet of "
-                                f"{2 * self.latent_channels} input channels: noisy and image latents)")
-        image = load_image(request.image, max_pixels=max_pixels // request.num_images)
-        image_scale = d.image_guidance_scale if request.image_guidance_scale is None else request.image_guidance_scale
-        for name, like in (("instruction_embeds", None), ("negative_instruction_embeds", request.instruction_embeds)):
-            if getattr(request, name) is not None:
-                self._check_embeds(name, getattr(request, name), like)
-        if request.img_hidden_states is None:
-            self._check_text("instruction", request.instruction, request.instruction_embeds)
-            self._check_text("negative_instruction", "", request.negative_instruction_embeds,
-                             needed=_edit_guided(guidance_scale, image_scale))
+                             needed=guidance.needs_null)
         else:
-            if self.edit_head is None:
-                raise PipelineError("img_hidden_states: this pipeline has no MGIE edit head; load it with "
-                                    "from_pretrained(..., mgie=DIR)")
-            expected = tuple(self.img_token_embeddings.shape)
-            if tuple(request.img_hidden_states.shape[-2:]) != expected:
-                raise PipelineError(f"img_hidden_states: expected a float {expected} or (1, *{expected}) tensor, "
-                                    f"got {describe(request.img_hidden_states)}")
-        width, height = (side - side % self.vae_scale for side in image.size)
-        self._check_latents(request.latents, (request.num_images, self.latent_channels, height // self.vae_scale,
-                                              width // self.vae_scale))
-        return dataclasses.replace(request, image=image, steps=steps, guidance_scale=guidance_scale,
-                                   image_guidance_scale=image_scale, sampler=sampler)
+            if not self.is_editor:
+                raise PipelineError("edit", "this is a text-to-image model; use generate() (editing needs a UNet of "
+                                    f"{2 * self.latent_channels} input channels: noisy and image latents)")
+            image = load_image(request.image, max_pixels=max_pixels // request.num_images)
+            pixels = image.width * image.height * request.num_images
+            image_scale = d.image_guidance_scale if request.image_guidance_scale is None else request.image_guidance_scale
+            for name, like in (("instruction_embeds", None), ("negative_instruction_embeds", request.instruction_embeds)):
+                if getattr(request, name) is not None:
+                    self._check_embeds(name, getattr(request, name), like)
+            filled = dataclasses.replace(request, image=image, steps=steps, guidance_scale=guidance_scale,
+                                         image_guidance_scale=image_scale, sampler=sampler_name)
+            guidance = choose_guidance(filled)
+            if request.img_hidden_states is None:
+                self._check_text("instruction", request.instruction, request.instruction_embeds)
+                self._check_text("negative_instruction", "", request.negative_instruction_embeds,
+                                 needed=guidance.needs_null)
+            else:
+                if self.edit_head is None:
+                    raise PipelineError("img_hidden_states", "this pipeline has no MGIE edit head; load it with "
+                                        "from_pretrained(..., mgie=DIR)")
+                expected = tuple(self.img_token_embeddings.shape)
+                if tuple(request.img_hidden_states.shape[-2:]) != expected:
+                    raise PipelineError("img_hidden_states", f"expected a float {expected} or (1, *{expected}) tensor, "
+                                        f"got {describe(request.img_hidden_states)}")
+            width, height = (side - side % self.vae_scale for side in image.size)
+        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        self._check_latents(request.latents, (request.total_images, *shape[1:]))
+        return Resolved(filled, self, sampler, guidance, shape, pixels)
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -282,65 +319,64 @@ class Pipeline:
 
     # -- request preparation (shared by generate/edit and the Engine) -------------------------
 
-    def _new_job(self, request, index, guidance, context, shape, image_latents=None) -> Job:
-        """Image `index` of `request`: its generator (its own seeded one, its entry of a list, or
-        the one shared generator), its initial noise (given latents before init_noise_sigma, as
+    def _new_job(self, resolved: Resolved, index, context, image_latents=None) -> Job:
+        """Image `index` of a request: its generator (its own seeded one, its entry of a list, or the
+        one shared generator), its initial noise (given latents before init_noise_sigma, as
         diffusers' `latents=`, or drawn), its conditioning rows."""
-        run = self._sampler(request.sampler).start(request.steps)
+        request = resolved.request
+        run = resolved.sampler.start(request.steps)
         if request.generator is None:
             generator = torch.Generator("cpu").manual_seed(request.seed + index)
         else:
             generator = request.generator[index] if isinstance(request.generator, list) else request.generator
         if request.latents is None:
-            latents = run.initial_latents(shape, generator=generator, device=self.device)
+            latents = run.initial_latents(resolved.latent_shape, generator=generator, device=self.device)
         else:
             latents = request.latents[index : index + 1].to(device=self.device, dtype=torch.float32) * run.init_noise_sigma
-        return Job(run=run, latents=latents, context=context.to(self.device), guidance=guidance, generator=generator,
-                   image_latents=None if image_latents is None else image_latents.to(self.device))
+        return Job(run=run, latents=latents, context=context.to(self.device), guidance=resolved.guidance,
+                   generator=generator, image_latents=None if image_latents is None else image_latents.to(self.device))
 
-    def _prepare_generate(self, request: GenerateRequest) -> list[Job]:
-        guided = request.guidance_scale > 1  # diffusers' do_classifier_free_guidance
-        guidance = TextGuidance(request.guidance_scale) if guided else NoGuidance()
-        shape = (1, self.latent_channels, request.height // self.vae_scale, request.width // self.vae_scale)
+    def _prepare_generate(self, resolved: Resolved) -> list[Job]:
+        request, guidance = resolved.request, resolved.guidance
         jobs = []
         for p, prompt in enumerate(request.prompts):  # images in diffusers' order: prompt by prompt
             context = self._context(prompt, request.prompt_embeds)
-            negative = self._context(request.negative_for(p), request.negative_prompt_embeds) if guided else None
-            if guided and negative.shape != context.shape:
+            negative = self._context(request.negative_for(p), request.negative_prompt_embeds) if guidance.needs_null else None
+            if negative is not None and negative.shape != context.shape:
                 name = "negative_prompt" if request.negative_prompt_embeds is None else "negative_prompt_embeds"
-                raise PipelineError(f"{name}: its conditioning {tuple(negative.shape[1:])} differs in shape "
+                raise PipelineError(name, f"its conditioning {tuple(negative.shape[1:])} differs in shape "
                                     f"from the prompt's {tuple(context.shape[1:])}")
             rows = guidance.context(context, negative)
-            jobs += [self._new_job(request, p * request.num_images + n, guidance, rows, shape)
-                     for n in range(request.num_images)]
+            jobs += [self._new_job(resolved, p * request.num_images + n, rows) for n in range(request.num_images)]
         return jobs
 
-    def _prepare_edit(self, request: EditRequest) -> list[Job]:
-        text_scale, image_scale = request.guidance_scale, request.image_guidance_scale
-        guided = _edit_guided(text_scale, image_scale)
-        guidance = EditGuidance(text_scale, image_scale) if guided else NoGuidance()
+    def _prepare_edit(self, resolved: Resolved) -> list[Job]:
+        request, guidance = resolved.request, resolved.guidance
         if request.img_hidden_states is not None:
             context, null = self._mgie_context(request.img_hidden_states)
         else:
             context = self._context(request.instruction, request.instruction_embeds)
             # InstructPix2Pix's unconditional text: the empty prompt
-            null = self._context(request.negative_prompt or "", request.negative_instruction_embeds) if guided else None
+            null = (self._context(request.negative_prompt or "", request.negative_instruction_embeds)
+                    if guidance.needs_null else None)
             if null is not None and null.shape != context.shape:
-                raise PipelineError(f"negative_instruction_embeds: its shape {tuple(null.shape[1:])} differs from the "
+                raise PipelineError("negative_instruction_embeds", f"its shape {tuple(null.shape[1:])} differs from the "
                                     f"instruction's conditioning {tuple(context.shape[1:])}")
         pixels = image_to_tensor(request.image, self.vae_scale)
-        shape = (1, self.latent_channels, pixels.shape[2] // self.vae_scale, pixels.shape[3] // self.vae_scale)
         with torch.inference_mode():
             image_latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).float()  # latent mode, unscaled (as diffusers)
         rows, image_rows = guidance.context(context, null), guidance.image_latents(image_latents)
-        return [self._new_job(request, n, guidance, rows, shape, image_rows) for n in range(request.num_images)]
+        return [self._new_job(resolved, n, rows, image_rows) for n in range(request.num_images)]
 
-    def prepare(self, request: Request, *, max_pixels: int | None = None) -> Prepared:
-        """Resolve `request` (see resolve), encode its conditioning and source image, and set up one
-        job per image; the denoising is left to the caller (run, or the Engine)."""
-        request = self.resolve(request, max_pixels=max_pixels)
-        jobs = self._prepare_generate(request) if isinstance(request, GenerateRequest) else self._prepare_edit(request)
-        return Prepared(request, jobs, self)
+    def prepare(self, resolved: Resolved) -> Prepared:
+        """Encode a resolved request's conditioning and source image, and set up one job per image;
+        the denoising is left to the caller (run, the Engine, MGIE)."""
+        if not isinstance(resolved, Resolved) or resolved.pipe is not self:
+            raise TypeError(f"resolved: expected what this pipeline's resolve(request) returned, got "
+                            f"{type(resolved).__name__}" + (" from another pipeline" if isinstance(resolved, Resolved) else ""))
+        request = resolved.request
+        jobs = self._prepare_generate(resolved) if isinstance(request, GenerateRequest) else self._prepare_edit(resolved)
+        return Prepared(resolved, jobs)
 
     def decode(self, latents_list: list[torch.Tensor], output_type: str):
         """Final latents (each (1, C, h, w)) -> outputs of `output_type` (see Prepared.finish)."""
@@ -356,7 +392,7 @@ class Pipeline:
         """Prepare and denoise one request; returns its outputs, one per image (see Prepared.finish)."""
         from tqdm.auto import tqdm
 
-        prepared = self.prepare(request)
+        prepared = self.prepare(self.resolve(request))
         bar = tqdm(total=sum(job.run.num_steps for job in prepared.jobs), desc="denoising", unit="step",
                    disable=not progress, leave=False)
         for job in prepared.jobs:

@@ -37,7 +37,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class PipelineError(ValueError):
-    """A model folder or argument the pipeline cannot use; the message names it and says what was expected."""
+    """A model folder or argument the pipeline cannot use: `field` names it (the argument, or the
+    folder part), `detail` says what was wrong and what was expected; str() is "field: detail"."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(field, detail)  # both in args: the error pickles (Ray) and compares by value
+        self.field, self.detail = field, detail
+
+    def __str__(self):
+        return f"{self.field}: {self.detail}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,12 @@ class Defaults:
     image_guidance_scale: float = 1.5  # InstructPix2Pix/MGIE's image scale
     sampler: str | None = None  # None: the scheduler config's class
     size: int = 512  # image side in pixels: the UNet's sample_size times the VAE's factor
+
+    @classmethod
+    def for_model(cls, *, editor: bool, **settings) -> "Defaults":
+        """A model's defaults: StableDiffusionPipeline's 50 steps, or InstructPix2Pix's and MGIE's 100
+        for an editor; `settings` (the folder's stored defaults, its size) override."""
+        return cls(**{"steps": 100 if editor else 50, **settings})
 
 
 # -- dtype: settled once, where a model is loaded -------------------------------------------------
@@ -67,12 +81,12 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPE_NAMES:
         resolved = _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
     else:
-        raise PipelineError(f"{name}: expected a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {describe(dtype)}")
+        raise PipelineError(name, f"expected a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {describe(dtype)}")
     device_type = resolve_device(device).type
     runnable = hardware.device_dtypes(device_type)
     if resolved not in runnable:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in runnable)
-        raise PipelineError(f"{name}: {str(resolved).removeprefix('torch.')} does not run on {device_type} "
+        raise PipelineError(name, f"{str(resolved).removeprefix('torch.')} does not run on {device_type} "
                             f"(fastdiff runs {allowed} there)")
     if resolved not in hardware.fast_dtypes(device_type):
         _warn_slow_dtype(name, resolved, device_type)
@@ -85,13 +99,13 @@ def resolve_device(device, *, name: str = "device") -> torch.device:
     if device is None:
         return torch.device("cpu")
     if not isinstance(device, (str, torch.device)):
-        raise PipelineError(f"{name}: expected a torch.device or a name such as 'cpu' or 'cuda', got {describe(device)}")
+        raise PipelineError(name, f"expected a torch.device or a name such as 'cpu' or 'cuda', got {describe(device)}")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise PipelineError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+        raise PipelineError(name, f"expected a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
     if resolved.type == "meta":
-        raise PipelineError(f"{name}: 'meta' tensors hold no data, so no weights can be loaded there; expected 'cpu' or 'cuda'")
+        raise PipelineError(name, "'meta' tensors hold no data, so no weights can be loaded there; expected 'cpu' or 'cuda'")
     return resolved
 
 
@@ -135,6 +149,11 @@ class Guidance:
     @property
     def branches(self) -> int:
         return len(self.ROWS)
+
+    @property
+    def needs_null(self) -> bool:
+        """Some row sees the null conditioning (the negative prompt / unconditional text)."""
+        return any(not row.text for row in self.ROWS)
 
     def context(self, text: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
         """(1, L, D) conditioning and null conditioning -> (branches, L, D) in row order."""
@@ -198,9 +217,9 @@ def describe(value) -> str:
 
 def _positive_int(name, value, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise PipelineError(f"{name}: expected a positive integer, got {describe(value)}")
+        raise PipelineError(name, f"expected a positive integer, got {describe(value)}")
     if maximum is not None and value > maximum:
-        raise PipelineError(f"{name}: expected at most {maximum}, got {value}")
+        raise PipelineError(name, f"expected at most {maximum}, got {value}")
     return int(value)
 
 
@@ -210,13 +229,13 @@ MAX_GUIDANCE = 100.0  # far past any useful scale (SD: 7.5; 20-30 already burns 
 def _scale(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not 0 <= value <= MAX_GUIDANCE:
-        raise PipelineError(f"{name}: expected a number in 0..{MAX_GUIDANCE:g}, got {describe(value)}")
+        raise PipelineError(name, f"expected a number in 0..{MAX_GUIDANCE:g}, got {describe(value)}")
     return float(value)
 
 
 def _text(name, value):
     if not isinstance(value, str):
-        raise PipelineError(f"{name}: expected a string, got {describe(value)}")
+        raise PipelineError(name, f"expected a string, got {describe(value)}")
     return value
 
 
@@ -224,17 +243,17 @@ def _embeds(name, value, ranks=(2, 3)):
     """A float tensor of one of `ranks`, batch 1 when rank 3, with finite values."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in ranks \
             or (value.dim() == 3 and value.shape[0] != 1) or 0 in value.shape:
-        raise PipelineError(f"{name}: expected a float (L, D) or (1, L, D) tensor, got {describe(value)}")
+        raise PipelineError(name, f"expected a float (L, D) or (1, L, D) tensor, got {describe(value)}")
     if not torch.isfinite(value).all():
-        raise PipelineError(f"{name}: contains NaN or infinite values")
+        raise PipelineError(name, "contains NaN or infinite values")
     return value
 
 
 def _latents(name, value):
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (3, 4):
-        raise PipelineError(f"{name}: expected a float (N, C, h, w) tensor, got {describe(value)}")
+        raise PipelineError(name, f"expected a float (N, C, h, w) tensor, got {describe(value)}")
     if not torch.isfinite(value).all():
-        raise PipelineError(f"{name}: contains NaN or infinite values")
+        raise PipelineError(name, "contains NaN or infinite values")
     return value
 
 
@@ -244,9 +263,9 @@ def _seed(value, generator) -> int | None:
     if value is None:
         return None if generator is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     if generator is not None:
-        raise PipelineError("seed: give at most one of seed, generator")
+        raise PipelineError("seed", "give at most one of seed, generator")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
-        raise PipelineError(f"seed: expected a non-negative integer or None, got {describe(value)}")
+        raise PipelineError("seed", f"expected a non-negative integer or None, got {describe(value)}")
     return int(value)
 
 
@@ -257,9 +276,9 @@ def _generators(value, count: int):
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(g, torch.Generator) for g in value):
         if len(value) != count:
-            raise PipelineError(f"generator: expected one generator per image ({count}), got {len(value)}")
+            raise PipelineError("generator", f"expected one generator per image ({count}), got {len(value)}")
         return list(value)
-    raise PipelineError(f"generator: expected a torch.Generator or a list of them, got {describe(value)}")
+    raise PipelineError("generator", f"expected a torch.Generator or a list of them, got {describe(value)}")
 
 
 def _set(request, name, value):
@@ -304,17 +323,17 @@ class _Sampling:
         if self.guidance_scale is not None:
             _set(self, "guidance_scale", _scale("guidance_scale", self.guidance_scale))
         if self.sampler is not None and not isinstance(self.sampler, str):
-            raise PipelineError(f"sampler: expected a sampler name or None, got {describe(self.sampler)}")
+            raise PipelineError("sampler", f"expected a sampler name or None, got {describe(self.sampler)}")
         if self.output_type not in OUTPUT_TYPES:
-            raise PipelineError(f"output_type: expected one of {OUTPUT_TYPES}, got {describe(self.output_type)}")
+            raise PipelineError("output_type", f"expected one of {OUTPUT_TYPES}, got {describe(self.output_type)}")
         if self.callback_on_step_end is not None and not callable(self.callback_on_step_end):
-            raise PipelineError(f"callback_on_step_end: expected a callable, got {describe(self.callback_on_step_end)}")
+            raise PipelineError("callback_on_step_end", f"expected a callable, got {describe(self.callback_on_step_end)}")
         _set(self, "num_images", _positive_int("num_images", self.num_images))
         _set(self, "generator", _generators(self.generator, self.total_images))
         _set(self, "seed", _seed(self.seed, self.generator))
         if self.latents is not None and (_latents("latents", self.latents).dim() != 4
                                          or self.latents.shape[0] != self.total_images):
-            raise PipelineError(f"latents: expected a float tensor of shape ({self.total_images}, C, h, w): one "
+            raise PipelineError("latents", f"expected a float tensor of shape ({self.total_images}, C, h, w): one "
                                 f"initial noise per image, got {describe(self.latents)}")
 
 
@@ -338,19 +357,19 @@ class GenerateRequest(_Sampling):
 
     def __post_init__(self):
         if (self.prompt is None) == (self.prompt_embeds is None):
-            raise PipelineError("prompt: give exactly one of prompt, prompt_embeds")
+            raise PipelineError("prompt", "give exactly one of prompt, prompt_embeds")
         if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
-            raise PipelineError("negative_prompt: give at most one of negative_prompt, negative_prompt_embeds")
+            raise PipelineError("negative_prompt", "give at most one of negative_prompt, negative_prompt_embeds")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 if not value:
-                    raise PipelineError(f"{name}: expected a string or a non-empty list of strings, got an empty list")
+                    raise PipelineError(name, "expected a string or a non-empty list of strings, got an empty list")
                 _set(self, name, [_text(name, text) for text in value])
             elif value is not None:
                 _text(name, value)
         if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != len(self.prompts):
-            raise PipelineError(f"negative_prompt: expected one per prompt ({len(self.prompts)}), "
+            raise PipelineError("negative_prompt", f"expected one per prompt ({len(self.prompts)}), "
                                 f"got {len(self.negative_prompt)}")
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             if getattr(self, name) is not None:
@@ -400,7 +419,7 @@ class EditRequest(_Sampling):
     def __post_init__(self):
         given = [n for n in ("instruction", "instruction_embeds", "img_hidden_states") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise PipelineError(f"instruction: give exactly one of instruction, instruction_embeds, img_hidden_states "
+            raise PipelineError("instruction", "give exactly one of instruction, instruction_embeds, img_hidden_states "
                                 f"(got {given or 'none'})")
         for name in ("instruction", "negative_prompt"):
             if getattr(self, name) is not None:
@@ -409,19 +428,30 @@ class EditRequest(_Sampling):
             if getattr(self, name) is not None:
                 _embeds(name, getattr(self, name))
         if self.negative_prompt is not None and self.negative_instruction_embeds is not None:
-            raise PipelineError("negative_prompt: give at most one of negative_prompt, negative_instruction_embeds")
+            raise PipelineError("negative_prompt", "give at most one of negative_prompt, negative_instruction_embeds")
         if self.img_hidden_states is not None and (self.negative_instruction_embeds is not None
                                                    or self.negative_prompt is not None):
-            raise PipelineError("negative_prompt: not with img_hidden_states (MGIE's null conditioning is its edit "
+            raise PipelineError("negative_prompt", "not with img_hidden_states (MGIE's null conditioning is its edit "
                                 "head applied to zeros)")
         if not isinstance(self.image, (Image.Image, np.ndarray, str, os.PathLike)):
-            raise PipelineError(f"image: expected a PIL image, a numpy array or a path, got {type(self.image).__name__}")
+            raise PipelineError("image", f"expected a PIL image, a numpy array or a path, got {type(self.image).__name__}")
         if self.image_guidance_scale is not None:
             _set(self, "image_guidance_scale", _scale("image_guidance_scale", self.image_guidance_scale))
         self._check_sampling()
 
 
 Request = GenerateRequest | EditRequest
+
+
+def choose_guidance(request: Request) -> Guidance:
+    """The guidance of a request whose scales are filled in, by diffusers' rule
+    (do_classifier_free_guidance): text guidance when guidance_scale > 1; for an edit, 3-way
+    InstructPix2Pix guidance when also image_guidance_scale >= 1; else one unguided row."""
+    text_scale = request.guidance_scale
+    if isinstance(request, EditRequest):
+        image_scale = request.image_guidance_scale
+        return EditGuidance(text_scale, image_scale) if text_scale > 1 and image_scale >= 1 else NoGuidance()
+    return TextGuidance(text_scale) if text_scale > 1 else NoGuidance()
 
 # diffusers' names for fastdiff's fields, accepted where users type them
 ALIASES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}
@@ -436,12 +466,12 @@ def build_request(request_class, **arguments) -> Request:
         if alias in arguments:
             value = arguments.pop(alias)
             if arguments.get(field) is not None:
-                raise PipelineError(f"{alias}: give at most one of {alias}, {field} (the same argument)")
+                raise PipelineError(alias, f"give at most one of {alias}, {field} (the same argument)")
             arguments[field] = value
     known = {f.name for f in dataclasses.fields(request_class)}
     unknown = sorted(set(arguments) - known)
     if unknown:
-        raise PipelineError(f"{unknown[0]}: not an argument of {request_class.__name__} (expected one of "
+        raise PipelineError(unknown[0], f"not an argument of {request_class.__name__} (expected one of "
                             f"{sorted(known | set(aliases))})")
     return request_class(**arguments)
 

@@ -120,7 +120,7 @@ def unet_class(folder) -> str:
     try:
         return json.loads(config.read_text()).get("_class_name", "UNet2DConditionModel")
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"--model: {str(folder)!r} is not a pipeline folder with unet/config.json ({exc})") from None
+        raise PipelineError("--model", f"{str(folder)!r} is not a pipeline folder with unet/config.json ({exc})") from None
 
 
 def compare_models(folder=None, backends=("reference", "cpp")) -> list[dict]:

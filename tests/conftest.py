@@ -18,3 +18,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def resolve_calls(monkeypatch):
+    """The requests Pipeline.resolve is called with from now on, in order: every entry point must
+    resolve a request exactly once."""
+    from fastdiff.pipeline import Pipeline
+
+    calls, resolve = [], Pipeline.resolve
+
+    def counting(self, request, **kwargs):
+        calls.append(request)
+        return resolve(self, request, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "resolve", counting)
+    return calls

@@ -24,7 +24,7 @@ from fastdiff.accelerate import DiffusersUNet, DiffusersVAE, UnsupportedError  #
 from fastdiff.models.unet_2d_condition import UNet2DCondition  # noqa: E402
 from fastdiff.requests import PipelineError  # noqa: E402
 from fastdiff.validate import LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, rel_error  # noqa: E402
-from test_pipeline import LATENT, SD_SCHEDULER, _perturbed, make_image, tiny_parts, tiny_unet  # noqa: E402
+from test_pipeline import LATENT, SD_SCHEDULER, make_image, perturbed, tiny_parts, tiny_unet  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # diffusers 0.42's schedulers call np.array(tensor, copy=False) (numpy 2 deprecation): not ours
@@ -39,7 +39,7 @@ COMMON = dict(num_inference_steps=STEPS, output_type="np")
 def tiny_controlnet(unet, seed=4):
     # one stride-2 stage in the conditioning embedding: the tiny VAE downsamples by 2, not 8
     torch.manual_seed(seed)
-    return _perturbed(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed)
+    return perturbed(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed)
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +405,7 @@ def _sd_pipe_with_unet(folders, **unet_config):
 ], ids=["attention_free_block", "head_size_floored"])
 def test_head_counts_are_checked_only_where_attention_runs(folders, config):
     pipe = _sd_pipe_with_unet(folders, **config)
-    _perturbed(pipe.unet, 7)
+    perturbed(pipe.unet, 7)
     plain_unet, theirs = pipe.unet, run(pipe, prompt=PROMPT)
     fastdiff.accelerate(pipe)
     g = torch.Generator().manual_seed(3)

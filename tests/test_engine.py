@@ -185,6 +185,30 @@ def test_submit_takes_request_values(editor):
     assert max_diff(result, editor.run(request, progress=False)[0]) <= BATCH_INVARIANCE
 
 
+def test_each_request_is_resolved_once(editor, generator, resolve_calls):
+    """generate/edit, fastdiff.generate and Engine.submit resolve a request once (Pipeline.resolve);
+    prepare and the engine's worker take the Resolved without checking it again."""
+    import fastdiff
+
+    generator.generate("a cat", height=32, width=32, steps=1, progress=False)
+    editor.edit(image(32), "snow", steps=1, progress=False)
+    fastdiff.generate("a cat", model="small", height=32, width=32, steps=1, progress=False)
+    assert [type(r).__name__ for r in resolve_calls] == ["GenerateRequest", "EditRequest", "GenerateRequest"]
+    resolve_calls.clear()
+    with Engine(editor, max_wait_ms=0) as engine:
+        engine.submit(EditRequest(image=image(32), instruction="snow", steps=1)).result(timeout=TIMEOUT_S)
+        engine.submit_edit(image(32), "snow", steps=1).result(timeout=TIMEOUT_S)
+        resolved = editor.resolve(EditRequest(image=image(32), instruction="snow", steps=1))
+        engine.submit(resolved).result(timeout=TIMEOUT_S)
+    assert len(resolve_calls) == 3  # the third by the caller, none by the engine
+    with Engine(generator) as engine, pytest.raises(TypeError, match="^request: resolved by another pipeline"):
+        engine.submit(resolved)
+    with Engine(editor, max_pixels=16 * 16) as engine, pytest.raises(PipelineError, match=r"^image: 1,024 pixels, over"):
+        engine.submit(resolved)  # resolved under the pipeline's limit: the engine's own still holds
+    with pytest.raises(TypeError, match="^resolved: expected what this pipeline's resolve"):
+        editor.prepare(EditRequest(image=image(32), instruction="snow", steps=1))
+
+
 def test_pixel_limit_refused_at_submit_before_any_work(editor):
     """max_pixels on the engine: a request over it raises in submit() and the UNet never runs."""
     with unet_calls(editor) as calls, Engine(editor, max_pixels=32 * 32) as engine:

@@ -69,7 +69,8 @@ def test_bfloat16_load(saved):
 
 def fake_mgie(root, editor, seed=0, llm_dim=48):
     """MGIE's two files for the small editor: unet.pt (perturbed UNet weights, wrapped in
-    {"state_dict": ...} under "module." as DataParallel dumps are) and mllm.pt (embed_tokens + edit_head.*)."""
+    {"state_dict": ...} under "module." as DataParallel dumps are) and mllm.pt (embed_tokens, edit_head.*
+    and emb, the [IMG] token embeddings: not embed_tokens' last rows, so a test sees which is used)."""
     folder = root / "mgie"
     folder.mkdir()
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +79,7 @@ def fake_mgie(root, editor, seed=0, llm_dim=48):
     torch.manual_seed(seed)
     head = EditHead(llm_dim=llm_dim, hidden_dim=32, out_dim=editor.cross_attention_dim, num_queries=77, num_heads=4,
                     num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32)
-    mllm = {"model.embed_tokens.weight": torch.randn(20, llm_dim, generator=g)}
+    mllm = {"model.embed_tokens.weight": torch.randn(20, llm_dim, generator=g), "emb": torch.randn(1, 8, llm_dim, generator=g)}
     mllm.update({f"edit_head.{k}": v for k, v in head.state_dict().items()})
     torch.save(mllm, folder / "mllm.pt")
     return folder, unet_state, mllm
@@ -90,7 +91,8 @@ def test_mgie_checkpoints_load(saved, tmp_path):
     pipe = Pipeline.from_pretrained(saved / "edit", mgie=folder)
     for name, value in pipe.unet.state_dict().items():
         torch.testing.assert_close(value, unet_state[name], rtol=0, atol=0)
-    torch.testing.assert_close(pipe.img_token_embeddings, mllm["model.embed_tokens.weight"][-8:], rtol=0, atol=0)
+    # MGIE's inference conditions on mllm.pt's emb (apple/ml-mgie: edit_head(hidden, ckpt["emb"]))
+    torch.testing.assert_close(pipe.img_token_embeddings, mllm["emb"][0], rtol=0, atol=0)
     torch.testing.assert_close(pipe.edit_head.query, mllm["edit_head.query"], rtol=0, atol=0)
     hidden = torch.randn(8, 48)
     out = pipe.edit(image(), img_hidden_states=hidden, steps=2, seed=0, output_type="np", progress=False)
@@ -107,9 +109,13 @@ def test_mgie_checkpoints_load(saved, tmp_path):
 
 def test_mgie_head_width_must_match_embeddings(saved, tmp_path):
     folder, _, mllm = fake_mgie(tmp_path, default_pipeline("edit", "small"))
-    mllm["model.embed_tokens.weight"] = torch.randn(20, 40)
+    mllm["emb"] = torch.randn(1, 8, 40)
     torch.save(mllm, folder / "mllm.pt")
-    with pytest.raises(PipelineError, match="^mgie: the edit head takes 48-wide states"):
+    with pytest.raises(PipelineError, match=r"^mgie: emb in .*mllm\.pt is \(1, 8, 40\); expected \(8, 48\)"):
+        Pipeline.from_pretrained(saved / "edit", mgie=folder)
+    del mllm["emb"]
+    torch.save(mllm, folder / "mllm.pt")
+    with pytest.raises(PipelineError, match=r"^mgie: .*mllm\.pt has no 'emb'"):
         Pipeline.from_pretrained(saved / "edit", mgie=folder)
 
 

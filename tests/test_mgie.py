@@ -17,8 +17,9 @@ transformers = pytest.importorskip("transformers")
 from fastdiff import cli  # noqa: E402
 from fastdiff.engine import Engine  # noqa: E402
 from fastdiff.mgie import MGIE  # noqa: E402
+from fastdiff.models.llava import LlavaV1  # noqa: E402
 from fastdiff.requests import PipelineError  # noqa: E402
-from test_pipeline import SD_SCHEDULER, _perturbed, make_image, tiny_parts, tiny_unet  # noqa: E402
+from test_pipeline import SD_SCHEDULER, make_image, perturbed, tiny_parts, tiny_unet  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -56,7 +57,7 @@ def save_llava(folder, tokenizer, *, projector=True, seed=0):
                  vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, hidden_act="silu", initializer_range=0.02,
                  tie_word_embeddings=False)
     torch.manual_seed(seed)
-    llm = _perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)), seed)
+    llm = perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)), seed)
     config = {**llama, "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "max_sequence_length": 2048,
               "torch_dtype": "float32", "use_cache": True, "mm_vision_tower": MISSING_TOWER, "mm_hidden_size": VISION_WIDTH,
               "mm_use_im_start_end": True, "mm_vision_select_layer": -2, "use_mm_proj": True}
@@ -80,7 +81,7 @@ def save_vision(folder):
     torch.manual_seed(4)
     config = transformers.CLIPVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=40, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=32, patch_size=8)  # 16 patches
-    _perturbed(transformers.CLIPVisionModel(config), 4).save_pretrained(folder)
+    perturbed(transformers.CLIPVisionModel(config), 4).save_pretrained(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
@@ -93,7 +94,7 @@ def save_mgie(folder, vocab, *, img_bias, seed=11):
     folder.mkdir()
     torch.save(tiny_unet(8, seed).state_dict(), folder / "unet.pt")
     g = torch.Generator().manual_seed(seed)
-    head = _perturbed(EditHead(llm_dim=WIDTH, hidden_dim=32, out_dim=32, num_queries=77, num_heads=4, num_encoder_layers=1,
+    head = perturbed(EditHead(llm_dim=WIDTH, hidden_dim=32, out_dim=32, num_queries=77, num_heads=4, num_encoder_layers=1,
                                num_decoder_layers=2, dim_feedforward=48), seed)
     lm_head = torch.randn(vocab, WIDTH, generator=g) * 0.2
     lm_head[vocab - 8] = img_bias * torch.ones(WIDTH)
@@ -297,3 +298,110 @@ def test_cli_prints_the_expressive_instruction_and_stage_timings(folders, tmp_pa
         assert stage in out
     assert cli.main(["edit", str(tmp_path / "in.png"), INSTRUCTION, "-o", str(tmp_path / "x.png"), "--mgie", "m"]) == 1
     assert "--llava: needed for an MGIE edit" in capsys.readouterr().err
+
+
+def test_each_edit_is_resolved_once(loaded, resolve_calls):
+    """mgie.edit and mgie.submit resolve the edit once, before the MLLM runs; the MLLM's states then
+    fill the Resolved (prepare and the engine check nothing again)."""
+    mgie = loaded("mgie_img")
+    mgie.edit(make_image(32, 32), INSTRUCTION, steps=1, seed=0)
+    with Engine(mgie.pipe, max_wait_ms=0) as engine:
+        mgie.submit(engine, make_image(32, 32), INSTRUCTION, steps=1, seed=0).result(timeout=120)
+    assert [type(r).__name__ for r in resolve_calls] == ["EditRequest", "EditRequest"]
+    with pytest.raises(PipelineError, match="^steps: expected a positive integer"):
+        mgie.edit(make_image(32, 32), INSTRUCTION, steps=0)  # refused before the MLLM runs
+
+
+def test_img_embeddings_are_mllm_emb_read_once(folders, monkeypatch):
+    """MGIE's inference conditions its edit head on mllm.pt's emb (apple/ml-mgie: emb = ckpt['emb']),
+    not on embed_tokens' last 8 rows (what its training passes; the released emb differs here):
+    fastdiff.MGIE and Pipeline.from_pretrained(mgie=) take the same, and mllm.pt is read once."""
+    from fastdiff.pipeline import Pipeline
+
+    reads, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: reads.append(str(path)) or torch_load(path, *a, **k))
+    mgie = load(folders, "mgie_img")
+    assert sum(path.endswith("mllm.pt") for path in reads) == 1
+    mllm = torch_load(folders / "mgie_img" / "mllm.pt", weights_only=True)
+    assert torch.equal(mgie.pipe.img_token_embeddings, mllm["emb"][0])
+    assert not torch.equal(mllm["emb"][0], mllm["model.embed_tokens.weight"][-8:])  # the two answers differ here
+    plain = Pipeline.from_pretrained(folders / "ip2p", mgie=folders / "mgie_img")
+    assert torch.equal(plain.img_token_embeddings, mgie.pipe.img_token_embeddings)
+
+
+def test_damaged_checkpoint_files_are_named(folders, tmp_path, monkeypatch):
+    """Random bytes as mllm.pt got torch's advice about _use_new_zipfile_serialization; a damaged
+    unet.pt an OSError [Errno 22] naming no file. Both now say what the file is, naming it."""
+    damaged = shutil.copytree(folders / "mgie_img", tmp_path / "mgie")
+    good_mllm = (damaged / "mllm.pt").read_bytes()
+    (damaged / "mllm.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(PipelineError, match=rf"^mgie_dir: mllm\.pt: cannot load \({damaged / 'mllm.pt'}: not a torch "
+                                            r"checkpoint") as error:
+        load(folders, damaged)
+    assert "_use_new_zipfile_serialization" not in str(error.value)
+    (damaged / "mllm.pt").write_bytes(good_mllm)
+    unet = (damaged / "unet.pt").read_bytes()
+    (damaged / "unet.pt").write_bytes(unet[: len(unet) // 2])
+    truncated = rf"^mgie_dir: unet\.pt: cannot load \({damaged / 'unet.pt'}: the torch checkpoint is truncated or corrupted"
+    with pytest.raises(PipelineError, match=truncated):
+        load(folders, damaged)
+    (damaged / "unet.pt").write_bytes(unet)
+    torch_load = torch.load
+
+    def failing_load(path, *args, **kwargs):
+        if str(path).endswith("unet.pt"):
+            raise OSError(22, "Invalid argument")
+        return torch_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(PipelineError, match=truncated + r".*OSError: \[Errno 22\] Invalid argument"):
+        load(folders, damaged)
+
+
+def test_result_is_the_shrunk_input(loaded):
+    """MGIE edits the input shrunk to fit max_size (512: a 1024x700 input is edited, and comes back,
+    at 512x350; the edit here at max_size=64, as 512x350 takes the tiny UNet a minute)."""
+    mgie = loaded("mgie_img")
+    assert mgie.describe(make_image(1024, 700), INSTRUCTION).image.size == (512, 350)
+    assert mgie.edit(make_image(1024, 700), INSTRUCTION, steps=1, seed=0, max_size=64).image.size == (64, 44)
+    assert mgie.edit(make_image(40, 24), INSTRUCTION, steps=1, seed=0, max_size=None).image.size == (40, 24)
+
+
+def run_cli(folders, tmp_path, mgie_name, **flags):
+    make_image(32, 32).save(tmp_path / "in.png")
+    paths = {"--mgie": folders / mgie_name, "--llava": folders / "llava", "--ip2p": folders / "ip2p",
+             "--vision": folders / "clip", **flags}
+    argv = ["edit", str(tmp_path / "in.png"), INSTRUCTION, "-o", str(tmp_path / "out.png"), "--steps", "1", "--dtype", "fp32"]
+    return cli.main(argv + [str(v) for flag, value in paths.items() for v in (flag, value)])
+
+
+def test_cli_prints_the_expressive_instruction_without_img_tokens(folders, loaded, tmp_path, capsys, monkeypatch):
+    """In MGIE's fallback (no [IMG] token written: the last states condition the edit) the CLI
+    prints the expressive instruction and says it fell back; with no text at all it says that."""
+    assert run_cli(folders, tmp_path, "mgie_fallback") == 0
+    out = capsys.readouterr().out
+    text = loaded("mgie_fallback").describe(make_image(32, 32), INSTRUCTION).expressive_instruction
+    assert text and f"expressive instruction: {text}\n" in out
+    assert "wrote no [IMG] token" in out and "(32x32: MGIE edits the input shrunk to fit 512x512)" in out
+    greedy = LlavaV1.greedy
+
+    def ends_at_once(self, ids, embeds, *, eos_token_id, **options):  # an MLLM whose first token is </s>
+        _, hidden = greedy(self, ids, embeds, **{**options, "max_new_tokens": 1}, eos_token_id=eos_token_id)
+        return [eos_token_id], hidden
+
+    monkeypatch.setattr(LlavaV1, "greedy", ends_at_once)
+    assert run_cli(folders, tmp_path, "mgie_fallback") == 0
+    out = capsys.readouterr().out
+    assert "expressive instruction: (none: the MLLM wrote no text)" in out and "wrote no [IMG] token" in out
+
+
+def test_cli_errors_name_the_flags(folders, tmp_path, capsys):
+    """MGIE's loading errors name --llava/--mgie/--ip2p/--vision, what the user typed, not llava_dir."""
+    assert run_cli(folders, tmp_path, "mgie_img", **{"--llava": tmp_path / "nowhere"}) == 1
+    err = capsys.readouterr().err
+    assert "error: --llava: expected a folder" in err and "llava_dir" not in err
+    damaged = shutil.copytree(folders / "mgie_img", tmp_path / "mgie")
+    (damaged / "mllm.pt").write_bytes(b"not a checkpoint" * 100)
+    assert run_cli(folders, tmp_path, "mgie_img", **{"--mgie": damaged}) == 1
+    err = capsys.readouterr().err
+    assert f"error: --mgie: mllm.pt: cannot load ({damaged / 'mllm.pt'}: not a torch checkpoint" in err

@@ -42,7 +42,7 @@ LATENT = 16  # latent side: 32-pixel images through the 2x tiny VAE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _perturbed(module, seed):
+def perturbed(module, seed):
     """Random init leaves norms at (1, 0) and some biases at 0: perturb every parameter so it matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def tiny_unet(in_channels, seed):
         block_out_channels=(32, 64), layers_per_block=2, sample_size=LATENT, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4)
-    return _perturbed(unet, seed)
+    return perturbed(unet, seed)
 
 
 def tiny_parts(root):
@@ -79,7 +79,7 @@ def tiny_parts(root):
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   norm_num_groups=32, sample_size=2 * LATENT)
-    return tokenizer, text_encoder, _perturbed(vae, 1)
+    return tokenizer, text_encoder, perturbed(vae, 1)
 
 
 @pytest.fixture(scope="module")
@@ -233,15 +233,16 @@ def test_edit_variants_match_diffusers(folders, ip2p, backend):
 
 def mgie_folder(root, seed=11, llm_dim=64, vocab=40):
     """A fake MGIE checkpoint folder: unet.pt (another tiny IP2P UNet's state_dict, wrapped as in
-    some MGIE dumps) and mllm.pt (LLM embed_tokens + a small edit head under 'edit_head.')."""
+    some MGIE dumps) and mllm.pt (LLM embed_tokens, a small edit head under 'edit_head.', emb)."""
     folder = root / "mgie"
     folder.mkdir()
     unet = tiny_unet(8, seed)
     torch.save({k: v.clone() for k, v in unet.state_dict().items()}, folder / "unet.pt")
     torch.manual_seed(seed)
-    head = _perturbed(EditHead(llm_dim=llm_dim, hidden_dim=32, out_dim=32, num_queries=77, num_heads=4, num_encoder_layers=1,
+    head = perturbed(EditHead(llm_dim=llm_dim, hidden_dim=32, out_dim=32, num_queries=77, num_heads=4, num_encoder_layers=1,
                                num_decoder_layers=2, dim_feedforward=48), seed)
-    mllm = {"model.embed_tokens.weight": torch.randn(vocab, llm_dim), "lm_head.weight": torch.randn(vocab, llm_dim)}
+    mllm = {"model.embed_tokens.weight": torch.randn(vocab, llm_dim), "lm_head.weight": torch.randn(vocab, llm_dim),
+            "emb": torch.randn(1, 8, llm_dim)}
     mllm.update({f"edit_head.{k}": v.clone() for k, v in head.state_dict().items()})
     torch.save(mllm, folder / "mllm.pt")
     return folder, unet
@@ -250,12 +251,12 @@ def mgie_folder(root, seed=11, llm_dim=64, vocab=40):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mgie_edit_matches_diffusers_with_edit_head_embeddings(folders, tmp_path, backend):
     """edit(img_hidden_states=h) == diffusers IP2P with prompt_embeds = head(h, emb) and
-    negative_prompt_embeds = head(0, emb), emb = embed_tokens[-8:], and MGIE's UNet weights."""
+    negative_prompt_embeds = head(0, emb), emb = mllm.pt's emb, and MGIE's UNet weights."""
     mgie, mgie_unet = mgie_folder(tmp_path)
     pipe = Pipeline.from_pretrained(folders / "ip2p", mgie=mgie)
     mllm = torch.load(mgie / "mllm.pt", weights_only=True)
     head = EditHead.from_mgie(mllm)  # built on its own from the same file
-    emb = mllm["model.embed_tokens.weight"][-8:][None]
+    emb = mllm["emb"]
     hidden = torch.randn(8, emb.shape[-1], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         prompt_embeds, null_embeds = head(hidden[None], emb), head(torch.zeros(1, *hidden.shape), emb)
@@ -501,8 +502,8 @@ def test_mgie_folder_errors(folders, tmp_path):
     with pytest.raises(PipelineError, match="^mgie: mllm.pt missing"):
         Pipeline.from_pretrained(folders / "ip2p", mgie=mgie)
     state = torch.load(tmp_path / "mllm.pt", weights_only=True)
-    torch.save({k: v for k, v in state.items() if "embed_tokens" not in k}, mgie / "mllm.pt")
-    with pytest.raises(PipelineError, match="^mgie: expected one '...embed_tokens.weight'"):
+    torch.save({k: v for k, v in state.items() if k != "emb"}, mgie / "mllm.pt")
+    with pytest.raises(PipelineError, match=r"^mgie: .*mllm\.pt has no 'emb'"):
         Pipeline.from_pretrained(folders / "ip2p", mgie=mgie)
     torch.save({"conv_in.weight": torch.zeros(3)}, mgie / "unet.pt")
     with pytest.raises(PipelineError, match="^mgie: unet.pt: cannot load"):

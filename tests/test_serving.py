@@ -335,3 +335,29 @@ def test_a_disconnect_leaves_no_unretrieved_future_in_the_log(pipes, caplog):
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text[-2000:]
     finally:
         engine.close()
+
+
+def test_each_http_request_is_resolved_once(pipes, resolve_calls):
+    """The server resolves a request once and hands the Resolved to the engine, which prepares it
+    without resolving it again."""
+    generator, editor = pipes
+    with serve_in_thread(create_app([generator, editor], max_wait_ms=0)) as url:
+        made = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "height": 32, "width": 32, "steps": 1},
+                          timeout=TIMEOUT_S)
+        edited = httpx.post(f"{url}/v1/edit", json={"image": b64(png_bytes(source_image(1))), "instruction": "x",
+                                                    "steps": 1}, timeout=TIMEOUT_S)
+        assert made.status_code == 200 and edited.status_code == 200, (made.text, edited.text)
+        bad = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "height": 36, "steps": 1}, timeout=TIMEOUT_S)
+        assert bad.status_code == 422 and bad.json()["field"] == "height", bad.text  # PipelineError.field
+    assert [type(r).__name__ for r in resolve_calls] == ["GenerateRequest", "EditRequest", "GenerateRequest"]
+
+
+def test_http_fields_come_from_the_request_dataclasses():
+    """What a client may send, and as which JSON type: the request fields of int, float or str type
+    (one image per request: num_images and output_type are the server's), with diffusers' aliases."""
+    from fastdiff.serving.server import FIELDS
+
+    shared = {"steps": int, "num_inference_steps": int, "guidance_scale": float, "seed": int, "sampler": str,
+              "negative_prompt": str, "prompt": str}
+    assert FIELDS["generate"] == {**shared, "height": int, "width": int}
+    assert FIELDS["edit"] == {**shared, "image": str, "instruction": str, "image_guidance_scale": float}

@@ -170,9 +170,9 @@ def edit_images(pipe, edits, *, sampler: str, steps: int, seed: int, bar) -> lis
     """The edited images; BATCH edits share each UNet call (Pipeline.run's loop over several requests)."""
     images = []
     for start in range(0, len(edits), BATCH):
-        prepared = [pipe.prepare(EditRequest(image=edit.source.render(), instruction=edit.instruction, sampler=sampler,
-                                             steps=steps, seed=seed + start + i))
-                    for i, edit in enumerate(edits[start:start + BATCH])]
+        requests = [EditRequest(image=edit.source.render(), instruction=edit.instruction, sampler=sampler, steps=steps,
+                                seed=seed + start + i) for i, edit in enumerate(edits[start:start + BATCH])]
+        prepared = [pipe.prepare(pipe.resolve(request)) for request in requests]
         jobs = [job for p in prepared for job in p.jobs]
         while not all(job.done for job in jobs):
             step_jobs(pipe.unet, [job for job in jobs if not job.done])

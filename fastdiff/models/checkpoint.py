@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -34,7 +35,15 @@ LISTED = 10  # how many missing / unexpected / mismatched names an error spells 
 
 class CheckpointError(ValueError):
     """A weight file or state_dict that does not fit the model (missing, unexpected or misshapen
-    parameters, unreadable or absent files)."""
+    parameters, unreadable or absent files). `field`: the argument at fault when the error names
+    one (None when the detail starts with the file's path); str() is "field: detail"."""
+
+    def __init__(self, field: str | None, detail: str):
+        super().__init__(field, detail)
+        self.field, self.detail = field, detail
+
+    def __str__(self):
+        return self.detail if self.field is None else f"{self.field}: {self.detail}"
 
 
 def _as_state_dict(obj, source: str) -> dict[str, torch.Tensor]:
@@ -45,11 +54,11 @@ def _as_state_dict(obj, source: str) -> dict[str, torch.Tensor]:
             break
         obj = obj[inner[0]]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
+        raise CheckpointError(None, f"{source}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
-            f"{source}: expected a state_dict (name -> tensor); {len(not_tensors)} entries are not tensors, "
+            None, f"{source}: expected a state_dict (name -> tensor); {len(not_tensors)} entries are not tensors, "
             f"e.g. {not_tensors[:LISTED]}"
         )
     return dict(obj)
@@ -60,14 +69,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (.bin / .pt / .pth / .ckpt) read with weights_only=True (no code runs on load)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"path: no weight file at {path}")
+        raise CheckpointError("path", f"no weight file at {path}")
     if path.name.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text()).get("weight_map")
         except (ValueError, AttributeError) as exc:  # not JSON, or JSON but not an object
-            raise CheckpointError(f"{path}: cannot read as a shard index ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(None, f"{path}: cannot read as a shard index ({type(exc).__name__}: {exc})") from exc
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{path}: a shard index needs a 'weight_map' object")
+            raise CheckpointError(None, f"{path}: a shard index needs a 'weight_map' object")
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
             state_dict.update(read_state_dict(path.parent / shard))
@@ -78,12 +87,33 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # bad header, truncated data: safetensors' message does not name the file
-            raise CheckpointError(f"{path}: cannot read as safetensors ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(None, f"{path}: cannot read as safetensors ({type(exc).__name__}: {exc})") from exc
+    return _as_state_dict(load_torch_file(path), str(path))
+
+
+# How torch.save's files begin: a zip archive (torch >= 1.6) or a pickle (the legacy format).
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def load_torch_file(path: Path, *, mmap: bool = False):
+    """torch.load(path) with weights_only=True (no code runs on load), on the CPU; every failure a
+    CheckpointError naming the file and saying which it is: not a torch checkpoint at all (torch
+    itself answers random bytes with advice about _use_new_zipfile_serialization), an object the
+    weights-only loader refuses, or a truncated or corrupted file (torch: a zip error, an EOF,
+    or OSError [Errno 22] without the file's name)."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head.startswith(_TORCH_FILE_MAGIC):
+        raise CheckpointError(None, f"{path}: not a torch checkpoint (torch.save writes a zip archive or a pickle; "
+                                    f"this file starts with {head!r}{', and is empty' if not head else ''})")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpicklable under weights_only, truncated file, not a pickle
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch pickle ({type(exc).__name__}: {exc})") from exc
-    return _as_state_dict(obj, str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
+    except pickle.UnpicklingError as exc:  # a whole file holding objects other than tensors and containers
+        raise CheckpointError(None, f"{path}: cannot read as a weights-only torch pickle ({exc})") from exc
+    except Exception as exc:  # a zip without its central directory, an EOF, an OSError, ...
+        size = path.stat().st_size
+        raise CheckpointError(None, f"{path}: the torch checkpoint is truncated or corrupted ({size:,} bytes; "
+                                    f"{type(exc).__name__}: {exc}); download or save it again") from exc
 
 
 def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
@@ -92,7 +122,7 @@ def resolve_model_folder(folder: str | os.PathLike, subfolder: str) -> Path:
     for candidate in (folder, folder / subfolder):
         if (candidate / "config.json").is_file():
             return candidate
-    raise CheckpointError(f"folder: no config.json in {folder} or {folder / subfolder}")
+    raise CheckpointError("folder", f"no config.json in {folder} or {folder / subfolder}")
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -100,7 +130,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the model config ({exc})") from exc
+        raise CheckpointError(None, f"{path}: cannot read the model config ({exc})") from exc
 
 
 def find_weights(folder: str | os.PathLike, name: str = WEIGHTS_NAME) -> Path:
@@ -110,7 +140,7 @@ def find_weights(folder: str | os.PathLike, name: str = WEIGHTS_NAME) -> Path:
         if (folder / file_name).is_file():
             return folder / file_name
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(f"folder: no {name}.safetensors / .bin (or sharded index) in {folder}; it holds {present}")
+    raise CheckpointError("folder", f"no {name}.safetensors / .bin (or sharded index) in {folder}; it holds {present}")
 
 
 def read_model_folder(folder: str | os.PathLike, subfolder: str = "unet") -> tuple[dict, dict[str, torch.Tensor]]:
@@ -142,7 +172,7 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     state_dict: names and shapes). Raises one CheckpointError naming every missing and unexpected
     key (when strict) and every shape mismatch."""
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+        raise CheckpointError("state_dict", f"expected a mapping of names to tensors, got {type(state_dict).__name__}")
     state_dict = _strip_wrapper_prefixes(_as_state_dict(state_dict, "state_dict"), expected)
     problems = []
     if strict:
@@ -160,5 +190,5 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if misshapen:
         problems.append(_listing("shape mismatches", misshapen))
     if problems:
-        raise CheckpointError(f"state_dict does not fit {owner}: " + "; ".join(problems))
+        raise CheckpointError(None, f"state_dict does not fit {owner}: " + "; ".join(problems))
     return state_dict

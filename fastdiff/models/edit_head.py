@@ -130,9 +130,9 @@ def extract_edit_head_state(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     prefixes = {k[: k.index(EDIT_HEAD_MARKER) + len(EDIT_HEAD_MARKER)] for k in state_dict if EDIT_HEAD_MARKER in k}
     if not prefixes:
         sample = sorted(state_dict)[:5]
-        raise CheckpointError(f"state_dict: no key contains {EDIT_HEAD_MARKER!r} (keys start {sample})")
+        raise CheckpointError("state_dict", f"no key contains {EDIT_HEAD_MARKER!r} (keys start {sample})")
     if len(prefixes) > 1:
-        raise CheckpointError(f"state_dict: several edit heads, prefixes {sorted(prefixes)}; pass one head's state_dict")
+        raise CheckpointError("state_dict", f"several edit heads, prefixes {sorted(prefixes)}; pass one head's state_dict")
     (prefix,) = prefixes
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
@@ -184,7 +184,7 @@ class EditHead(nn.Module):
             state = extract_edit_head_state(state)
         for key in ("llm2hid.weight", "query", "hid2feat.weight", "mapper.encoder.layers.0.linear1.weight"):
             if key not in state:
-                raise CheckpointError(f"checkpoint: edit-head entry {key!r} is missing (found {sorted(state)[:8]} ...)")
+                raise CheckpointError("checkpoint", f"edit-head entry {key!r} is missing (found {sorted(state)[:8]} ...)")
         hidden_dim, llm_dim = state["llm2hid.weight"].shape
         count = lambda stack: len({k.split(".")[3] for k in state if k.startswith(f"mapper.{stack}.layers.")})  # noqa: E731
         head = cls(llm_dim=llm_dim, hidden_dim=hidden_dim, out_dim=state["hid2feat.weight"].shape[0],

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from fastdiff.models.checkpoint import LISTED, CheckpointError
+from fastdiff.models.checkpoint import LISTED, CheckpointError, load_torch_file
 
 __all__ = ["LlavaV1", "read_llava_config", "llava_weight_files", "read_weights", "IMAGE_PATCH", "IMAGE_START", "IMAGE_END"]
 
@@ -42,16 +42,16 @@ def read_llava_config(folder: Path) -> tuple[dict, dict]:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"llava_dir: no config.json in {folder} (a LLaVA-v1 folder holds config.json, the "
+        raise CheckpointError("llava_dir", f"no config.json in {folder} (a LLaVA-v1 folder holds config.json, the "
                               f"tokenizer and pytorch_model-*.bin)") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"llava_dir: cannot read {path} ({exc})") from None
+        raise CheckpointError("llava_dir", f"cannot read {path} ({exc})") from None
     if config.get("model_type") not in ("llava", "llama"):
-        raise CheckpointError(f"llava_dir: {path} has model_type {config.get('model_type')!r}; expected LLaVA-v1's "
+        raise CheckpointError("llava_dir", f"{path} has model_type {config.get('model_type')!r}; expected LLaVA-v1's "
                               f"'llava' (LlavaLlamaForCausalLM)")
     mm = {k: v for k, v in config.items() if k.startswith("mm_")}
     if "mm_vision_tower" not in mm:
-        raise CheckpointError(f"llava_dir: {path} has no mm_vision_tower: not a LLaVA model")
+        raise CheckpointError("llava_dir", f"{path} has no mm_vision_tower: not a LLaVA model")
     llama = {k: v for k, v in config.items() if k not in mm and k not in _NOT_LLAMA}
     if "max_position_embeddings" not in llama and "max_sequence_length" in llama:  # LLaMA-v1 era name
         llama["max_position_embeddings"] = llama.pop("max_sequence_length")
@@ -64,24 +64,24 @@ def llava_weight_files(folder: Path) -> list[Path]:
         files = sorted(folder.glob(pattern))
         if files:
             return files
-    raise CheckpointError(f"llava_dir: no model*.safetensors or pytorch_model*.bin in {folder}")
+    raise CheckpointError("llava_dir", f"no model*.safetensors or pytorch_model*.bin in {folder}")
 
 
 def read_weights(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
     """name -> (shape, read) for a weight file, without reading any tensor yet: pickles are opened
     memory-mapped with weights_only=True, safetensors through safe_open slices."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
+        try:
             handle = safe_open(str(path), framework="pt")  # stays open while a slice refers to it
             slices = {k: handle.get_slice(k) for k in handle.keys()}
-            return {k: (tuple(s.get_shape()), lambda s=s: s[:]) for k, s in slices.items()}
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated file, not a weights-only pickle, bad header
-        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # a bad header: safetensors' message does not name the file
+            raise CheckpointError(None, f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+        return {k: (tuple(s.get_shape()), lambda s=s: s[:]) for k, s in slices.items()}
+    state = load_torch_file(path, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
+        raise CheckpointError(None, f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
     return {k: (tuple(v.shape), lambda v=v: v) for k, v in state.items()}
 
 
@@ -127,14 +127,14 @@ class LlavaV1(nn.Module):
         problems = [_listing(kind, names) for kind, names in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshapen)) if names]
         if problems:
-            raise CheckpointError(f"llava_dir: the weights in {folder} do not fit LLaMA {config.num_hidden_layers} "
+            raise CheckpointError("llava_dir", f"the weights in {folder} do not fit LLaMA {config.num_hidden_layers} "
                                   f"layers x {config.hidden_size}: " + "; ".join(problems))
         width = vision.config.hidden_size
         if {"weight", "bias"} - set(projector):
-            raise CheckpointError(f"llava_dir: no {PROJECTOR}weight/bias in the weights of {folder} (LLaVA-v1 keeps its "
+            raise CheckpointError("llava_dir", f"no {PROJECTOR}weight/bias in the weights of {folder} (LLaVA-v1 keeps its "
                                   f"linear image projector there; found {sorted(projector) or 'none'})")
         if projector["weight"].shape != (config.hidden_size, width):
-            raise CheckpointError(f"llava_dir: {PROJECTOR}weight is {tuple(projector['weight'].shape)}, expected "
+            raise CheckpointError("llava_dir", f"{PROJECTOR}weight is {tuple(projector['weight'].shape)}, expected "
                                   f"({config.hidden_size}, {width}) from the LLM and vision widths")
         for name in list(sources):  # one cast per tensor, straight into the module: no second copy of the model
             tensor = sources.pop(name)[1]().to(device=device, dtype=dtype, copy=True)
@@ -146,7 +146,7 @@ class LlavaV1(nn.Module):
             llm.model.rotary_emb = type(llm.model.rotary_emb)(config=config)
         leftover = [n for n, t in (*llm.named_parameters(), *llm.named_buffers()) if t.is_meta]
         if leftover:
-            raise CheckpointError(f"llava_dir: tensors left without values: {leftover[:LISTED]}")
+            raise CheckpointError("llava_dir", f"tensors left without values: {leftover[:LISTED]}")
         return cls(llm.eval(), vision.eval(), mm_projector.eval(), select_layer=mm.get("mm_vision_select_layer", -1),
                    patch_token_id=patch_token_id)
 

@@ -30,6 +30,7 @@ import secrets
 import signal
 import threading
 import time
+import typing
 
 import uvicorn
 from PIL import Image
@@ -43,7 +44,7 @@ from starlette.exceptions import HTTPException
 from fastdiff.engine import Engine, EngineClosed
 from fastdiff.images import load_image
 from fastdiff.pipeline import Pipeline
-from fastdiff.requests import EditRequest, GenerateRequest, PipelineError, build_request
+from fastdiff.requests import ALIASES, EDIT_ALIASES, EditRequest, GenerateRequest, PipelineError, build_request
 
 log = logging.getLogger("fastdiff.serving")
 
@@ -51,15 +52,27 @@ API_KEY_ENV = "FASTDIFF_API_KEY"
 # PIL formats accepted for uploads: the common ones; fewer decoders exposed to untrusted bytes.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
-# The request fields an HTTP client may set (tensors, generators and callbacks stay in-process).
-_COMMON = {"steps", "num_inference_steps", "guidance_scale", "seed", "sampler", "negative_prompt"}
-FIELDS = {"generate": _COMMON | {"prompt", "height", "width"},
-          "edit": _COMMON | {"image", "instruction", "prompt", "image_guidance_scale"}}
-# multipart form values arrive as text: these are converted before the request checks them
-_INT_FIELDS = {"steps", "num_inference_steps", "seed", "height", "width"}
-_FLOAT_FIELDS = {"guidance_scale", "image_guidance_scale"}
-# one image per HTTP request: a list here (fine in Python, where it means several images) is refused as such
-_TEXT_FIELDS = {"prompt", "negative_prompt", "instruction"}
+# One PNG per HTTP request: these request fields are the server's to set, not the client's.
+_SERVER_SET = {"num_images", "output_type"}
+
+
+def _http_fields(request_class, aliases: dict) -> dict[str, type]:
+    """The fields of `request_class` an HTTP client may set, with the JSON type each takes: those of
+    type int, float or str (tensors, generators and callbacks stay in-process; a field that also
+    takes a list, as prompt, takes one string here: one image per request), under their own
+    names and diffusers' aliases."""
+    fields = {}
+    for name, hint in typing.get_type_hints(request_class).items():
+        scalar = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, str)]
+        if len(scalar) == 1 and name not in _SERVER_SET:
+            fields[name] = scalar[0]
+    fields.update({alias: fields[name] for alias, name in aliases.items() if name in fields})
+    return fields
+
+
+# the uploaded image: a multipart file, or base64 text in JSON
+FIELDS = {"generate": _http_fields(GenerateRequest, ALIASES),
+          "edit": {**_http_fields(EditRequest, {**ALIASES, **EDIT_ALIASES}), "image": str}}
 RESPONSE_FORMATS = ("png", "json")
 
 
@@ -101,11 +114,6 @@ class _Cancelled(Exception):
 
 def _error(status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
-
-
-def _field_of(error: PipelineError) -> str:
-    """fastdiff's messages start with the argument's name and a colon."""
-    return str(error).split(":", 1)[0]
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -242,11 +250,11 @@ class Service:
 
             request = build_request(request_class, **fields, callback_on_step_end=stop_if_cancelled)
             if request.steps is not None and request.steps > self.limits.max_steps:
-                raise PipelineError(f"steps: expected at most {self.limits.max_steps} (this server's limit), "
+                raise PipelineError("steps", f"expected at most {self.limits.max_steps} (this server's limit), "
                                     f"got {request.steps}")
-            future = engine.submit(request, max_pixels=max_pixels)
+            future = engine.submit(engine.pipe.resolve(request, max_pixels=max_pixels))
         except PipelineError as error:
-            raise _Refused(422, _field_of(error), str(error)) from None
+            raise _Refused(422, error.field, str(error)) from None
         except EngineClosed:
             raise _Refused(503, "server", "server: shutting down; retry on another instance") from None
         return future, request.seed  # the seed is reported to the client with its image
@@ -263,15 +271,15 @@ def _endpoint(path: str) -> str:
 
 def _base64(value) -> bytes:
     if value is None:
-        raise PipelineError("image: required (a multipart file, or base64 in JSON)")
+        raise PipelineError("image", "required (a multipart file, or base64 in JSON)")
     if not isinstance(value, str):
-        raise PipelineError(f"image: expected a base64 string, got {type(value).__name__}")
+        raise PipelineError("image", f"expected a base64 string, got {type(value).__name__}")
     if value.startswith("data:"):  # a data URL: data:image/png;base64,....
         value = value.partition(",")[2]
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise PipelineError("image: not valid base64") from None
+        raise PipelineError("image", "not valid base64") from None
 
 
 async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]:
@@ -290,7 +298,7 @@ async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]
         fields = {}
         for name, value in form.multi_items():
             if isinstance(value, str):
-                fields[name] = _convert(name, value)
+                fields[name] = _convert(kind, name, value)
             elif name == "image":
                 upload = await value.read()
             else:
@@ -307,11 +315,12 @@ async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]
             raise _Refused(400, "body", f"body: not valid JSON ({exc})") from None
         if not isinstance(fields, dict):
             raise _Refused(400, "body", f"body: expected a JSON object, got {type(fields).__name__}")
-    allowed = FIELDS[kind] | {"response_format"}
+    allowed = set(FIELDS[kind]) | {"response_format"}
     for name in fields:
         if name not in allowed:
             raise _Refused(422, name, f"{name}: not a field of POST /v1/{kind} (expected one of {sorted(allowed)})")
-        if name in _TEXT_FIELDS and fields[name] is not None and not isinstance(fields[name], str):
+        text = name != "image" and FIELDS[kind].get(name) is str  # the image: _base64 says what it expects
+        if text and fields[name] is not None and not isinstance(fields[name], str):
             raise _Refused(422, name, f"{name}: expected a string (one image per request: send a request per "
                                       f"prompt), got {type(fields[name]).__name__}")
     required = ["prompt"] if kind == "generate" else ["image", "instruction"]
@@ -322,17 +331,14 @@ async def _read_fields(kind: str, request: Request) -> tuple[dict, bytes | None]
     return {name: value for name, value in fields.items() if value is not None}, upload
 
 
-def _convert(name: str, value: str):
+def _convert(kind: str, name: str, value: str):
     """A multipart text value -> the type its field takes."""
+    to = FIELDS[kind].get(name, str)
     try:
-        if name in _INT_FIELDS:
-            return int(value)
-        if name in _FLOAT_FIELDS:
-            return float(value)
+        return to(value)
     except ValueError:
-        kind = "an integer" if name in _INT_FIELDS else "a number"
-        raise _Refused(422, name, f"{name}: expected {kind}, got {value[:40]!r}") from None
-    return value
+        raise _Refused(422, name, f"{name}: expected {'an integer' if to is int else 'a number'}, "
+                                  f"got {value[:40]!r}") from None
 
 
 def _response_format(field, accept: str) -> str:
@@ -362,7 +368,7 @@ async def _wait(future, request: Request, cancelled: threading.Event):
     try:
         return result.result()
     except PipelineError as error:  # failed while preparing (e.g. conditioning shapes): the request's fault
-        raise _Refused(422, _field_of(error), str(error)) from None
+        raise _Refused(422, error.field, str(error)) from None
     except (EngineClosed, asyncio.CancelledError):
         raise _Refused(503, "server", "server: shutting down before this request finished") from None
     except Exception:
@@ -464,7 +470,7 @@ def create_app(pipe_or_engine, *, api_key: str | None = None, limits: Limits | N
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        field = str(exc.detail).split(":", 1)[0] if exc.status_code == 413 else "path"
+        field = "body" if exc.status_code == 413 else "path"  # 413: _Guard's body limit
         return _error(exc.status_code, field, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
