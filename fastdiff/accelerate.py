@@ -36,6 +36,9 @@ DEFAULT_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 # ... and, once accelerated, the fused one: fastdiff computes the same attention from the same weights
 # (the fused QKV weights diffusers adds are a layout fastdiff does not need).
 ADAPTER_PROCESSORS = DEFAULT_PROCESSORS + ("FusedAttnProcessor2_0",)
+# IP-Adapter's, on the UNet's cross-attention layers: their K/V weights and scales become fastdiff's
+# (one more attention over the image-prompt tokens per adapter, layers.Attention.set_ip_adapters).
+IP_PROCESSORS = ("IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0")
 
 
 class UnsupportedError(NotImplementedError):
@@ -133,13 +136,37 @@ def _pipeline_fuse_qkv_projections(pipe, unet: bool = True, vae: bool = True):
 
 # -- checks shared by both models ------------------------------------------------------------------
 
-def _check_processors(model, owner: str):
-    """Custom attention processors (IP-Adapter's, fused QKV, xformers, user-written) compute
-    something fastdiff's attention does not: refuse them by class name."""
-    odd = sorted({type(p).__name__ for p in model.attn_processors.values()} - set(DEFAULT_PROCESSORS))
+def _check_processors(model, owner: str, accepted: tuple = DEFAULT_PROCESSORS):
+    """Custom attention processors (fused QKV, xformers, user-written) compute something fastdiff's
+    attention does not: refuse them by class name."""
+    odd = sorted({type(p).__name__ for p in model.attn_processors.values()} - set(accepted))
     if odd:
         raise UnsupportedError(f"{owner}: attention processors {odd} are not supported by fastdiff.accelerate "
-                               f"(only diffusers' defaults {list(DEFAULT_PROCESSORS)})")
+                               f"(only {list(accepted)})")
+
+
+def _ip_scales(processor, name: str, what: str) -> list[float]:
+    """An IP-Adapter processor's scales, one float per adapter; per-image lists (ip_adapter_masks') are refused."""
+    if any(isinstance(scale, (list, tuple)) for scale in processor.scale):
+        raise UnsupportedError(f"{what}: per-image IP-Adapter scales at {name} (for ip_adapter_masks) are not "
+                               f"supported by fastdiff.accelerate")
+    return [float(scale) for scale in processor.scale]
+
+
+def _ip_layers(processors: dict, what: str) -> dict:
+    """UNet2DCondition.set_ip_adapters' argument from diffusers' processors by name: the IP-Adapter
+    processors' K/V weights and scales, by cross-attention layer."""
+    layers = {}
+    for name, processor in processors.items():
+        if type(processor).__name__ not in IP_PROCESSORS:
+            continue
+        if not name.endswith(".attn2.processor"):
+            raise UnsupportedError(f"{what}: an IP-Adapter processor on {name}, not a cross-attention layer, is not "
+                                   f"supported by fastdiff.accelerate")
+        scales = _ip_scales(processor, name, what)
+        layers[name.removesuffix(".processor")] = [(k.weight, v.weight, scale) for k, v, scale
+                                                   in zip(processor.to_k_ip, processor.to_v_ip, scales, strict=True)]
+    return layers
 
 
 def _fused_state_dict(model, owner: str) -> dict:
@@ -168,10 +195,13 @@ def _fused_state_dict(model, owner: str) -> dict:
     return state
 
 
-def _build(fastdiff_cls, model, compute_dtype, owner: str):
-    """fastdiff_cls.from_diffusers on `model`'s config and fused weights; config fields fastdiff
-    cannot build are reported as unsupported features of `owner`."""
-    source = types.SimpleNamespace(config=model.config, state_dict=lambda: _fused_state_dict(model, owner))
+def _build(fastdiff_cls, model, compute_dtype, owner: str, skip: tuple = ()):
+    """fastdiff_cls.from_diffusers on `model`'s config and fused weights (less the keys containing
+    any of `skip`); config fields fastdiff cannot build are reported as unsupported features of `owner`."""
+    def state_dict():
+        return {k: v for k, v in _fused_state_dict(model, owner).items() if not any(part in k for part in skip)}
+
+    source = types.SimpleNamespace(config=model.config, state_dict=state_dict)
     try:
         return fastdiff_cls.from_diffusers(source, dtype=compute_dtype, device=model.device)
     except ValueError as error:
@@ -182,6 +212,7 @@ class _Adapter(nn.Module):
     """Holds a fastdiff model; presents `interface_dtype` (the diffusers model's) to the pipeline."""
 
     diffusers_class = ""  # the diffusers model class it replaces, by name
+    accepted_processors = ADAPTER_PROCESSORS  # set_attn_processor takes these (by class name)
 
     def __init__(self, model: nn.Module, config, interface_dtype: torch.dtype, processors: dict):
         super().__init__()
@@ -222,6 +253,7 @@ class _Adapter(nn.Module):
         on an fp32 pipeline): the original weights were not kept, and rounded ones would pass for them."""
         import diffusers
 
+        self._check_saveable(what)
         if torch.promote_types(self.model.dtype, self.dtype) != self.model.dtype:
             raise UnsupportedError(
                 f"{what}: a diffusers model in {self.dtype} from one fastdiff.accelerate runs in {self.model.dtype} is "
@@ -231,6 +263,9 @@ class _Adapter(nn.Module):
         state = {k: v.to(self.dtype).contiguous() for k, v in self.model.state_dict().items()}
         model.load_state_dict(state, assign=True)
         return model.eval()
+
+    def _check_saveable(self, what: str):
+        """What the diffusers model could not be rebuilt with raises UnsupportedError."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained of the model this adapter replaced (to_diffusers)."""
@@ -254,11 +289,15 @@ class _Adapter(nn.Module):
             chosen = dict(processor)
         else:
             chosen = dict.fromkeys(self._processors, processor)
-        odd = sorted({type(p).__name__ for p in chosen.values()} - set(ADAPTER_PROCESSORS))
+        odd = sorted({type(p).__name__ for p in chosen.values()} - set(self.accepted_processors))
         if odd:
             raise UnsupportedError(f"set_attn_processor: attention processors {odd} are not supported by "
-                                   f"fastdiff.accelerate (only {list(ADAPTER_PROCESSORS)})")
+                                   f"fastdiff.accelerate (only {list(self.accepted_processors)})")
+        self._use_processors(chosen)
         self._processors = chosen
+
+    def _use_processors(self, processors: dict):
+        """What the model needs from newly set processors; raises before changing anything."""
 
     def set_default_attn_processor(self):
         from diffusers.models.attention_processor import AttnProcessor
@@ -281,15 +320,20 @@ class _Adapter(nn.Module):
 # -- the UNet ----------------------------------------------------------------------------------
 
 class DiffusersUNet(_Adapter):
-    """fastdiff.UNet2DCondition called as diffusers' UNet2DConditionModel."""
+    """fastdiff.UNet2DCondition called as diffusers' UNet2DConditionModel.
+
+    IP-Adapter: loaded before accelerate or after it (pipe.load_ip_adapter calls
+    _load_ip_adapter_weights), the image projection (`encoder_hid_proj`, any of diffusers' kinds)
+    stays diffusers' and runs once per call; its image-prompt tokens go through fastdiff's attention
+    with the adapters' K/V weights, scaled as pipe.set_ip_adapter_scale set the processors' scales.
+    """
 
     diffusers_class = "UNet2DConditionModel"
+    accepted_processors = ADAPTER_PROCESSORS + IP_PROCESSORS
 
     @classmethod
     def from_diffusers(cls, unet, compute_dtype: torch.dtype) -> "DiffusersUNet":
         config = unet.config
-        if getattr(unet, "encoder_hid_proj", None) is not None:
-            raise UnsupportedError("pipe.unet: IP-Adapter (unet.encoder_hid_proj is set) is not supported by fastdiff.accelerate")
         if config.get("addition_embed_type") is not None:
             raise UnsupportedError(f"pipe.unet: added conditioning addition_embed_type={config['addition_embed_type']!r} "
                                    f"(SDXL-style micro-conditioning) is not supported by fastdiff.accelerate")
@@ -299,18 +343,98 @@ class DiffusersUNet(_Adapter):
         if any(getattr(block, "b1", None) is not None for block in unet.up_blocks):
             raise UnsupportedError("pipe.unet: FreeU (pipe.enable_freeu) is not supported by fastdiff.accelerate; "
                                    "call pipe.disable_freeu() first")
-        _check_processors(unet, "pipe.unet")
-        model = _build(UNet2DCondition, unet, compute_dtype, "pipe.unet")
-        return cls(model, config, unet.dtype, unet.attn_processors)
+        _check_processors(unet, "pipe.unet", DEFAULT_PROCESSORS + IP_PROCESSORS)
+        image_projection = getattr(unet, "encoder_hid_proj", None)
+        ip_layers = _ip_layers(unet.attn_processors, "pipe.unet")
+        if image_projection is not None and getattr(config, "encoder_hid_dim_type", None) != "ip_image_proj":
+            raise UnsupportedError(f"pipe.unet: encoder_hid_proj with encoder_hid_dim_type="
+                                   f"{getattr(config, 'encoder_hid_dim_type', None)!r} is not supported by "
+                                   f"fastdiff.accelerate (only IP-Adapter's 'ip_image_proj')")
+        if (image_projection is None) != (not ip_layers):
+            raise UnsupportedError("pipe.unet: an IP-Adapter loaded in part (an image projection without IP-Adapter "
+                                   "attention processors, or the reverse) is not supported by fastdiff.accelerate")
+        model = _build(UNet2DCondition, unet, compute_dtype, "pipe.unet", skip=("encoder_hid_proj.", ".processor."))
+        model.set_ip_adapters(ip_layers)
+        adapter = cls(model, config, unet.dtype, unet.attn_processors)
+        adapter.encoder_hid_proj = image_projection
+        return adapter
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder_hid_proj = None  # diffusers' IP-Adapter image projection (MultiIPAdapterImageProjection)
 
     @property
     def in_channels(self) -> int:
         return self.model.in_channels
 
     @property
-    def encoder_hid_proj(self):
-        # pipelines reach for it only to run IP-Adapter images
-        raise UnsupportedError("IP-Adapter (ip_adapter_image / ip_adapter_image_embeds) is not supported by fastdiff.accelerate")
+    def down_blocks(self):
+        """fastdiff's blocks, diffusers' names (pipe.set_ip_adapter_scale reads which have attentions)."""
+        return self.model.down_blocks
+
+    @property
+    def up_blocks(self):
+        return self.model.up_blocks
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        if self.encoder_hid_proj is not None:
+            self.encoder_hid_proj.to(self.device)
+        return self
+
+    def _use_processors(self, processors: dict):
+        """IP-Adapter processors bring their K/V weights and scales to fastdiff's cross-attention
+        layers; processors without them (pipe.unload_ip_adapter) remove them."""
+        self.model.set_ip_adapters(_ip_layers(processors, "set_attn_processor"))
+
+    def _check_saveable(self, what: str):
+        if self.encoder_hid_proj is not None or self.model.num_ip_adapters:
+            raise UnsupportedError(f"{what}: saving a UNet with an IP-Adapter loaded is not supported by "
+                                   f"fastdiff.accelerate (diffusers keeps IP-Adapter weights apart: "
+                                   f"pipe.unload_ip_adapter() first)")
+
+    def _load_ip_adapter_weights(self, state_dicts, low_cpu_mem_usage=False):
+        """What pipe.load_ip_adapter calls on diffusers' UNet, with diffusers' own conversions of the
+        checkpoint (attention processors, image projection). IP-Adapter FaceID (LoRA layers) is refused;
+        a refusal leaves the model as it was. low_cpu_mem_usage is accepted and not needed."""
+        from diffusers.loaders.unet import UNet2DConditionLoadersMixin as Loader
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        state_dicts = state_dicts if isinstance(state_dicts, list) else [state_dicts]
+        if any("lora" in key for state_dict in state_dicts for key in state_dict.get("ip_adapter", {})):
+            raise UnsupportedError("load_ip_adapter: IP-Adapter FaceID (its LoRA layers) is not supported by "
+                                   "fastdiff.accelerate")
+        processors = Loader._convert_ip_adapter_attn_to_diffusers(self, state_dicts, low_cpu_mem_usage=False)
+        projections = [Loader._convert_ip_adapter_image_proj_to_diffusers(self, state_dict["image_proj"],
+                                                                          low_cpu_mem_usage=False)
+                       for state_dict in state_dicts]
+        for processor in processors.values():
+            if isinstance(processor, nn.Module):
+                processor.to(device=self.device, dtype=self.dtype)
+        self.set_attn_processor(processors)
+        self.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(device=self.device, dtype=self.dtype)
+        self.config.encoder_hid_dim_type = "ip_image_proj"  # as diffusers marks it (unload_ip_adapter clears it)
+
+    def _load_ip_adapter_loras(self, state_dicts) -> dict:
+        """None to load: _load_ip_adapter_weights refuses the FaceID checkpoints that have them."""
+        return {}
+
+    def _ip_hidden_states(self, image_embeds) -> list[torch.Tensor] | None:
+        """added_cond_kwargs['image_embeds'] through diffusers' image projection: one (B, images x
+        tokens, cross_attention_dim) tensor per adapter, as IPAdapterAttnProcessor2_0 flattens them."""
+        loaded = self.encoder_hid_proj is not None and getattr(self.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+        if not loaded:
+            if image_embeds is not None:
+                raise ValueError("added_cond_kwargs['image_embeds']: no IP-Adapter is loaded (pipe.load_ip_adapter)")
+            return None
+        if image_embeds is None:
+            raise ValueError("added_cond_kwargs: an IP-Adapter is loaded and needs 'image_embeds' (the pipeline's "
+                             "ip_adapter_image or ip_adapter_image_embeds)")
+        self.model.set_ip_adapter_scales({name.removesuffix(".processor"): _ip_scales(p, name, "set_ip_adapter_scale")
+                                          for name, p in self._processors.items() if type(p).__name__ in IP_PROCESSORS})
+        with torch.no_grad():
+            projected = self.encoder_hid_proj(image_embeds)
+        return [tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) for tokens in projected]
 
     def enable_freeu(self, *_, **__):
         raise UnsupportedError("FreeU (pipe.enable_freeu) is not supported by fastdiff.accelerate")
@@ -325,15 +449,18 @@ class DiffusersUNet(_Adapter):
         """diffusers' UNet2DConditionModel.forward signature, its positional order included; returns
         UNet2DConditionOutput (or a 1-tuple with return_dict=False) in the input sample's dtype.
         class_labels are ignored, as diffusers ignores them in a UNet without class embeddings (the
-        only kind accelerate takes)."""
+        only kind accelerate takes). added_cond_kwargs: IP-Adapter's image_embeds (SDXL's text_embeds /
+        time_ids are refused)."""
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        added = dict(added_cond_kwargs or {})
+        image_embeds = added.pop("image_embeds", None)
         refused = {
             "attention_mask": (attention_mask is not None, "attention masks"),
             "encoder_attention_mask": (encoder_attention_mask is not None, "attention masks"),
             "cross_attention_kwargs": (bool(cross_attention_kwargs), "e.g. a LoRA scale on unfused LoRA: fuse LoRA "
                                        "with pipe.fuse_lora(lora_scale=...) before fastdiff.accelerate"),
-            "added_cond_kwargs": (bool(added_cond_kwargs), "IP-Adapter image embeddings / SDXL added conditioning"),
+            "added_cond_kwargs": (bool(added), f"{sorted(added)}: SDXL added conditioning"),
             "down_intrablock_additional_residuals": (down_intrablock_additional_residuals is not None,
                                                      "T2I-Adapter residuals"),
         }
@@ -341,6 +468,7 @@ class DiffusersUNet(_Adapter):
             if given:
                 raise UnsupportedError(f"{name}: not supported by fastdiff.accelerate ({what})")
         noise = self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                           ip_hidden_states=self._ip_hidden_states(image_embeds),
                            down_block_additional_residuals=down_block_additional_residuals,
                            mid_block_additional_residual=mid_block_additional_residual)
         noise = noise.to(sample.dtype).contiguous()  # diffusers returns contiguous NCHW

@@ -439,18 +439,6 @@ def test_unfused_lora_and_lora_scale_are_refused(folders):
         run(pipe, prompt=PROMPT, cross_attention_kwargs={"scale": 0.5})
 
 
-def test_ip_adapter_is_refused(folders):
-    pipe = load(diffusers.StableDiffusionPipeline, folders / "t2i")
-    pipe.unet.encoder_hid_proj = torch.nn.Identity()  # what load_ip_adapter sets (with its processors)
-    with pytest.raises(UnsupportedError, match="IP-Adapter"):
-        fastdiff.accelerate(pipe)
-    fast = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, folders / "t2i"))
-    with pytest.raises(UnsupportedError, match="added_cond_kwargs.*IP-Adapter"):  # embeddings passed at call time
-        run(fast, prompt=PROMPT, guidance_scale=1.0, ip_adapter_image_embeds=[torch.zeros(1, 1, 32)])
-    with pytest.raises(UnsupportedError, match="IP-Adapter"):
-        run(fast, prompt=PROMPT, ip_adapter_image=make_image())
-
-
 def test_custom_attention_processor_is_refused(folders):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -14,7 +14,7 @@ from fastdiff.accelerate import DiffusersUNet, UnsupportedError  # noqa: E402
 from fastdiff.models.unet_2d_condition import UNet2DCondition  # noqa: E402
 from fastdiff.validate import rel_error  # noqa: E402
 from test_accelerate import PROMPT, load  # noqa: E402
-from test_pipeline import LATENT, tiny_parts, tiny_unet  # noqa: E402
+from test_pipeline import LATENT, SD_SCHEDULER, tiny_parts, tiny_unet  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -124,3 +124,142 @@ def test_fastdiff_pipeline_refuses_an_lcm_folder(lcm_folder):
 
     with pytest.raises(PipelineError, match="LCM UNet \\(time_cond_proj_dim=32\\).*LatentConsistencyModelPipeline"):
         Pipeline.from_pretrained(lcm_folder)
+
+
+# -- IP-Adapter: image-prompt tokens through added K/V ----------------------------------------------
+
+def ip_adapter_state_dict(unet, seed):
+    """An IP-Adapter checkpoint for `unet` in the original format (as diffusers' tests build one):
+    'image_proj' (ImageProjection, 4 tokens) and 'ip_adapter' ('{key_id}.to_k_ip/to_v_ip.weight',
+    key_id 1, 3, 5, ... over the cross-attention layers), random."""
+    g = torch.Generator().manual_seed(seed)
+    cross_dim, ip_adapter = unet.config.cross_attention_dim, {}
+    layers = [name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for key_id, layer in zip(range(1, 2 * len(layers), 2), layers):
+        hidden = unet.get_submodule(layer).to_k.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{key_id}.{kind}.weight"] = 0.3 * torch.randn(hidden, cross_dim, generator=g)
+    image_proj = {"proj.weight": 0.2 * torch.randn(4 * cross_dim, IMAGE_EMBED_DIM, generator=g),
+                  "proj.bias": 0.1 * torch.randn(4 * cross_dim, generator=g),
+                  "norm.weight": 1 + 0.1 * torch.randn(cross_dim, generator=g),
+                  "norm.bias": 0.1 * torch.randn(cross_dim, generator=g)}
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+@pytest.fixture(scope="module")
+def ip_folders(parts, tmp_path_factory):
+    """An SD pipeline (test_pipeline.tiny_unet, PNDM) and two IP-Adapter checkpoints for it, written
+    as load_ip_adapter reads them (safetensors, 'image_proj.' / 'ip_adapter.' prefixes)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ip_adapter")
+    unet = tiny_unet(4, 2)
+    diffusers.StableDiffusionPipeline(unet=unet, scheduler=diffusers.PNDMScheduler.from_config(SD_SCHEDULER),
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                      **parts).save_pretrained(root / "sd")
+    for seed, name in ((11, "ip_a.safetensors"), (12, "ip_b.safetensors")):
+        state = ip_adapter_state_dict(unet, seed)
+        save_file({f"{part}.{k}": v.contiguous() for part, weights in state.items() for k, v in weights.items()},
+                  root / name)
+    return root
+
+
+def load_ip(pipe, folder, names=("ip_a.safetensors",)):
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=list(names), image_encoder_folder=None)
+    return pipe
+
+
+def image_embeds(count=1, seed=21):
+    """ip_adapter_image_embeds for classifier-free guidance: per adapter (negative, positive) rows of
+    one image embedding each, (2, 1, IMAGE_EMBED_DIM)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 1, IMAGE_EMBED_DIM, generator=g) for _ in range(count)]
+
+
+IP_RUN = dict(num_inference_steps=3)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_ip_adapter_loaded_before_or_after_accelerate(ip_folders, when):
+    sd = ip_folders / "sd"
+    plain = load_ip(load(diffusers.StableDiffusionPipeline, sd), ip_folders)
+    if when == "before":
+        fast = fastdiff.accelerate(load_ip(load(diffusers.StableDiffusionPipeline, sd), ip_folders))
+    else:
+        fast = load_ip(fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, sd)), ip_folders)
+    assert isinstance(fast.unet, DiffusersUNet) and fast.unet.model.num_ip_adapters == 1
+    embeds = image_embeds()
+    ours, theirs = images(fast, ip_adapter_image_embeds=embeds, **IP_RUN), images(plain, ip_adapter_image_embeds=embeds, **IP_RUN)
+    diff = max_diff(ours, theirs)
+    print(f"IP-Adapter loaded {when} accelerate: max |diff| = {diff:.2e}")
+    assert diff <= IMAGE_PARITY, f"IP-Adapter ({when}): max |pixel diff| {diff:.2e}"
+    without = images(load(diffusers.StableDiffusionPipeline, sd), **IP_RUN)
+    assert_differs(theirs, without, "IP-Adapter image prompt")
+
+    for scale in (0.6, {"up": {"block_0": [0.0, 1.0, 0.0]}}):  # a global scale, and InstantStyle's per-layer one
+        for pipe in (fast, plain):
+            pipe.set_ip_adapter_scale(scale)
+        diff = max_diff(images(fast, ip_adapter_image_embeds=embeds, **IP_RUN),
+                        images(plain, ip_adapter_image_embeds=embeds, **IP_RUN))
+        assert diff <= IMAGE_PARITY, f"IP-Adapter scale {scale}: max |pixel diff| {diff:.2e}"
+
+    fast.set_ip_adapter_scale(0.0)  # every adapter skipped: the images without one
+    assert max_diff(images(fast, ip_adapter_image_embeds=embeds, **IP_RUN), without) <= IMAGE_PARITY
+    fast.unload_ip_adapter()
+    assert fast.unet.model.num_ip_adapters == 0 and fast.unet.encoder_hid_proj is None
+    assert max_diff(images(fast, **IP_RUN), without) <= IMAGE_PARITY
+
+
+def test_two_ip_adapters(ip_folders):
+    names = ("ip_a.safetensors", "ip_b.safetensors")
+    plain = load_ip(load(diffusers.StableDiffusionPipeline, ip_folders / "sd"), ip_folders, names)
+    fast = load_ip(fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, ip_folders / "sd")), ip_folders, names)
+    fast.set_ip_adapter_scale([0.8, 0.5])
+    plain.set_ip_adapter_scale([0.8, 0.5])
+    embeds = image_embeds(2)
+    theirs = images(plain, ip_adapter_image_embeds=embeds, **IP_RUN)
+    assert max_diff(images(fast, ip_adapter_image_embeds=embeds, **IP_RUN), theirs) <= IMAGE_PARITY
+    plain.set_ip_adapter_scale([0.8, 0.0])
+    assert_differs(theirs, images(plain, ip_adapter_image_embeds=embeds, **IP_RUN), "the second IP-Adapter")
+
+
+def test_ip_adapter_refusals_leave_the_pipeline_as_it_was(ip_folders, tmp_path):
+    fast = fastdiff.accelerate(load(diffusers.StableDiffusionPipeline, ip_folders / "sd"))
+    processors = fast.unet.attn_processors
+    face_id = ip_adapter_state_dict(tiny_unet(4, 2), 13)
+    face_id["ip_adapter"]["1.to_k_lora.down.weight"] = torch.zeros(4, 32)
+    with pytest.raises(UnsupportedError, match="FaceID"):
+        fast.unet._load_ip_adapter_weights([face_id])
+    assert fast.unet.attn_processors == processors and fast.unet.model.num_ip_adapters == 0
+    with pytest.raises(ValueError, match="image_embeds.*no IP-Adapter is loaded"):
+        images(fast, ip_adapter_image_embeds=image_embeds(), **IP_RUN)
+
+    load_ip(fast, ip_folders)
+    with pytest.raises(UnsupportedError, match="IP-Adapter.*unload_ip_adapter"):
+        fast.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(UnsupportedError, match="cross_attention_kwargs"):  # ip_adapter_masks travel there
+        images(fast, ip_adapter_image_embeds=image_embeds(), cross_attention_kwargs={"ip_adapter_masks": []}, **IP_RUN)
+    with pytest.raises(ValueError, match="needs 'image_embeds'"):
+        images(fast, **IP_RUN)
+
+
+def test_ip_adapter_image_through_a_tiny_image_encoder(ip_folders):
+    """ip_adapter_image: the pipeline's CLIP image encoder (tiny, built here) makes the embeddings."""
+    import transformers
+    from test_pipeline import make_image
+
+    torch.manual_seed(14)
+    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=IMAGE_EMBED_DIM, num_hidden_layers=2,
+        num_attention_heads=4, image_size=32, patch_size=4)).eval()
+    extractor = transformers.CLIPImageProcessor(size=32, crop_size=32)
+    pipes = []
+    for accelerated in (False, True):
+        pipe = load(diffusers.StableDiffusionPipeline, ip_folders / "sd")
+        pipe.register_modules(image_encoder=encoder, feature_extractor=extractor)
+        pipes.append(load_ip(fastdiff.accelerate(pipe) if accelerated else pipe, ip_folders))
+    plain, fast = pipes
+    theirs = images(plain, ip_adapter_image=make_image(), **IP_RUN)
+    assert max_diff(images(fast, ip_adapter_image=make_image(), **IP_RUN), theirs) <= IMAGE_PARITY
+    assert_differs(theirs, images(plain, ip_adapter_image=make_image(seed=9), **IP_RUN), "the image prompt")

@@ -267,6 +267,10 @@ class Attention(nn.Module):
     shared_kv=True: one projection `to_kv` serves as both keys and values (MobileDiffusion).
     kind: "softmax" or "relu" (ops.attention). upcast_attention is kept for the record: ops.attention
     always forms scores and softmax in fp32, which is what upcasting asks for.
+
+    IP-Adapter (set_ip_adapters on a cross-attention layer): each adapter adds one more attention
+    of the same queries over its image-prompt tokens, with its own K/V projections (to_k_ip.i,
+    to_v_ip.i, bias-free), times its scale, before to_out, as diffusers' IPAdapterAttnProcessor2_0.
     """
 
     def __init__(self, query_dim: int, cross_attention_dim: int | None = None, heads: int = 8, dim_head: int = 64, *,
@@ -287,10 +291,37 @@ class Attention(nn.Module):
             self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
         self.shared_kv = shared_kv
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias)])  # diffusers' [1] is dropout
+        self.to_k_ip, self.to_v_ip = nn.ModuleList(), nn.ModuleList()  # IP-Adapter K/V, one per adapter
+        self.ip_scales: list[float] = []
+
+    def set_ip_adapters(self, keys: list[torch.Tensor], values: list[torch.Tensor], scales: list[float]):
+        """One (inner, context_dim) key and value weight and one scale per adapter; [] removes them."""
+        if not (len(keys) == len(values) == len(scales)):
+            raise ValueError(f"keys, values, scales: one each per adapter, got {len(keys)}, {len(values)}, {len(scales)}")
+        kv_weight = (self.to_kv if self.shared_kv else self.to_k).weight
+        inner, context_dim = kv_weight.shape
+        projections = []
+        for name, weights in (("keys", keys), ("values", values)):
+            layers = nn.ModuleList()
+            for w in weights:
+                if tuple(w.shape) != (inner, context_dim):
+                    raise ValueError(f"{name}: expected ({inner}, {context_dim}) weights, got {tuple(w.shape)}")
+                layer = nn.Linear(context_dim, inner, bias=False, device="meta")
+                layer.weight = nn.Parameter(w.to(kv_weight), requires_grad=False)
+                layers.append(layer)
+            projections.append(layers)
+        self.to_k_ip, self.to_v_ip = projections
+        self.set_ip_scales(scales)
+
+    def set_ip_scales(self, scales: list[float]):
+        if len(scales) != len(self.to_k_ip):
+            raise ValueError(f"scales: one per IP-Adapter ({len(self.to_k_ip)}), got {len(scales)}")
+        self.ip_scales = [float(s) for s in scales]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """residual (B, Lq, query_dim), when given, is added to the output by to_out's GEMM."""
+                residual: torch.Tensor | None = None, ip_context: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """residual (B, Lq, query_dim), when given, is added to the output by to_out's GEMM.
+        ip_context: one (B, L_i, context_dim) token tensor per IP-Adapter, for a layer that has them."""
         B, Lq, _ = x.shape
         context = x if context is None else context
         Lk, H, D = context.shape[1], self.heads, self.dim_head
@@ -301,6 +332,14 @@ class Attention(nn.Module):
             k = ops.linear(context, self.to_k.weight, self.to_k.bias).view(B, Lk, H, D)
             v = ops.linear(context, self.to_v.weight, self.to_v.bias).view(B, Lk, H, D)
         out = ops.attention(q, k, v, scale=self.scale, kind=self.kind)  # (B, Lq, H, D)
+        if ip_context is not None and len(self.to_k_ip):
+            for tokens, to_k, to_v, weight in zip(ip_context, self.to_k_ip, self.to_v_ip, self.ip_scales, strict=True):
+                if weight == 0:  # as diffusers: the adapter is skipped, not added times 0
+                    continue
+                L = tokens.shape[1]
+                k_ip = ops.linear(tokens, to_k.weight).view(B, L, H, D)
+                v_ip = ops.linear(tokens, to_v.weight).view(B, L, H, D)
+                out = out + weight * ops.attention(q, k_ip, v_ip, scale=self.scale, kind=self.kind)
         to_out = self.to_out[0]
         return ops.linear(out.reshape(B, Lq, H * D), to_out.weight, to_out.bias, residual=residual)  # reshape: a view
 
@@ -365,12 +404,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.ff = FeedForward(dim, mult=ff_mult, activation=ff_activation)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                ip_context: list[torch.Tensor] | None = None) -> torch.Tensor:
         # each residual add runs in the epilogue of the sublayer's output GEMM
         if self.attn1 is not None:
             x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, residual=x)
         if self.attn2 is not None:
-            x = self.attn2(self.norm2(x), context, residual=x)
+            x = self.attn2(self.norm2(x), context, residual=x, ip_context=ip_context)
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -401,11 +441,12 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         ])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                ip_context: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         tokens = to_tokens(group_norm(x, self.norm))  # (B, H*W, C), a view for channels_last x
         tokens = ops.linear(tokens, self.proj_in.weight, self.proj_in.bias)  # (B, H*W, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, ip_context)
         tokens = ops.linear(tokens, self.proj_out.weight, self.proj_out.bias, residual=to_tokens(x))  # (B, H*W, C), x added by the GEMM
         return from_tokens(tokens, H, W)  # (B, C, H, W) channels_last

@@ -185,17 +185,20 @@ def _per_layer(name: str, value, num_layers: int) -> list[int]:
 
 class UNetBlock2D(nn.Module):
     """Down, mid or up block of the SD UNet: `resnets`, optional `attentions` (Transformer2DModel
-    after each resnet), optional `downsamplers` / `upsamplers`; diffusers' module names."""
+    after each resnet), optional `downsamplers` / `upsamplers`; diffusers' module names. A block
+    without attention has no `attentions` attribute, as diffusers' DownBlock2D / UpBlock2D (its
+    IP-Adapter scale expansion tells blocks apart by it)."""
 
     def __init__(self, resnets, attentions=None, downsample=None, upsample=None):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions) if attentions else None
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
         self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
 
-    def attention(self, i: int, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.attentions[i](x, context) if self.attentions is not None else x
+    def attention(self, i: int, x: torch.Tensor, context: torch.Tensor, ip_context=None) -> torch.Tensor:
+        return self.attentions[i](x, context, ip_context) if hasattr(self, "attentions") else x
 
 
 class UNet2DCondition(ConditionalUNet):
@@ -328,6 +331,70 @@ class UNet2DCondition(ConditionalUNet):
     def cross_attention_dim(self) -> int:
         return self.config.cross_dim
 
+    # ------------------------------------------------------------------------------------------
+    # IP-Adapter: image-prompt tokens through added K/V on the cross-attention layers
+
+    def cross_attention_layers(self) -> dict[str, nn.Module]:
+        """The attn2 layers by module path (diffusers' processor names without '.processor')."""
+        return {name: m for name, m in self.named_modules() if name.endswith(".attn2")}
+
+    @property
+    def num_ip_adapters(self) -> int:
+        return max((len(m.to_k_ip) for m in self.cross_attention_layers().values()), default=0)
+
+    def set_ip_adapters(self, layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]):
+        """IP-Adapter K/V weights (and scales) per cross-attention layer: {path: [(key weight, value
+        weight, scale) per adapter]} for the layers in `cross_attention_layers()` that take image
+        prompts, each with the same number of adapters; {} removes every adapter. Weights are
+        copied to the model's dtype and device. Checked in full before any layer changes."""
+        targets = self.cross_attention_layers()
+        unknown = sorted(set(layers) - set(targets))
+        if unknown:
+            raise ValueError(f"layers: {unknown[:2]} are not cross-attention layers of this UNet (e.g. {next(iter(targets), None)!r})")
+        counts = {len(adapters) for adapters in layers.values()}
+        if len(counts) > 1:
+            raise ValueError(f"layers: every layer needs the same number of IP-Adapters, got {sorted(counts)}")
+        for name, layer in targets.items():  # shapes first: a bad one leaves every layer as it was
+            inner, context_dim = layer.to_q.weight.shape[0], self.cross_attention_dim
+            for k, v, _ in layers.get(name, []):
+                if tuple(k.shape) != (inner, context_dim) or tuple(v.shape) != (inner, context_dim):
+                    raise ValueError(f"layers[{name!r}]: expected ({inner}, {context_dim}) key and value weights, "
+                                     f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        for name, layer in targets.items():
+            adapters = layers.get(name, [])
+            layer.set_ip_adapters([k for k, _, _ in adapters], [v for _, v, _ in adapters], [s for _, _, s in adapters])
+
+    def set_ip_adapter_scales(self, scales: dict[str, list[float]]):
+        """Each listed layer's adapter scales (0 skips an adapter there)."""
+        layers = self.cross_attention_layers()
+        for name, values in scales.items():
+            if name not in layers:
+                raise ValueError(f"scales: {name!r} is not a cross-attention layer of this UNet")
+            layers[name].set_ip_scales(values)
+
+    def _check_ip_hidden_states(self, ip_hidden_states, batch: int) -> list[torch.Tensor] | None:
+        n = self.num_ip_adapters
+        if ip_hidden_states is None:
+            if n:
+                raise ValueError(f"ip_hidden_states: this UNet has {n} IP-Adapter(s) loaded; pass their image-prompt "
+                                 f"tokens, one ({batch}, L, {self.cross_attention_dim}) tensor each")
+            return None
+        if not n:
+            raise ValueError("ip_hidden_states: no IP-Adapter is loaded (set_ip_adapters)")
+        if not isinstance(ip_hidden_states, (list, tuple)) or len(ip_hidden_states) != n:
+            raise ValueError(f"ip_hidden_states: expected a list of {n} tensors (one per IP-Adapter), got {describe(ip_hidden_states)}")
+        checked = []
+        for i, tokens in enumerate(ip_hidden_states):
+            if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
+                raise TypeError(f"ip_hidden_states[{i}]: expected a floating-point tensor, got {describe(tokens)}")
+            if tokens.dim() != 3 or tokens.shape[0] != batch or tokens.shape[2] != self.cross_attention_dim:
+                raise ValueError(f"ip_hidden_states[{i}]: expected shape ({batch}, L, {self.cross_attention_dim}), "
+                                 f"got {tuple(tokens.shape)}")
+            if tokens.device != self.device:
+                raise ValueError(f"ip_hidden_states[{i}]: on {tokens.device}, the model is on {self.device}")
+            checked.append(tokens.to(self.dtype))
+        return checked
+
     def _check_timestep_cond(self, timestep_cond, batch: int) -> torch.Tensor | None:
         if timestep_cond is None:
             return None
@@ -346,16 +413,20 @@ class UNet2DCondition(ConditionalUNet):
 
     @inference_only
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *, timestep_cond=None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None) -> torch.Tensor:
+                ip_hidden_states=None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
         encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W).
         timestep_cond: (B, time_cond_proj_dim) (or (1, ...) for all), LCM's guidance embedding, for a
         model built with time_cond_proj_dim; without it the time embedding is the timestep's alone, as in diffusers.
+        ip_hidden_states: with IP-Adapters loaded (set_ip_adapters), one (B, L_i, cross_attention_dim)
+        tensor of image-prompt tokens per adapter.
         ControlNet residuals, as diffusers takes them: down_block_additional_residuals, one tensor per
         skip feature (conv_in's output first), added to the skips; mid_block_additional_residual added
         to the mid block's output."""
         x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
         timestep_cond = self._check_timestep_cond(timestep_cond, x.shape[0])
+        ip = self._check_ip_hidden_states(ip_hidden_states, x.shape[0])
 
         # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
         temb = self.time_embedding(self.time_proj(timestep).to(self.dtype), timestep_cond)
@@ -369,7 +440,7 @@ class UNet2DCondition(ConditionalUNet):
         # 3. down: each resnet (+ transformer) output and each downsampled map is a skip
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
-                x = block.attention(i, resnet(x, temb), context)
+                x = block.attention(i, resnet(x, temb), context, ip)
                 skips.append(x)
             if block.downsamplers is not None:
                 x = block.downsamplers[0](x)  # (B, C, ceil(h/2), ceil(w/2))
@@ -384,7 +455,7 @@ class UNet2DCondition(ConditionalUNet):
         # 4. mid
         if self.mid_block is not None:
             x = self.mid_block.resnets[0](x, temb)
-            x = self.mid_block.resnets[1](self.mid_block.attention(0, x, context), temb)
+            x = self.mid_block.resnets[1](self.mid_block.attention(0, x, context, ip), temb)
         if mid_block_additional_residual is not None:
             if mid_block_additional_residual.shape != x.shape:
                 raise ValueError(f"mid_block_additional_residual: expected shape {tuple(x.shape)}, "
@@ -396,7 +467,7 @@ class UNet2DCondition(ConditionalUNet):
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w) channels_last
-                x = block.attention(i, resnet(x, temb), context)
+                x = block.attention(i, resnet(x, temb), context, ip)
             if block.upsamplers is not None:
                 x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
 
