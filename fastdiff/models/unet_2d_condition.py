@@ -35,9 +35,6 @@ UNSUPPORTED_FIELDS = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default",
@@ -87,6 +84,13 @@ class UNet2DConditionConfig:
     time_embedding_type: str = "positional"
     time_embedding_dim: int | None = None
     time_cond_proj_dim: int | None = None  # LCM: a guidance embedding (timestep_cond) added to the time embedding
+    # SDXL's micro-conditioning ("text_time"): the pooled text embedding and the sinusoidal features
+    # of the size/crop ids, concatenated (projection_class_embeddings_input_dim wide) and embedded
+    # like the timestep, added to the time embedding. Without "text_time" diffusers ignores the two
+    # widths, and so does this model.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
@@ -141,6 +145,15 @@ class UNet2DConditionConfig:
                     f"config field 'attention_head_dim' (the number of heads): block {i} has attention over "
                     f"{self.block_out_channels[i]} channels, which cannot make {heads[i]!r} heads"
                 )
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"config field 'addition_embed_type'={self.addition_embed_type!r} is not supported "
+                             f"(only None or SDXL's 'text_time')")
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"config field {name!r}: addition_embed_type 'text_time' needs a positive int, "
+                                     f"got {value!r}")
         for kernel in ("conv_in_kernel", "conv_out_kernel"):
             if getattr(self, kernel) % 2 != 1:
                 raise ValueError(f"config field {kernel!r}: an odd kernel size is needed, got {getattr(self, kernel)}")
@@ -235,6 +248,9 @@ class UNet2DCondition(ConditionalUNet):
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], config.conv_in_kernel, padding=config.conv_in_kernel // 2)
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, cond_proj_dim=config.time_cond_proj_dim)
+        if config.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
 
         # down: block i maps channels[i-1] -> channels[i]; all but the last halve the resolution
         self.down_blocks = nn.ModuleList()
@@ -250,8 +266,10 @@ class UNet2DCondition(ConditionalUNet):
         # mid: resnet, (transformer, resnet)
         if config.mid_block_type == "UNetMidBlock2DCrossAttn":
             c, scale = channels[-1], config.mid_block_scale_factor
-            mid_layers = _per_layer("transformer_layers_per_block", transformer_layers[-1], 1)
-            self.mid_block = UNetBlock2D([resnet(c, c, scale), resnet(c, c, scale)], [transformer(c, n - 1, mid_layers[0])])
+            # its one layer takes the last block's entry, a per-layer tuple's first, as diffusers' mid block
+            last = transformer_layers[-1]
+            mid_layers = last if isinstance(last, int) else last[0]
+            self.mid_block = UNetBlock2D([resnet(c, c, scale), resnet(c, c, scale)], [transformer(c, n - 1, mid_layers)])
         else:
             self.mid_block = None
 
@@ -395,6 +413,33 @@ class UNet2DCondition(ConditionalUNet):
             checked.append(tokens.to(self.dtype))
         return checked
 
+    def _added_embedding_input(self, text_embeds, time_ids, batch: int) -> torch.Tensor | None:
+        """SDXL's add_embedding input, as diffusers builds it: [text_embeds, sinusoidal features of
+        each time id] per row, (B, projection_class_embeddings_input_dim) in the model's dtype."""
+        config = self.config
+        if config.addition_embed_type != "text_time":
+            for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+                if value is not None:
+                    raise ValueError(f"{name}: this UNet has no added conditioning (config addition_embed_type is "
+                                     f"{config.addition_embed_type!r}, not 'text_time'); pass None")
+            return None
+        width, per_id = config.projection_class_embeddings_input_dim, config.addition_time_embed_dim
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if value is None:
+                raise ValueError(f"{name}: this UNet (addition_embed_type 'text_time', SDXL) needs text_embeds "
+                                 f"(B, pooled width) and time_ids (B, n): pooled width + n x {per_id} = {width}")
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point ({batch}, n) tensor, got {describe(value)}")
+            if value.dim() != 2 or value.shape[0] != batch:
+                raise ValueError(f"{name}: expected shape ({batch}, n) for a batch of {batch}, got {tuple(value.shape)}")
+            if value.device != self.device:
+                raise ValueError(f"{name}: on {value.device}, the model is on {self.device}")
+        if text_embeds.shape[1] + time_ids.shape[1] * per_id != width:
+            raise ValueError(f"text_embeds, time_ids: widths {text_embeds.shape[1]} + {time_ids.shape[1]} x {per_id} "
+                             f"(addition_time_embed_dim) must make projection_class_embeddings_input_dim {width}")
+        time_features = self.add_time_proj(time_ids.flatten()).reshape(batch, -1)  # fp32, as diffusers
+        return torch.cat([text_embeds.to(time_features.dtype), time_features], dim=-1).to(self.dtype)
+
     def _check_timestep_cond(self, timestep_cond, batch: int) -> torch.Tensor | None:
         if timestep_cond is None:
             return None
@@ -413,12 +458,16 @@ class UNet2DCondition(ConditionalUNet):
 
     @inference_only
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *, timestep_cond=None,
+                text_embeds=None, time_ids=None,
                 ip_hidden_states=None, down_block_additional_residuals=None,
                 mid_block_additional_residual=None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
         encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W).
         timestep_cond: (B, time_cond_proj_dim) (or (1, ...) for all), LCM's guidance embedding, for a
         model built with time_cond_proj_dim; without it the time embedding is the timestep's alone, as in diffusers.
+        text_embeds (B, P), time_ids (B, n): SDXL's added conditioning (diffusers' added_cond_kwargs), needed
+        by and only by a model with addition_embed_type "text_time"; P + n x addition_time_embed_dim =
+        projection_class_embeddings_input_dim (SDXL: 1280 pooled + 6 ids x 256 = 2816).
         ip_hidden_states: with IP-Adapters loaded (set_ip_adapters), one (B, L_i, cross_attention_dim)
         tensor of image-prompt tokens per adapter.
         ControlNet residuals, as diffusers takes them: down_block_additional_residuals, one tensor per
@@ -427,9 +476,12 @@ class UNet2DCondition(ConditionalUNet):
         x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
         timestep_cond = self._check_timestep_cond(timestep_cond, x.shape[0])
         ip = self._check_ip_hidden_states(ip_hidden_states, x.shape[0])
+        added = self._added_embedding_input(text_embeds, time_ids, x.shape[0])
 
         # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
         temb = self.time_embedding(self.time_proj(timestep).to(self.dtype), timestep_cond)
+        if added is not None:  # SDXL: diffusers' aug_emb
+            temb = temb + self.add_embedding(added)
 
         # 2. input convolution
         if self.config.center_input_sample:

@@ -1,0 +1,128 @@
+"""SDXL on fastdiff: the UNet's added conditioning (addition_embed_type "text_time": the pooled text
+embedding and the size/crop ids), transformer_layers_per_block > 1, against diffusers' UNet on the
+same random weights; the SDXL pipelines accelerated against the plain ones, on tiny random models
+built as diffusers' own SDXL tests build them (get_dummy_components); the real architecture only as
+a parameter check on the meta device (no full-size compute here).
+"""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from fastdiff.models.unet_2d_condition import UNet2DCondition, UNet2DConditionConfig  # noqa: E402
+from fastdiff.validate import rel_error  # noqa: E402
+from test_pipeline import perturbed  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+UNET_PARITY = 1e-5  # relative error of one UNet call, fp32
+POOLED = 32  # text_encoder_2's projection width in the tiny models
+TIME_IDS = 6  # original size, crop top-left, target size
+TIME_ID_DIM = 8  # addition_time_embed_dim
+
+
+def sdxl_unet(in_channels=4, seed=0, **config):
+    """diffusers' tests/pipelines/stable_diffusion_xl get_dummy_components UNet (perturbed so every
+    parameter matters): 80 = 32 pooled + 6 ids x 8."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**{
+        **dict(block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+               attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+               addition_time_embed_dim=TIME_ID_DIM, transformer_layers_per_block=(1, 2),
+               projection_class_embeddings_input_dim=POOLED + TIME_IDS * TIME_ID_DIM, cross_attention_dim=64,
+               norm_num_groups=1),
+        **config})
+    return perturbed(unet, seed)
+
+
+def unet_inputs(batch=2, seed=3, side=16):
+    g = torch.Generator().manual_seed(seed)
+    sample, context = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 7, 64, generator=g)
+    text_embeds = torch.randn(batch, POOLED, generator=g)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 40, 3, 5, 64, 64]])[:batch]  # two sizes and crops
+    return sample, context, text_embeds, time_ids
+
+
+# -- the UNet ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [
+    {},  # diffusers' own tiny SDXL UNet: transformer_layers_per_block (1, 2)
+    dict(block_out_channels=(32, 64), norm_num_groups=8, transformer_layers_per_block=3),  # an int > 1 everywhere
+    dict(block_out_channels=(32, 64), norm_num_groups=8, transformer_layers_per_block=((1, 2), (2, 3)),
+         reverse_transformer_layers_per_block=((3, 1, 2), (1, 1, 2))),  # per layer, and SDXL-refiner-style reversed
+], ids=["diffusers_dummy", "int_layers", "per_layer_tuples"])
+def test_unet_text_time_matches_diffusers(config):
+    reference = sdxl_unet(**config)
+    ours = UNet2DCondition.from_diffusers(reference)
+    assert ours.add_embedding.linear_1.weight.shape == reference.add_embedding.linear_1.weight.shape
+    sample, context, text_embeds, time_ids = unet_inputs()
+    with torch.no_grad():
+        theirs = reference(sample, 10, context, added_cond_kwargs=dict(text_embeds=text_embeds, time_ids=time_ids)).sample
+        other_ids = reference(sample, 10, context, added_cond_kwargs=dict(text_embeds=text_embeds,
+                                                                          time_ids=time_ids.flip(0))).sample
+        other_text = reference(sample, 10, context, added_cond_kwargs=dict(text_embeds=-text_embeds,
+                                                                           time_ids=time_ids)).sample
+    error = rel_error(ours(sample, 10, context, text_embeds=text_embeds, time_ids=time_ids), theirs)
+    print(f"SDXL UNet {config}: relative error {error:.2e}")
+    assert error <= UNET_PARITY
+    # both parts of the added conditioning reach the output: the check above can fail
+    assert rel_error(other_ids, theirs) > 1e-3 and rel_error(other_text, theirs) > 1e-3
+
+
+def test_unet_text_time_errors_name_the_argument():
+    ours = UNet2DCondition.from_diffusers(sdxl_unet())
+    sample, context, text_embeds, time_ids = unet_inputs()
+    with pytest.raises(ValueError, match="text_embeds: this UNet .*'text_time'.* needs text_embeds"):
+        ours(sample, 10, context)
+    with pytest.raises(ValueError, match="time_ids: this UNet"):
+        ours(sample, 10, context, text_embeds=text_embeds)
+    with pytest.raises(ValueError, match="widths 32 \\+ 5 x 8 .* projection_class_embeddings_input_dim 80"):
+        ours(sample, 10, context, text_embeds=text_embeds, time_ids=time_ids[:, :5])
+    with pytest.raises(ValueError, match="text_embeds: expected shape \\(2, n\\) for a batch of 2"):
+        ours(sample, 10, context, text_embeds=text_embeds[:1], time_ids=time_ids)
+    with pytest.raises(TypeError, match="time_ids: expected a floating-point"):
+        ours(sample, 10, context, text_embeds=text_embeds, time_ids=time_ids.long())
+    from test_pipeline import tiny_unet
+
+    plain = UNet2DCondition.from_diffusers(tiny_unet(4, 2))
+    with pytest.raises(ValueError, match="text_embeds: this UNet has no added conditioning"):
+        plain(torch.zeros(1, 4, 8, 8), 10, torch.zeros(1, 5, 32), text_embeds=torch.zeros(1, 32))
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(addition_embed_type="text"), "'addition_embed_type'='text' is not supported"),
+    (dict(addition_embed_type="text_time", addition_time_embed_dim=None, projection_class_embeddings_input_dim=80),
+     "'addition_time_embed_dim': addition_embed_type 'text_time' needs a positive int, got None"),
+])
+def test_unsupported_added_conditioning_is_named(config, match):
+    with pytest.raises(ValueError, match=match):
+        UNet2DConditionConfig(**config)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (its non-default fields)
+SDXL_BASE_UNET = dict(
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    upcast_attention=None, use_linear_projection=True)
+
+
+@pytest.mark.parametrize("in_channels", [4, 9], ids=["base", "inpaint"])
+def test_real_sdxl_architecture_on_the_meta_device(in_channels):
+    """The full-size SDXL UNet (2.57 B parameters) is built from its config with diffusers' parameter
+    names and shapes, so its checkpoint loads without a converter; nothing is allocated or run."""
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel.from_config({**SDXL_BASE_UNET, "in_channels": in_channels})
+        ours = UNet2DCondition(UNet2DConditionConfig.from_diffusers(reference.config))
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in reference.parameters())
+    if in_channels == 4:
+        assert count == 2_567_463_684  # SDXL base's published UNet size
+    assert ours.add_embedding.linear_1.in_features == 2816 and ours.add_time_proj.num_channels == 256
