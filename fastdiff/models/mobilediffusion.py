@@ -45,7 +45,7 @@ from .layers import (
     group_norm,
     inference_only,
 )
-from .unet_common import ConditionalUNet
+from .unet_common import ConditionalUNet, DeepCacheRows
 
 __all__ = ["MobileDiffusionConfig", "MobileDiffusionUNet", "PRESETS", "ModelSummary"]
 
@@ -190,14 +190,15 @@ class DownBlock(nn.Module):
         last = level == len(config.block_out_channels) - 1
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(channels)])
 
-    def forward(self, x, temb, context, skips: list):
+    def forward(self, x, temb, context, skips: list, deeper: int | None = None):
+        """deeper: how many of the first rows go on to the next level (default all), so are downsampled."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
             skips.append(x)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)  # (B, C, H/2, W/2)
+            x = self.downsamplers[0](x[:deeper]) if deeper != 0 else None  # (deeper, C, H/2, W/2)
         return x
 
 
@@ -294,33 +295,42 @@ class MobileDiffusionUNet(ConditionalUNet):
     def cross_attention_dim(self) -> int:
         return self.config.cross_attention_dim
 
+    @property
+    def num_levels(self) -> int:
+        return len(self.config.block_out_channels)
+
+    @property
+    def max_cache_depth(self) -> int:
+        return self.num_levels  # the core always remains to cache (and holds most of the transformer depth)
+
     @inference_only
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
+                cache: DeepCacheRows | None = None) -> torch.Tensor:
+        """cache: DeepCache per row (see DeepCacheRows): rows that reuse their deep features run only
+        their outer levels, rows that refresh them leave them in cache.stored."""
         x, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)  # x channels_last
 
-        # 1. time embedding: sinusoid in fp32, then the MLP in the model's dtype
-        temb = self.time_proj(timesteps).to(self.dtype)  # (B, C0)
-        temb = self.time_embedding(temb)  # (B, 4*C0)
+        # time embedding: sinusoid in fp32, then the MLP in the model's dtype
+        temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))  # (B, 4*C0)
+        # conv_in; down (each level's outputs become skips, a stride-2 conv between levels); the core
+        # (residual blocks with full transformers between them); up (the skips of the same level
+        # concatenated, coarse to fine); out (GroupNorm + SiLU, 3x3 conv to the latent channels)
+        return self._run_levels(x, temb, context, cache)  # (B, out_channels, H, W)
 
-        # 2. conv_in
-        x = self.conv_in(x)  # (B, C0, H, W), through ops.conv2d
+    def _stem(self, x, skips):
+        return self.conv_in(x)  # (B, C0, H, W), through ops.conv2d; not a skip here
 
-        # 3. down: each level's outputs become skips; stride-2 conv between levels
-        skips: list[torch.Tensor] = []
-        for block in self.down_blocks:
-            x = block(x, temb, context, skips)  # (B, C_i, H/2^i, W/2^i) before the downsampler
-        # x: (B, C_last, H/2^(n-1), W/2^(n-1))
+    def _down(self, level, x, temb, context, skips, deeper):
+        return self.down_blocks[level](x, temb, context, skips, deeper)  # (deeper, C_i+1, H/2^(i+1), ...)
 
-        # 4. core: residual blocks with full transformers between them
-        x = self.mid_block(x, temb, context)
+    def _mid(self, x, temb, context):
+        return self.mid_block(x, temb, context)
 
-        # 5. up: concatenate the skips of the same level, coarse to fine
-        for block in self.up_blocks:
-            x = block(x, temb, context, skips)
-        # x: (B, C0, H, W)
+    def _up(self, level, x, temb, context, skips):
+        return self.up_blocks[self.num_levels - 1 - level](x, temb, context, skips)  # up_blocks: coarsest first
 
-        # 6. out: GroupNorm + SiLU, 3x3 conv to the latent channels
-        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
+    def _head(self, x):
+        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))
 
     def summary(self, *, batch_size: int = 1, print_table: bool = True) -> "ModelSummary":
         """Parameters and MACs of one forward pass at the config's resolution (sample_size, with

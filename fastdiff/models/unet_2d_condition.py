@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import checkpoint
 from .layers import ResnetBlock2D, Timesteps, TimestepEmbedding, Transformer2DModel, Downsample2D, Upsample2D, conv2d, group_norm, inference_only
-from .unet_common import ConditionalUNet, describe
+from .unet_common import ConditionalUNet, DeepCacheRows, describe
 
 __all__ = ["UNet2DCondition", "UNet2DConditionConfig"]
 
@@ -460,7 +460,7 @@ class UNet2DCondition(ConditionalUNet):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *, timestep_cond=None,
                 text_embeds=None, time_ids=None,
                 ip_hidden_states=None, down_block_additional_residuals=None,
-                mid_block_additional_residual=None) -> torch.Tensor:
+                mid_block_additional_residual=None, cache: DeepCacheRows | None = None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: a number, a 0-d tensor or (B,) tensor;
         encoder_hidden_states: (B, L, cross_attention_dim). Returns (B, out_channels, H, W).
         timestep_cond: (B, time_cond_proj_dim) (or (1, ...) for all), LCM's guidance embedding, for a
@@ -472,57 +472,84 @@ class UNet2DCondition(ConditionalUNet):
         tensor of image-prompt tokens per adapter.
         ControlNet residuals, as diffusers takes them: down_block_additional_residuals, one tensor per
         skip feature (conv_in's output first), added to the skips; mid_block_additional_residual added
-        to the mid block's output."""
+        to the mid block's output. cache: DeepCache per row (see DeepCacheRows)."""
         x, timestep, context = self._check_inputs(sample, timestep, encoder_hidden_states)
         timestep_cond = self._check_timestep_cond(timestep_cond, x.shape[0])
         ip = self._check_ip_hidden_states(ip_hidden_states, x.shape[0])
         added = self._added_embedding_input(text_embeds, time_ids, x.shape[0])
+        residuals = down_block_additional_residuals is not None or mid_block_additional_residual is not None
+        if cache is not None and residuals:
+            raise ValueError("cache: not with ControlNet residuals (down_block_additional_residuals, "
+                             "mid_block_additional_residual): they change the deep features every step")
 
-        # 1. time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
-        temb = self.time_embedding(self.time_proj(timestep).to(self.dtype), timestep_cond)
-        if added is not None:  # SDXL: diffusers' aug_emb
-            temb = temb + self.add_embedding(added)
-
-        # 2. input convolution
-        if self.config.center_input_sample:
-            x = 2 * x - 1.0
-        x = conv2d(self.conv_in, x)  # (B, C0, H, W) channels_last
-        skips = [x]
-
-        # 3. down: each resnet (+ transformer) output and each downsampled map is a skip
-        for block in self.down_blocks:
-            for i, resnet in enumerate(block.resnets):
-                x = block.attention(i, resnet(x, temb), context, ip)
-                skips.append(x)
-            if block.downsamplers is not None:
-                x = block.downsamplers[0](x)  # (B, C, ceil(h/2), ceil(w/2))
-                skips.append(x)
-        if down_block_additional_residuals is not None:
+        def add_down_residuals(skips):  # one per skip, in the order the down blocks keep them
             residuals = list(down_block_additional_residuals)
             if len(residuals) != len(skips) or any(r.shape != s.shape for r, s in zip(residuals, skips)):
                 raise ValueError(f"down_block_additional_residuals: expected {len(skips)} tensors of shapes "
                                  f"{[tuple(s.shape) for s in skips]}, got {[tuple(r.shape) for r in residuals]}")
-            skips = [s + r.to(dtype=s.dtype, memory_format=torch.channels_last) for s, r in zip(skips, residuals)]
+            skips[:] = [s + r.to(dtype=s.dtype, memory_format=torch.channels_last) for s, r in zip(skips, residuals)]
 
-        # 4. mid
-        if self.mid_block is not None:
-            x = self.mid_block.resnets[0](x, temb)
-            x = self.mid_block.resnets[1](self.mid_block.attention(0, x, context, ip), temb)
-        if mid_block_additional_residual is not None:
+        def add_mid_residual(x):
             if mid_block_additional_residual.shape != x.shape:
                 raise ValueError(f"mid_block_additional_residual: expected shape {tuple(x.shape)}, "
                                  f"got {tuple(mid_block_additional_residual.shape)}")
-            x = x + mid_block_additional_residual.to(dtype=x.dtype, memory_format=torch.channels_last)
+            return x + mid_block_additional_residual.to(dtype=x.dtype, memory_format=torch.channels_last)
 
-        # 5. up: concat the matching skip on channels before each resnet; upsample to the next
-        #    skip's size (2x, or the odd size the downsampler rounded up from)
-        for block in self.up_blocks:
-            for i, resnet in enumerate(block.resnets):
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w) channels_last
-                x = block.attention(i, resnet(x, temb), context, ip)
-            if block.upsamplers is not None:
-                x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
+        # time embedding: (B,) -> sinusoidal (B, C0) in fp32 -> MLP (B, 4*C0) in the model dtype
+        temb = self.time_embedding(self.time_proj(timestep).to(self.dtype), timestep_cond)
+        if added is not None:  # SDXL: diffusers' aug_emb
+            temb = temb + self.add_embedding(added)
+        return self._run_levels(x, temb, (context, ip), cache,
+                                after_down=add_down_residuals if down_block_additional_residuals is not None else None,
+                                after_mid=add_mid_residual if mid_block_additional_residual is not None else None)
 
-        # 6. output: GroupNorm + SiLU (fused), conv
-        return conv2d(self.conv_out, group_norm(x, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
+    # the levels, for ConditionalUNet._run_levels; context is (encoder_hidden_states, IP-Adapter tokens)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.down_blocks)
+
+    @property
+    def max_cache_depth(self) -> int:
+        return self.num_levels - (self.mid_block is None)  # without a mid block the deepest level is all that is deep
+
+    def _stem(self, x, skips):
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        x = conv2d(self.conv_in, x)  # (B, C0, H, W) channels_last
+        skips.append(x)
+        return x
+
+    def _down(self, level, x, temb, context, skips, deeper):
+        # each resnet (+ transformer) output and each downsampled map is a skip
+        block = self.down_blocks[level]
+        for i, resnet in enumerate(block.resnets):
+            x = block.attention(i, resnet(x, temb), *context)
+            skips.append(x)
+        if block.downsamplers is not None:
+            if not deeper:
+                return None
+            x = block.downsamplers[0](x[:deeper])  # (deeper, C, ceil(h/2), ceil(w/2))
+            skips.append(x)
+        return x
+
+    def _mid(self, x, temb, context):
+        if self.mid_block is None:
+            return x
+        x = self.mid_block.resnets[0](x, temb)
+        return self.mid_block.resnets[1](self.mid_block.attention(0, x, *context), temb)
+
+    def _up(self, level, x, temb, context, skips):
+        # concat the matching skip on channels before each resnet; upsample to the next skip's size
+        # (2x, or the odd size the downsampler rounded up from)
+        block = self.up_blocks[self.num_levels - 1 - level]
+        for i, resnet in enumerate(block.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w) channels_last
+            x = block.attention(i, resnet(x, temb), *context)
+        if block.upsamplers is not None:
+            x = block.upsamplers[0](x, output_size=skips[-1].shape[2:])
+        return x
+
+    def _head(self, x):
+        return conv2d(self.conv_out, group_norm(x, self.conv_norm_out, silu=True))  # GroupNorm + SiLU (fused), conv
 
