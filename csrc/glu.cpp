@@ -6,8 +6,8 @@
 // own offsets); only a last dim with stride != 1 forces a copy.
 #include "common.h"
 #include "cpu_features.h"
-#include "glu_vecmath.h"
 #include "registry.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -16,36 +16,30 @@ namespace {
 
 using c10::BFloat16;
 
-template <class T, bool kGelu>
-FASTDIFF_AVX512 void glu_row_avx512(const T* a, const T* gate, T* out, int64_t features) {
-  using namespace vec::avx512;
+// One row: out[j] = a[j] * act(gate[j]), whole vectors then one partial one.
+template <class V, class T, bool kGelu>
+inline void glu_row(const T* a, const T* gate, T* out, int64_t features) {
   constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   int64_t j = 0;
-  for (; j + kWidth <= features; j += kWidth) {
-    V g = load(gate + j);
-    store(out + j, _mm512_mul_ps(load(a + j), kGelu ? gelu<kFull>(g) : silu<kFull>(g)));
+  for (; j + V::kWidth <= features; j += V::kWidth) {
+    const auto g = V::load(gate + j);
+    V::store(out + j, V::mul(V::load(a + j), kGelu ? V::template gelu<kFull>(g) : V::template silu<kFull>(g)));
   }
   if (j < features) {
-    __mmask16 m = tail_mask(features - j);
-    V g = load(gate + j, m);
-    store(out + j, _mm512_mul_ps(load(a + j, m), kGelu ? gelu<kFull>(g) : silu<kFull>(g)), m);
+    const auto m = V::tail(features - j);
+    const auto g = V::load(gate + j, m);
+    V::store(out + j, V::mul(V::load(a + j, m), kGelu ? V::template gelu<kFull>(g) : V::template silu<kFull>(g)), m);
   }
 }
 
 template <class T, bool kGelu>
-FASTDIFF_AVX2 void glu_row_avx2(const T* a, const T* gate, T* out, int64_t features) {
-  using namespace vec::avx2;
-  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
-  int64_t j = 0;
-  for (; j + kWidth <= features; j += kWidth) {
-    V g = load(gate + j);
-    store(out + j, _mm256_mul_ps(load(a + j), kGelu ? gelu<kFull>(g) : silu<kFull>(g)));
-  }
-  if (j < features) {
-    const int64_t n = features - j;
-    V g = load(gate + j, n);
-    store(out + j, _mm256_mul_ps(load(a + j, n), kGelu ? gelu<kFull>(g) : silu<kFull>(g)), n);
-  }
+FASTDIFF_AVX512 FASTDIFF_FLATTEN void glu_row_avx512(const T* a, const T* gate, T* out, int64_t features) {
+  glu_row<vec::Avx512, T, kGelu>(a, gate, out, features);
+}
+
+template <class T, bool kGelu>
+FASTDIFF_AVX2 FASTDIFF_FLATTEN void glu_row_avx2(const T* a, const T* gate, T* out, int64_t features) {
+  glu_row<vec::Avx2, T, kGelu>(a, gate, out, features);
 }
 
 template <class T, bool kGelu>

@@ -10,8 +10,8 @@
 // Memory traffic: x read twice, y written once; on SD sizes x stays in L3 between the passes.
 #include "common.h"
 #include "cpu_features.h"
-#include "glu_vecmath.h"
 #include "registry.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -26,185 +26,119 @@ using c10::BFloat16;
 constexpr int64_t kStatsRun = 256;
 
 // ------------------------------------------------------------------------------------------
-// Kernels per ISA. sums_rows: acc1[c] += sum_p (x[p, c] - shift[c]), acc2 likewise squared,
-// over `rows` pixels of `channels` contiguous values. sums_run: one contiguous run (an NCHW
-// channel plane). affine_rows / affine_run: y = (x - shift) * a + b (+ SiLU).
+// Kernels, each loop written once over Vec (vec.h) with an entry point per ISA. sums_rows:
+// acc1[c] = sum_p (x[p, c] - shift[c]), acc2 likewise squared, over `rows` pixels of `channels`
+// contiguous values. sums_run: one contiguous run (an NCHW channel plane). affine_rows /
+// affine_run: y = (x - shift) * a + b (+ SiLU).
 
-template <class T>
-FASTDIFF_AVX512 void sums_rows_avx512(const T* x, int64_t rows, int64_t channels, const float* shift,
-                                      float* acc1, float* acc2) {
-  using namespace vec::avx512;
-  for (int64_t c = 0; c < channels; c += kWidth) {
-    const __mmask16 m = tail_mask(channels - c);
-    const V s = load(shift + c, m);
-    V s1a = _mm512_setzero_ps(), s1b = s1a, s2a = s1a, s2b = s1a;
+template <class V, class T>
+inline void sums_rows(const T* x, int64_t rows, int64_t channels, const float* shift, float* acc1, float* acc2) {
+  for (int64_t c = 0; c < channels; c += V::kWidth) {
+    const auto m = V::tail(channels - c);
+    const auto s = V::load(shift + c, m);
+    auto s1a = V::zero(), s1b = s1a, s2a = s1a, s2b = s1a;  // two rows at a time, two accumulator chains
     const T* p = x + c;
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2, p += 2 * channels) {
-      V d0 = _mm512_sub_ps(load(p, m), s), d1 = _mm512_sub_ps(load(p + channels, m), s);
-      s1a = _mm512_add_ps(s1a, d0);
-      s2a = _mm512_fmadd_ps(d0, d0, s2a);
-      s1b = _mm512_add_ps(s1b, d1);
-      s2b = _mm512_fmadd_ps(d1, d1, s2b);
+      const auto d0 = V::sub(V::load(p, m), s), d1 = V::sub(V::load(p + channels, m), s);
+      s1a = V::add(s1a, d0);
+      s2a = V::fma(d0, d0, s2a);
+      s1b = V::add(s1b, d1);
+      s2b = V::fma(d1, d1, s2b);
     }
     if (r < rows) {
-      V d = _mm512_maskz_sub_ps(m, load(p, m), s);
-      s1a = _mm512_add_ps(s1a, d);
-      s2a = _mm512_fmadd_ps(d, d, s2a);
+      const auto d = V::sub(V::load(p, m), s, m);
+      s1a = V::add(s1a, d);
+      s2a = V::fma(d, d, s2a);
     }
-    store(acc1 + c, _mm512_add_ps(s1a, s1b), m);
-    store(acc2 + c, _mm512_add_ps(s2a, s2b), m);
+    V::store(acc1 + c, V::add(s1a, s1b), m);
+    V::store(acc2 + c, V::add(s2a, s2b), m);
   }
 }
 
-template <class T>
-FASTDIFF_AVX512 void sums_run_avx512(const T* x, int64_t len, float shift, double* s1, double* s2) {
-  using namespace vec::avx512;
-  const V s = _mm512_set1_ps(shift);
+template <class V, class T>
+inline void sums_run(const T* x, int64_t len, float shift, double* s1, double* s2) {
+  const auto s = V::set1(shift);
   double t1 = 0, t2 = 0;
-  for (int64_t start = 0; start < len; start += kStatsRun * kWidth) {  // flush fp32 lanes to double
-    const int64_t stop = std::min(len, start + kStatsRun * kWidth);
-    V a1 = _mm512_setzero_ps(), a2 = a1;
-    for (int64_t i = start; i < stop; i += kWidth) {
-      const __mmask16 m = tail_mask(stop - i);
-      V d = _mm512_maskz_sub_ps(m, load(x + i, m), s);
-      a1 = _mm512_add_ps(a1, d);
-      a2 = _mm512_fmadd_ps(d, d, a2);
+  for (int64_t start = 0; start < len; start += kStatsRun * V::kWidth) {  // flush fp32 lanes to double
+    const int64_t stop = std::min(len, start + kStatsRun * V::kWidth);
+    auto a1 = V::zero(), a2 = a1;
+    int64_t i = start;
+    for (; i + V::kWidth <= stop; i += V::kWidth) {
+      const auto d = V::sub(V::load(x + i), s);
+      a1 = V::add(a1, d);
+      a2 = V::fma(d, d, a2);
     }
-    t1 += _mm512_reduce_add_ps(a1);
-    t2 += _mm512_reduce_add_ps(a2);
+    if (i < stop) {
+      const auto m = V::tail(stop - i);
+      const auto d = V::sub(V::load(x + i, m), s, m);
+      a1 = V::add(a1, d);
+      a2 = V::fma(d, d, a2);
+    }
+    t1 += V::reduce_add(a1);
+    t2 += V::reduce_add(a2);
   }
   *s1 = t1;
   *s2 = t2;
 }
 
-template <class T, bool kSilu>
-FASTDIFF_AVX512 void affine_rows_avx512(const T* x, T* y, int64_t rows, int64_t channels, const float* shift,
-                                        const float* a, const float* b) {
-  using namespace vec::avx512;
+template <class V, class T, bool kSilu>
+inline void affine_rows(const T* x, T* y, int64_t rows, int64_t channels, const float* shift, const float* a,
+                        const float* b) {
   constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
   for (int64_t r = 0; r < rows; ++r, x += channels, y += channels) {
     int64_t c = 0;
-    for (; c + kWidth <= channels; c += kWidth) {
-      V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + c), load(shift + c)), load(a + c), load(b + c));
-      store(y + c, kSilu ? silu<kFull>(v) : v);
+    for (; c + V::kWidth <= channels; c += V::kWidth) {
+      const auto v = V::fma(V::sub(V::load(x + c), V::load(shift + c)), V::load(a + c), V::load(b + c));
+      V::store(y + c, kSilu ? V::template silu<kFull>(v) : v);
     }
     if (c < channels) {
-      const __mmask16 m = tail_mask(channels - c);
-      V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + c, m), load(shift + c, m)), load(a + c, m), load(b + c, m));
-      store(y + c, kSilu ? silu<kFull>(v) : v, m);
+      const auto m = V::tail(channels - c);
+      const auto v = V::fma(V::sub(V::load(x + c, m), V::load(shift + c, m)), V::load(a + c, m), V::load(b + c, m));
+      V::store(y + c, kSilu ? V::template silu<kFull>(v) : v, m);
     }
   }
 }
 
-template <class T, bool kSilu>
-FASTDIFF_AVX512 void affine_run_avx512(const T* x, T* y, int64_t len, float shift, float a, float b) {
-  using namespace vec::avx512;
+template <class V, class T, bool kSilu>
+inline void affine_run(const T* x, T* y, int64_t len, float shift, float a, float b) {
   constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
-  const V vs = _mm512_set1_ps(shift), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  const auto vs = V::set1(shift), va = V::set1(a), vb = V::set1(b);
   int64_t i = 0;
-  for (; i + kWidth <= len; i += kWidth) {
-    V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + i), vs), va, vb);
-    store(y + i, kSilu ? silu<kFull>(v) : v);
+  for (; i + V::kWidth <= len; i += V::kWidth) {
+    const auto v = V::fma(V::sub(V::load(x + i), vs), va, vb);
+    V::store(y + i, kSilu ? V::template silu<kFull>(v) : v);
   }
   if (i < len) {
-    const __mmask16 m = tail_mask(len - i);
-    V v = _mm512_fmadd_ps(_mm512_sub_ps(load(x + i, m), vs), va, vb);
-    store(y + i, kSilu ? silu<kFull>(v) : v, m);
+    const auto m = V::tail(len - i);
+    const auto v = V::fma(V::sub(V::load(x + i, m), vs), va, vb);
+    V::store(y + i, kSilu ? V::template silu<kFull>(v) : v, m);
   }
 }
 
-template <class T>
-FASTDIFF_AVX2 void sums_rows_avx2(const T* x, int64_t rows, int64_t channels, const float* shift,
-                                  float* acc1, float* acc2) {
-  using namespace vec::avx2;
-  int64_t c = 0;
-  for (; c + kWidth <= channels; c += kWidth) {
-    const V s = load(shift + c);
-    V s1 = _mm256_setzero_ps(), s2 = s1;
-    const T* p = x + c;
-    for (int64_t r = 0; r < rows; ++r, p += channels) {
-      V d = _mm256_sub_ps(load(p), s);
-      s1 = _mm256_add_ps(s1, d);
-      s2 = _mm256_fmadd_ps(d, d, s2);
-    }
-    store(acc1 + c, s1);
-    store(acc2 + c, s2);
+// The entry points: the loops above compiled for one ISA each.
+#define FASTDIFF_GROUP_NORM_ENTRY_POINTS(isa, Vec, TARGET)                                                          \
+  template <class T>                                                                                                \
+  TARGET FASTDIFF_FLATTEN void sums_rows_##isa(const T* x, int64_t rows, int64_t channels, const float* shift,     \
+                                               float* acc1, float* acc2) {                                          \
+    sums_rows<Vec>(x, rows, channels, shift, acc1, acc2);                                                           \
+  }                                                                                                                 \
+  template <class T>                                                                                                \
+  TARGET FASTDIFF_FLATTEN void sums_run_##isa(const T* x, int64_t len, float shift, double* s1, double* s2) {       \
+    sums_run<Vec>(x, len, shift, s1, s2);                                                                           \
+  }                                                                                                                 \
+  template <class T, bool kSilu>                                                                                    \
+  TARGET FASTDIFF_FLATTEN void affine_rows_##isa(const T* x, T* y, int64_t rows, int64_t channels,                 \
+                                                 const float* shift, const float* a, const float* b) {              \
+    affine_rows<Vec, T, kSilu>(x, y, rows, channels, shift, a, b);                                                  \
+  }                                                                                                                 \
+  template <class T, bool kSilu>                                                                                    \
+  TARGET FASTDIFF_FLATTEN void affine_run_##isa(const T* x, T* y, int64_t len, float shift, float a, float b) {    \
+    affine_run<Vec, T, kSilu>(x, y, len, shift, a, b);                                                              \
   }
-  for (; c < channels; ++c) {
-    float s1 = 0, s2 = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float d = vec::to_float(x[r * channels + c]) - shift[c];
-      s1 += d;
-      s2 += d * d;
-    }
-    acc1[c] = s1;
-    acc2[c] = s2;
-  }
-}
-
-template <class T>
-FASTDIFF_AVX2 void sums_run_avx2(const T* x, int64_t len, float shift, double* s1, double* s2) {
-  using namespace vec::avx2;
-  const V s = _mm256_set1_ps(shift);
-  double t1 = 0, t2 = 0;
-  int64_t i = 0;
-  while (i + kWidth <= len) {
-    const int64_t stop = std::min(len - kWidth, i + kStatsRun * kWidth);
-    V a1 = _mm256_setzero_ps(), a2 = a1;
-    for (; i <= stop; i += kWidth) {
-      V d = _mm256_sub_ps(load(x + i), s);
-      a1 = _mm256_add_ps(a1, d);
-      a2 = _mm256_fmadd_ps(d, d, a2);
-    }
-    float l1[8], l2[8];
-    _mm256_storeu_ps(l1, a1);
-    _mm256_storeu_ps(l2, a2);
-    for (int k = 0; k < 8; ++k) t1 += l1[k], t2 += l2[k];
-  }
-  for (; i < len; ++i) {
-    const double d = vec::to_float(x[i]) - shift;
-    t1 += d;
-    t2 += d * d;
-  }
-  *s1 = t1;
-  *s2 = t2;
-}
-
-template <class T, bool kSilu>
-FASTDIFF_AVX2 void affine_rows_avx2(const T* x, T* y, int64_t rows, int64_t channels, const float* shift,
-                                    const float* a, const float* b) {
-  using namespace vec::avx2;
-  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
-  for (int64_t r = 0; r < rows; ++r, x += channels, y += channels) {
-    int64_t c = 0;
-    for (; c + kWidth <= channels; c += kWidth) {
-      V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + c), load(shift + c)), load(a + c), load(b + c));
-      store(y + c, kSilu ? silu<kFull>(v) : v);
-    }
-    if (c < channels) {
-      const int64_t n = channels - c;
-      V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + c, n), load(shift + c, n)), load(a + c, n), load(b + c, n));
-      store(y + c, kSilu ? silu<kFull>(v) : v, n);
-    }
-  }
-}
-
-template <class T, bool kSilu>
-FASTDIFF_AVX2 void affine_run_avx2(const T* x, T* y, int64_t len, float shift, float a, float b) {
-  using namespace vec::avx2;
-  constexpr bool kFull = std::is_same_v<T, float>;  // bf16 results need less
-  const V vs = _mm256_set1_ps(shift), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
-  int64_t i = 0;
-  for (; i + kWidth <= len; i += kWidth) {
-    V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + i), vs), va, vb);
-    store(y + i, kSilu ? silu<kFull>(v) : v);
-  }
-  if (i < len) {
-    V v = _mm256_fmadd_ps(_mm256_sub_ps(load(x + i, len - i), vs), va, vb);
-    store(y + i, kSilu ? silu<kFull>(v) : v, len - i);
-  }
-}
+FASTDIFF_GROUP_NORM_ENTRY_POINTS(avx512, vec::Avx512, FASTDIFF_AVX512)
+FASTDIFF_GROUP_NORM_ENTRY_POINTS(avx2, vec::Avx2, FASTDIFF_AVX2)
+#undef FASTDIFF_GROUP_NORM_ENTRY_POINTS
 
 template <class T>
 void sums_rows_scalar(const T* x, int64_t rows, int64_t channels, const float* shift, float* acc1, float* acc2) {

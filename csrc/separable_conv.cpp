@@ -6,7 +6,7 @@
 // tiles of kTilePixels. Per tile: the depthwise result is written to a per-thread buffer
 // A (pixels x C, L2-resident), then A times the packed pointwise weight B (C x C_out, in panels
 // of 64 output channels) is computed by a register-blocked microkernel (6 pixels x 64 channels
-// of fp32 accumulators) and stored with the bias. The depthwise result never reaches memory at
+// of fp32 accumulators; 6 x 16 on AVX2) and stored with the bias. The depthwise result never reaches memory at
 // full size. Memory traffic: x read ~once (3 rows per tile from cache), out written once, B
 // streamed from L2/L3 once per tile.
 //
@@ -15,8 +15,8 @@
 // products, fp32 accumulation); without AVX512-BF16 the bf16 path runs the fp32 GEMM instead.
 #include "common.h"
 #include "cpu_features.h"
-#include "glu_vecmath.h"
 #include "registry.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -39,7 +39,7 @@ constexpr int64_t kTilePixels = 96;   // pixels per tile: A = 96 x C stays in L2
 struct Geometry {
   int64_t N, C, H, W, Cout;
   int64_t sN, sC, sH, sW;  // x strides, in elements
-  int64_t Kp;              // row length of A: C rounded up to even (bf16 pairs) / 16
+  int64_t Kp;              // row length of A: C rounded up to whole vectors (SIMD paths), else C
 };
 
 // ------------------------------------------------------------------------------------------
@@ -56,10 +56,10 @@ inline unsigned valid_taps(int64_t h, int64_t w, int64_t H, int64_t W) {
   return mask;
 }
 
-template <class T, class AT>
-FASTDIFF_AVX512 void depthwise_nhwc_avx512(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
-                                           int64_t q0, int64_t rows, AT* A) {
-  using namespace vec::avx512;
+// NHWC input: channels outer (the 9 taps of a channel vector stay in registers), pixels inner.
+template <class V, class T, class AT>
+inline void depthwise_nhwc(const T* x, const Geometry& g, const float* dw_k, const float* dw_b, int64_t q0,
+                           int64_t rows, AT* A) {
   int64_t offsets[kTilePixels];
   unsigned taps[kTilePixels];
   for (int64_t p = 0; p < rows; ++p) {
@@ -69,52 +69,34 @@ FASTDIFF_AVX512 void depthwise_nhwc_avx512(const T* x, const Geometry& g, const 
   }
   int64_t tap_offset[9];
   for (int t = 0; t < 9; ++t) tap_offset[t] = (t / 3 - 1) * g.sH + (t % 3 - 1) * g.sW;
-  for (int64_t c = 0; c < g.Kp; c += kWidth) {
-    const __mmask16 in_x = tail_mask(g.C - c);  // channels that exist in x
-    const __mmask16 in_a = tail_mask(g.Kp - c);  // columns of A to write (padding included)
-    V k[9];
-    for (int t = 0; t < 9; ++t) k[t] = _mm512_loadu_ps(dw_k + t * g.Kp + c);
-    const V bias = _mm512_loadu_ps(dw_b + c);
+  for (int64_t c = 0; c < g.Kp; c += V::kWidth) {  // Kp: whole vectors, zeros past C
+    const auto in_x = V::tail(g.C - c);  // channels that exist in x
+    typename V::Reg k[9];
+    for (int t = 0; t < 9; ++t) k[t] = V::load(dw_k + t * g.Kp + c);
+    const auto bias = V::load(dw_b + c);
     for (int64_t p = 0; p < rows; ++p) {
       const T* centre = x + offsets[p] + c;
-      V acc = bias;
+      auto acc = bias;
       if (taps[p] == 0x1FF) {
-        for (int t = 0; t < 9; ++t) acc = _mm512_fmadd_ps(load(centre + tap_offset[t], in_x), k[t], acc);
+        for (int t = 0; t < 9; ++t) acc = V::fma(V::load(centre + tap_offset[t], in_x), k[t], acc);
       } else {
         for (int t = 0; t < 9; ++t)
-          if (taps[p] >> t & 1) acc = _mm512_fmadd_ps(load(centre + tap_offset[t], in_x), k[t], acc);
+          if (taps[p] >> t & 1) acc = V::fma(V::load(centre + tap_offset[t], in_x), k[t], acc);
       }
-      store(A + p * g.Kp + c, acc, in_a);
+      V::store(A + p * g.Kp + c, acc);
     }
   }
 }
 
+template <class T, class AT>
+FASTDIFF_AVX512 FASTDIFF_FLATTEN void depthwise_nhwc_avx512(const T* x, const Geometry& g, const float* dw_k,
+                                                            const float* dw_b, int64_t q0, int64_t rows, AT* A) {
+  depthwise_nhwc<vec::Avx512>(x, g, dw_k, dw_b, q0, rows, A);
+}
 template <class T>
-FASTDIFF_AVX2 void depthwise_nhwc_avx2(const T* x, const Geometry& g, const float* dw_k, const float* dw_b,
-                                       int64_t q0, int64_t rows, float* A) {
-  using namespace vec::avx2;
-  int64_t tap_offset[9];
-  for (int t = 0; t < 9; ++t) tap_offset[t] = (t / 3 - 1) * g.sH + (t % 3 - 1) * g.sW;
-  for (int64_t p = 0; p < rows; ++p) {
-    const int64_t q = q0 + p, w = q % g.W, h = (q / g.W) % g.H, n = q / (g.W * g.H);
-    const unsigned taps = valid_taps(h, w, g.H, g.W);
-    const T* centre = x + n * g.sN + h * g.sH + w * g.sW;
-    float* a_row = A + p * g.Kp;
-    int64_t c = 0;
-    for (; c + kWidth <= g.C; c += kWidth) {
-      V acc = _mm256_loadu_ps(dw_b + c);
-      for (int t = 0; t < 9; ++t)
-        if (taps >> t & 1) acc = _mm256_fmadd_ps(load(centre + tap_offset[t] + c), _mm256_loadu_ps(dw_k + t * g.Kp + c), acc);
-      _mm256_storeu_ps(a_row + c, acc);
-    }
-    for (; c < g.Kp; ++c) {  // channel tail and zero padding
-      float acc = dw_b[c];
-      if (c < g.C)
-        for (int t = 0; t < 9; ++t)
-          if (taps >> t & 1) acc += vec::to_float(centre[tap_offset[t] + c]) * dw_k[t * g.Kp + c];
-      a_row[c] = acc;
-    }
-  }
+FASTDIFF_AVX2 FASTDIFF_FLATTEN void depthwise_nhwc_avx2(const T* x, const Geometry& g, const float* dw_k,
+                                                        const float* dw_b, int64_t q0, int64_t rows, float* A) {
+  depthwise_nhwc<vec::Avx2>(x, g, dw_k, dw_b, q0, rows, A);
 }
 
 // Any strides (NCHW input, or the scalar path): one channel at a time along the pixel run.
@@ -168,31 +150,76 @@ void depthwise_strided_scalar(const T* x, const Geometry& g, const float* dw_k, 
 // Pointwise GEMM of one tile: out[p, o] = sum_k A[p, k] B[k, o] + bias[o] for rows pixels.
 // B panels: fp32 [Cout/64][Kp][64]; bf16 (VNNI pairs) [Cout/64][Kp/2][64][2].
 
+// Output-channel vectors per microkernel call: MR x kGemmVecs accumulators, kGemmVecs weight loads
+// and one broadcast in registers (AVX-512: 6 x 4 + 4 + 1 of 32 zmm, a whole 64-channel panel;
+// AVX2: 6 x 2 + 2 + 1 of 16 ymm, a quarter panel).
+template <class V>
+constexpr int kGemmVecs = V::kWidth == 16 ? 4 : 2;
+
+// Rows [0, MR) of the result: out[i, :] = A[i, :K] · B (panel rows kPanel apart) + bias, only the
+// lanes in `tails` (output channels that exist) stored. Only MR row pointers of A are live (12 rows
+// would spill general-purpose registers).
+template <class V, int MR, class T>
+inline void micro_f32(const float* A, int64_t lda, int64_t K, const float* B, const float* bias, T* out, int64_t ldo,
+                      const typename V::Tail* tails) {
+  constexpr int NV = kGemmVecs<V>;
+  typename V::Reg acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    typename V::Reg b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = V::load(B + k * kPanel + V::kWidth * v);
+    for (int i = 0; i < MR; ++i) {
+      const auto a = V::set1(A[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v)
+      V::store(out + i * ldo + V::kWidth * v, V::add(acc[i][v], V::load(bias + V::kWidth * v, tails[v])), tails[v]);
+}
+
+// Runtime row count (1..kMicroRows) -> compile-time microkernel (direct calls, so they inline).
+template <class V, class T, int MR = kMicroRows>
+inline void micro_f32_rows(int rows, const float* A, int64_t lda, int64_t K, const float* B, const float* bias, T* out,
+                           int64_t ldo, const typename V::Tail* tails) {
+  if constexpr (MR > 1)
+    if (rows < MR) return micro_f32_rows<V, T, MR - 1>(rows, A, lda, K, B, bias, out, ldo, tails);
+  micro_f32<V, MR, T>(A, lda, K, B, bias, out, ldo, tails);
+}
+
+template <class V, class T>
+inline void gemm_tile_f32(const float* A, int64_t rows, const Geometry& g, const float* B, const float* bias, T* out) {
+  constexpr int NV = kGemmVecs<V>;
+  constexpr int64_t kCols = NV * V::kWidth;  // output channels per microkernel call
+  for (int64_t o = 0; o < g.Cout; o += kCols) {
+    typename V::Tail tails[NV];  // output channels of this call that exist
+    for (int v = 0; v < NV; ++v) tails[v] = V::tail(std::clamp<int64_t>(g.Cout - o - V::kWidth * v, 0, V::kWidth));
+    const float* panel = B + (o / kPanel) * g.Kp * kPanel + o % kPanel;
+    for (int64_t p = 0; p < rows; p += kMicroRows) {
+      const int mr = static_cast<int>(std::min(kMicroRows, rows - p));
+      micro_f32_rows<V>(mr, A + p * g.Kp, g.Kp, g.Kp, panel, bias + o, out + p * g.Cout + o, g.Cout, tails);
+    }
+  }
+}
+
+template <class T>
+FASTDIFF_AVX512 FASTDIFF_FLATTEN void gemm_tile_f32_avx512(const float* A, int64_t rows, const Geometry& g,
+                                                           const float* B, const float* bias, T* out) {
+  gemm_tile_f32<vec::Avx512>(A, rows, g, B, bias, out);
+}
+template <class T>
+FASTDIFF_AVX2 FASTDIFF_FLATTEN void gemm_tile_f32_avx2(const float* A, int64_t rows, const Geometry& g, const float* B,
+                                                       const float* bias, T* out) {
+  gemm_tile_f32<vec::Avx2>(A, rows, g, B, bias, out);
+}
+
+// bf16 A and B (VNNI pairs) with vdpbf16ps: AVX-512 BF16 only (elsewhere bf16 runs the fp32 GEMM).
 // Stores one 16-channel vector of a result row with the bias, masked past C_out.
 template <class T>
 FASTDIFF_INLINE_AVX512 void store_out(T* out, __m512 acc, const float* bias, __mmask16 m) {
   vec::avx512::store(out, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias)), m);
-}
-
-// 6 rows x 4 vectors: 24 accumulators; per k, 4 weight loads + 6 broadcasts feed 24 FMAs, and
-// only 6 row pointers are live (12 rows would spill general-purpose registers).
-template <int MR, class T>
-FASTDIFF_AVX512 void micro_f32_avx512(const float* A, int64_t lda, int64_t K, const float* B, const float* bias,
-                                      T* out, int64_t ldo, const __mmask16* masks) {
-  __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 b[4];
-    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_ps(B + k * kPanel + 16 * v);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) store_out(out + i * ldo + 16 * v, acc[i][v], bias + 16 * v, masks[v]);
 }
 
 template <int MR, class T>
@@ -217,18 +244,19 @@ FASTDIFF_AVX512BF16 void micro_bf16_avx512(const BFloat16* A, int64_t lda, int64
     for (int v = 0; v < 4; ++v) store_out(out + i * ldo + 16 * v, acc[i][v], bias + 16 * v, masks[v]);
 }
 
-template <class AT, class T>
-using MicroFn = void (*)(const AT*, int64_t, int64_t, const AT*, const float*, T*, int64_t, const __mmask16*);
+template <class T>
+using MicroBf16Fn = void (*)(const BFloat16*, int64_t, int64_t, const BFloat16*, const float*, T*, int64_t,
+                             const __mmask16*);
 
-template <class AT, class T, int... MR>
-constexpr std::array<MicroFn<AT, T>, sizeof...(MR)> micro_table(std::integer_sequence<int, MR...>) {
-  if constexpr (std::is_same_v<AT, float>) return {micro_f32_avx512<MR + 1, T>...};
-  else return {micro_bf16_avx512<MR + 1, T>...};
+template <class T, int... MR>
+constexpr std::array<MicroBf16Fn<T>, sizeof...(MR)> micro_bf16_table(std::integer_sequence<int, MR...>) {
+  return {micro_bf16_avx512<MR + 1, T>...};
 }
 
-template <class AT, class T>
-void gemm_tile_avx512(const AT* A, int64_t rows, const Geometry& g, const AT* B, const float* bias, T* out) {
-  static constexpr auto micro = micro_table<AT, T>(std::make_integer_sequence<int, kMicroRows>{});
+template <class T>
+void gemm_tile_bf16_avx512(const BFloat16* A, int64_t rows, const Geometry& g, const BFloat16* B, const float* bias,
+                           T* out) {
+  static constexpr auto micro = micro_bf16_table<T>(std::make_integer_sequence<int, kMicroRows>{});
   const int64_t panel_stride = g.Kp * kPanel;
   for (int64_t o = 0; o < g.Cout; o += kPanel) {
     __mmask16 masks[4];  // output channels of this panel that exist
@@ -236,44 +264,10 @@ void gemm_tile_avx512(const AT* A, int64_t rows, const Geometry& g, const AT* B,
       const int64_t left = std::clamp<int64_t>(g.Cout - o - 16 * v, 0, 16);
       masks[v] = static_cast<__mmask16>((1u << left) - 1);
     }
-    const AT* panel = B + (o / kPanel) * panel_stride;
+    const BFloat16* panel = B + (o / kPanel) * panel_stride;
     for (int64_t p = 0; p < rows; p += kMicroRows) {
       const int64_t mr = std::min(kMicroRows, rows - p);
       micro[mr - 1](A + p * g.Kp, g.Kp, g.Kp, panel, bias + o, out + p * g.Cout + o, g.Cout, masks);
-    }
-  }
-}
-
-// AVX2: 6 pixels x 16 channels (12 ymm accumulators), each 64-wide panel in four quarters.
-template <class T>
-FASTDIFF_AVX2 void gemm_tile_avx2(const float* A, int64_t rows, const Geometry& g, const float* B,
-                                  const float* bias, T* out) {
-  constexpr int kRows = 6;
-  const int64_t panel_stride = g.Kp * kPanel;
-  for (int64_t o = 0; o < g.Cout; o += 16) {
-    const float* panel = B + (o / kPanel) * panel_stride + (o % kPanel);
-    const int64_t cols = std::min<int64_t>(16, g.Cout - o);
-    for (int64_t p = 0; p < rows; p += kRows) {
-      const int mr = static_cast<int>(std::min<int64_t>(kRows, rows - p));
-      __m256 acc[kRows][2];
-      for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-      const float* a = A + p * g.Kp;
-      for (int64_t k = 0; k < g.Kp; ++k) {
-        const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel), b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-        for (int i = 0; i < kRows; ++i) {
-          if (i >= mr) break;
-          const __m256 ai = _mm256_broadcast_ss(a + i * g.Kp + k);
-          acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < mr; ++i) {
-        float row[16];
-        _mm256_storeu_ps(row, acc[i][0]);
-        _mm256_storeu_ps(row + 8, acc[i][1]);
-        T* dst = out + (p + i) * g.Cout + o;
-        for (int64_t j = 0; j < cols; ++j) dst[j] = vec::from_float<T>(row[j] + bias[o + j]);
-      }
     }
   }
 }
@@ -374,7 +368,8 @@ void separable_conv_impl(const at::Tensor& x, const at::Tensor& dw_weight, const
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), pw_weight.size(0),
              x.stride(0), x.stride(1), x.stride(2), x.stride(3), 0};
   const bool vnni = std::is_same_v<AT, BFloat16>;
-  g.Kp = level >= Simd::kAvx512 ? (g.C + 15) / 16 * 16 : g.C;  // whole zmm columns on AVX-512
+  const int64_t width = level >= Simd::kAvx512 ? vec::Avx512::kWidth : level == Simd::kAvx2 ? vec::Avx2::kWidth : 1;
+  g.Kp = (g.C + width - 1) / width * width;  // whole vectors per row of A on the SIMD paths
   const bool nhwc = g.sC == 1 && level >= Simd::kAvx2;
 
   // Depthwise taps (9, Kp) and bias (Kp) in fp32, zero beyond C.
@@ -407,12 +402,13 @@ void separable_conv_impl(const at::Tensor& x, const at::Tensor& dw_weight, const
       if (level >= Simd::kAvx512) {
         if (nhwc) depthwise_nhwc_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
         else depthwise_strided_avx512(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
-        gemm_tile_avx512(A, rows, g, B, pw_b.data(), dst);
+        if constexpr (vnni) gemm_tile_bf16_avx512(A, rows, g, B, pw_b.data(), dst);
+        else gemm_tile_f32_avx512(A, rows, g, B, pw_b.data(), dst);
       } else if constexpr (!vnni) {
         if (level == Simd::kAvx2) {
           if (nhwc) depthwise_nhwc_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
           else depthwise_strided_avx2(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
-          gemm_tile_avx2(A, rows, g, B, pw_b.data(), dst);
+          gemm_tile_f32_avx2(A, rows, g, B, pw_b.data(), dst);
         } else {
           depthwise_strided_scalar(xp, g, dw_k.data(), dw_b.data(), q0, rows, A);
           gemm_tile_scalar(A, rows, g, B, pw_b.data(), dst);

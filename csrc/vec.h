@@ -1,7 +1,12 @@
-// Vector building blocks for the elementwise CPU kernels (glu, group_norm, separable_conv):
-// fp32/bf16 loads and stores, exp, SiLU and exact (erf) GELU, for AVX-512, AVX2 and scalar.
-// Each ISA's functions carry their own GCC target attribute so they inline only into kernels
-// compiled for that ISA; which kernel runs is chosen at run time from fastdiff::simd().
+// SIMD building blocks of the glu, group_norm and separable_conv kernels: fp32/bf16 loads and
+// stores, exp, SiLU and exact (erf) GELU for AVX-512, AVX2 and scalar, and the Vec traits
+// (vec::Avx512, vec::Avx2) over which each kernel loop is written once, as attention's loops are.
+//
+// A loop is a template over Vec, run through a per-ISA entry point that carries the ISA's target
+// attribute and FASTDIFF_FLATTEN: the template and every Vec call are inlined into it, so each
+// instantiation is compiled for its own ISA only (Vec's members cannot be always_inline: the
+// template itself has the default target). Which entry point runs is chosen at run time from
+// fastdiff::simd().
 //
 // Accuracy with kFull (fp32 results): exp ~2 ulp (Cephes polynomial, exact 2^n scaling); SiLU
 // divides through a Newton-refined reciprocal (~1e-7 rel); kFull = false (bf16 results) drops
@@ -29,6 +34,10 @@
 #define FASTDIFF_AVX2 __attribute__((target("avx2,fma")))
 #define FASTDIFF_INLINE_AVX512 FASTDIFF_AVX512 __attribute__((always_inline)) inline
 #define FASTDIFF_INLINE_AVX2 FASTDIFF_AVX2 __attribute__((always_inline)) inline
+#define FASTDIFF_FLATTEN __attribute__((flatten))
+
+// The loop templates pass vectors by value before they are inlined into their ISA's entry point.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace fastdiff::vec {
 
@@ -220,5 +229,63 @@ FASTDIFF_INLINE_AVX2 V gelu(V x) {
   return _mm256_mul_ps(x, phi);
 }
 }  // namespace avx2
+
+// ---------------------------------------------------------------- Vec traits
+// Reg: a vector of kWidth fp32 lanes. Tail: the lanes of a partial vector (tail(n): the first
+// min(n, kWidth)); loads with a Tail read only those elements and zero the other lanes, stores
+// write only those. load/store take fp32 or bf16 memory (converted to / rounded from fp32).
+
+struct Avx512 {
+  using Reg = __m512;
+  using Tail = __mmask16;
+  static constexpr int kWidth = 16;
+  FASTDIFF_AVX512 static inline Tail tail(int64_t n) { return avx512::tail_mask(n); }
+  FASTDIFF_AVX512 static inline Reg zero() { return _mm512_setzero_ps(); }
+  FASTDIFF_AVX512 static inline Reg set1(float x) { return _mm512_set1_ps(x); }
+  template <class T> FASTDIFF_AVX512 static inline Reg load(const T* p) { return avx512::load(p); }
+  template <class T> FASTDIFF_AVX512 static inline Reg load(const T* p, Tail m) { return avx512::load(p, m); }
+  template <class T> FASTDIFF_AVX512 static inline void store(T* p, Reg v) { avx512::store(p, v); }
+  template <class T> FASTDIFF_AVX512 static inline void store(T* p, Reg v, Tail m) { avx512::store(p, v, m); }
+  FASTDIFF_AVX512 static inline Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  FASTDIFF_AVX512 static inline Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
+  FASTDIFF_AVX512 static inline Reg sub(Reg a, Reg b, Tail m) { return _mm512_maskz_sub_ps(m, a, b); }  // 0 outside m
+  FASTDIFF_AVX512 static inline Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  FASTDIFF_AVX512 static inline Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }  // a·b + c
+  FASTDIFF_AVX512 static inline float reduce_add(Reg a) { return _mm512_reduce_add_ps(a); }
+  template <bool kFull> FASTDIFF_AVX512 static inline Reg silu(Reg x) { return avx512::silu<kFull>(x); }
+  template <bool kFull> FASTDIFF_AVX512 static inline Reg gelu(Reg x) { return avx512::gelu<kFull>(x); }
+};
+
+struct Avx2 {
+  using Reg = __m256;
+  using Tail = int64_t;  // AVX2 has no 16-bit masked moves: partial vectors go through a stack buffer
+  static constexpr int kWidth = 8;
+  FASTDIFF_AVX2 static inline Tail tail(int64_t n) { return n < kWidth ? n : kWidth; }
+  FASTDIFF_AVX2 static inline Reg zero() { return _mm256_setzero_ps(); }
+  FASTDIFF_AVX2 static inline Reg set1(float x) { return _mm256_set1_ps(x); }
+  template <class T> FASTDIFF_AVX2 static inline Reg load(const T* p) { return avx2::load(p); }
+  template <class T> FASTDIFF_AVX2 static inline Reg load(const T* p, Tail n) {
+    return n == kWidth ? avx2::load(p) : avx2::load(p, n);
+  }
+  template <class T> FASTDIFF_AVX2 static inline void store(T* p, Reg v) { avx2::store(p, v); }
+  template <class T> FASTDIFF_AVX2 static inline void store(T* p, Reg v, Tail n) {
+    if (n == kWidth) avx2::store(p, v);
+    else avx2::store(p, v, n);
+  }
+  FASTDIFF_AVX2 static inline Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  FASTDIFF_AVX2 static inline Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  FASTDIFF_AVX2 static inline Reg sub(Reg a, Reg b, Tail n) {  // 0 outside the first n lanes
+    return _mm256_and_ps(_mm256_sub_ps(a, b), _mm256_castsi256_ps(avx2::tail_mask(n)));
+  }
+  FASTDIFF_AVX2 static inline Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  FASTDIFF_AVX2 static inline Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  FASTDIFF_AVX2 static inline float reduce_add(Reg a) {
+    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+  }
+  template <bool kFull> FASTDIFF_AVX2 static inline Reg silu(Reg x) { return avx2::silu<kFull>(x); }
+  template <bool kFull> FASTDIFF_AVX2 static inline Reg gelu(Reg x) { return avx2::gelu<kFull>(x); }
+};
 
 }  // namespace fastdiff::vec
