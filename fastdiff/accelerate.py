@@ -12,10 +12,15 @@ and outputs cast back, so latents and scheduler arithmetic keep the pipeline's p
 
 What fastdiff cannot run exactly raises UnsupportedError naming the feature, at accelerate time
 when the pipeline shows it then, else at the call that asks for it: never a silently wrong image,
-and never a half-changed pipeline. The pipeline's own `to`, `save_pretrained` and
-`fuse_qkv_projections` are wrapped (on the instance) for that: diffusers changes components one by
-one, so what the adapters refuse is checked before any is touched, and saving writes the diffusers
-UNet and VAE the adapters replaced, so from_pretrained reloads the plain pipeline.
+and never a half-changed pipeline. The pipeline's own `to`, `save_pretrained`,
+`fuse_qkv_projections` and `prepare_ip_adapter_image_embeds` are wrapped (on the instance) for
+that: diffusers changes components one by one, so what the adapters refuse is checked before any is
+touched; saving writes the diffusers UNet and VAE the adapters replaced, so from_pretrained reloads
+the plain pipeline; an ip_adapter_image without an IP-Adapter loaded is a ValueError naming it.
+
+SDXL (StableDiffusionXLPipeline, its img2img and inpaint): the UNet's added conditioning
+(added_cond_kwargs text_embeds and time_ids) runs in fastdiff's UNet; both text encoders stay
+transformers'.
 """
 from __future__ import annotations
 
@@ -93,8 +98,10 @@ def _wrap_pipeline_methods(pipe):
 
     if isinstance(pipe, DiffusionPipeline):
         for name, method in (("to", _pipeline_to), ("save_pretrained", _pipeline_save_pretrained),
-                             ("fuse_qkv_projections", _pipeline_fuse_qkv_projections)):
-            setattr(pipe, name, types.MethodType(method, pipe))
+                             ("fuse_qkv_projections", _pipeline_fuse_qkv_projections),
+                             ("prepare_ip_adapter_image_embeds", _pipeline_prepare_ip_adapter_image_embeds)):
+            if hasattr(pipe, name):
+                setattr(pipe, name, types.MethodType(method, pipe))
 
 
 def _pipeline_to(pipe, *args, **kwargs):
@@ -119,6 +126,16 @@ def _pipeline_save_pretrained(pipe, save_directory, *args, **kwargs):
     finally:
         for name, adapter in adapters.items():
             setattr(pipe, name, adapter)
+
+
+def _pipeline_prepare_ip_adapter_image_embeds(pipe, ip_adapter_image=None, ip_adapter_image_embeds=None, *args, **kwargs):
+    """diffusers' own, after checking that images can be projected: without an IP-Adapter loaded,
+    diffusers fails on `unet.encoder_hid_proj.image_projection_layers` (None) with an AttributeError."""
+    unet = getattr(pipe, "unet", None)
+    if ip_adapter_image_embeds is None and isinstance(unet, DiffusersUNet) and unet.encoder_hid_proj is None:
+        raise ValueError("ip_adapter_image: no IP-Adapter is loaded; load one first (pipe.load_ip_adapter(...)) "
+                         "or leave ip_adapter_image out")
+    return type(pipe).prepare_ip_adapter_image_embeds(pipe, ip_adapter_image, ip_adapter_image_embeds, *args, **kwargs)
 
 
 def _pipeline_fuse_qkv_projections(pipe, unet: bool = True, vae: bool = True):
@@ -334,9 +351,6 @@ class DiffusersUNet(_Adapter):
     @classmethod
     def from_diffusers(cls, unet, compute_dtype: torch.dtype) -> "DiffusersUNet":
         config = unet.config
-        if config.get("addition_embed_type") is not None:
-            raise UnsupportedError(f"pipe.unet: added conditioning addition_embed_type={config['addition_embed_type']!r} "
-                                   f"(SDXL-style micro-conditioning) is not supported by fastdiff.accelerate")
         if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
             raise UnsupportedError("pipe.unet: class embeddings (class_embed_type / num_class_embeds) are not supported "
                                    "by fastdiff.accelerate")
@@ -366,6 +380,12 @@ class DiffusersUNet(_Adapter):
     @property
     def in_channels(self) -> int:
         return self.model.in_channels
+
+    @property
+    def add_embedding(self):
+        """SDXL's added-conditioning embedding (its linear_1.in_features is what SDXL pipelines check
+        their time ids against); None without addition_embed_type "text_time"."""
+        return getattr(self.model, "add_embedding", None)
 
     @property
     def down_blocks(self):
@@ -449,18 +469,19 @@ class DiffusersUNet(_Adapter):
         """diffusers' UNet2DConditionModel.forward signature, its positional order included; returns
         UNet2DConditionOutput (or a 1-tuple with return_dict=False) in the input sample's dtype.
         class_labels are ignored, as diffusers ignores them in a UNet without class embeddings (the
-        only kind accelerate takes). added_cond_kwargs: IP-Adapter's image_embeds (SDXL's text_embeds /
-        time_ids are refused)."""
+        only kind accelerate takes). added_cond_kwargs: SDXL's text_embeds and time_ids, IP-Adapter's
+        image_embeds."""
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         added = dict(added_cond_kwargs or {})
         image_embeds = added.pop("image_embeds", None)
+        text_embeds, time_ids = added.pop("text_embeds", None), added.pop("time_ids", None)
         refused = {
             "attention_mask": (attention_mask is not None, "attention masks"),
             "encoder_attention_mask": (encoder_attention_mask is not None, "attention masks"),
             "cross_attention_kwargs": (bool(cross_attention_kwargs), "e.g. a LoRA scale on unfused LoRA: fuse LoRA "
                                        "with pipe.fuse_lora(lora_scale=...) before fastdiff.accelerate"),
-            "added_cond_kwargs": (bool(added), f"{sorted(added)}: SDXL added conditioning"),
+            "added_cond_kwargs": (bool(added), f"{sorted(added)}: only text_embeds, time_ids and image_embeds"),
             "down_intrablock_additional_residuals": (down_intrablock_additional_residuals is not None,
                                                      "T2I-Adapter residuals"),
         }
@@ -468,6 +489,7 @@ class DiffusersUNet(_Adapter):
             if given:
                 raise UnsupportedError(f"{name}: not supported by fastdiff.accelerate ({what})")
         noise = self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                           text_embeds=text_embeds, time_ids=time_ids,
                            ip_hidden_states=self._ip_hidden_states(image_embeds),
                            down_block_additional_residuals=down_block_additional_residuals,
                            mid_block_additional_residual=mid_block_additional_residual)

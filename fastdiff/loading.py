@@ -35,6 +35,17 @@ def is_editor(unet, vae) -> bool:
     return unet.config.in_channels == 2 * vae.config.latent_channels
 
 
+def refuse_added_conditioning(addition_embed_type) -> None:
+    """SDXL's UNet runs on fastdiff (UNet2DCondition takes text_embeds and time_ids), but a Pipeline
+    has one text encoder and nothing to give it the pooled embedding or the size/crop ids: refused
+    (PipelineError on field "unet") rather than run without them."""
+    if addition_embed_type is not None:
+        raise PipelineError("unet", f"an SDXL UNet (addition_embed_type={addition_embed_type!r}: two text encoders' "
+                            f"pooled embedding and size/crop ids) is not run by fastdiff's Pipeline; use diffusers' "
+                            f"StableDiffusionXLPipeline (or its Img2Img / Inpaint) with fastdiff.accelerate(pipe), "
+                            f"which runs this UNet and the VAE on fastdiff")
+
+
 def _read_json(path: Path, what: str, field: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -68,6 +79,7 @@ def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
         state_dict = checkpoint.match_state_dict(state_dict, unet.state_dict(), owner="MobileDiffusionUNet")
         unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
         return unet.eval(), config.get("sample_size", unet.config.sample_size)
+    refuse_added_conditioning(config.get("addition_embed_type"))
     if config.get("time_cond_proj_dim") is not None:
         # UNet2DCondition runs it (timestep_cond), but a Pipeline has neither LCM's sampler nor its
         # guidance embedding: its images would be silently wrong

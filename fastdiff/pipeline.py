@@ -150,6 +150,7 @@ class Pipeline:
                 "unet", f"in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
                 f"channels) nor editing ({2 * self.latent_channels}); inpainting UNets are not supported"
             )
+        loading.refuse_added_conditioning(getattr(unet.config, "addition_embed_type", None))
         if text_encoder is not None and text_encoder.hidden_size != self.cross_attention_dim:
             raise PipelineError("text_encoder", f"hidden size {text_encoder.hidden_size} differs from the UNet's "
                                 f"cross_attention_dim {self.cross_attention_dim}")

@@ -233,6 +233,12 @@ def test_ip_adapter_refusals_leave_the_pipeline_as_it_was(ip_folders, tmp_path):
     assert fast.unet.attn_processors == processors and fast.unet.model.num_ip_adapters == 0
     with pytest.raises(ValueError, match="image_embeds.*no IP-Adapter is loaded"):
         images(fast, ip_adapter_image_embeds=image_embeds(), **IP_RUN)
+    from test_pipeline import make_image
+
+    with pytest.raises(AttributeError):  # plain diffusers: 'NoneType' object has no attribute 'image_projection_layers'
+        images(load(diffusers.StableDiffusionPipeline, ip_folders / "sd"), ip_adapter_image=make_image(), **IP_RUN)
+    with pytest.raises(ValueError, match="ip_adapter_image: no IP-Adapter is loaded; load one first"):
+        images(fast, ip_adapter_image=make_image(), **IP_RUN)
 
     load_ip(fast, ip_folders)
     with pytest.raises(UnsupportedError, match="IP-Adapter.*unload_ip_adapter"):

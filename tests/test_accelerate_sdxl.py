@@ -126,3 +126,129 @@ def test_real_sdxl_architecture_on_the_meta_device(in_channels):
     if in_channels == 4:
         assert count == 2_567_463_684  # SDXL base's published UNet size
     assert ours.add_embedding.linear_1.in_features == 2816 and ours.add_time_proj.num_channels == 256
+
+
+# -- the SDXL pipelines, accelerated ------------------------------------------------------------------
+
+IMAGE_PARITY = 1e-4  # max |pixel difference| in [0, 1], fp32 (the cases print theirs: 1e-6..2e-5)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
+                      timestep_spacing="leading")  # diffusers' SDXL tests'
+WIDE = dict(block_out_channels=(32, 64), norm_num_groups=8)  # heads of 16 channels: fastdiff's fast attention runs
+
+
+def sdxl_text_encoders(seed=0):
+    """get_dummy_components' two CLIP text encoders (hidden 32: their penultimate states side by side
+    make the UNet's 64-wide context; text_encoder_2's 32-wide projection is the pooled embedding)."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                         intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+                                         num_hidden_layers=3, vocab_size=1000, hidden_act="gelu", projection_dim=POOLED)
+    torch.manual_seed(seed)
+    text_encoder = perturbed(transformers.CLIPTextModel(config), seed)
+    text_encoder_2 = perturbed(transformers.CLIPTextModelWithProjection(config), seed + 1)
+    return text_encoder, text_encoder_2
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    """diffusers-saved SDXL pipelines: "sdxl" (4-channel UNet) and "inpaint" (9 channels); the
+    tokenizer and VAE are test_pipeline's tiny ones."""
+    from test_pipeline import tiny_parts
+
+    root = tmp_path_factory.mktemp("sdxl")
+    tokenizer, _, vae = tiny_parts(root)
+    text_encoder, text_encoder_2 = sdxl_text_encoders()
+    common = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                  tokenizer_2=tokenizer, scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER))
+    diffusers.StableDiffusionXLPipeline(unet=sdxl_unet(4, 1, **WIDE), **common).save_pretrained(root / "sdxl")
+    diffusers.StableDiffusionXLInpaintPipeline(unet=sdxl_unet(9, 2, **WIDE), **common).save_pretrained(root / "inpaint")
+    return root
+
+
+def load(cls, folder):
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_and_accelerated(cls, folder, dtype=None):
+    import fastdiff
+
+    return load(cls, folder), fastdiff.accelerate(load(cls, folder), dtype=dtype)
+
+
+def sdxl_images(pipe, seed=0, **kwargs):
+    kwargs = {"prompt": "a red cat", "num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "np", **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def assert_image_parity(ours, theirs, label):
+    assert ours.shape == theirs.shape, f"{label}: shape {ours.shape} vs {theirs.shape}"
+    diff = float(abs(ours - theirs).max())
+    print(f"parity {label}: max |diff| = {diff:.2e}")
+    assert diff <= IMAGE_PARITY, f"{label}: max |pixel diff| {diff:.2e} > {IMAGE_PARITY}"
+
+
+def assert_differs(a, b, label):
+    assert float(abs(a - b).max()) > 100 * IMAGE_PARITY, f"{label}: no visible effect, the parity check proves nothing"
+
+
+def test_sdxl_text_to_image(sdxl_folders):
+    from fastdiff.accelerate import DiffusersUNet
+
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionXLPipeline, sdxl_folders / "sdxl")
+    assert isinstance(fast.unet, DiffusersUNet) and fast.unet.add_embedding.linear_1.in_features == 80
+    theirs = sdxl_images(plain)
+    assert theirs.shape == (1, 64, 64, 3)  # the UNet's sample_size 32 through the 2x VAE
+    assert_image_parity(sdxl_images(fast), theirs, "SDXL text to image")
+    # the added conditioning reaches the image: the size/crop ids and the negative prompt's pooled embedding
+    conditioned = dict(original_size=(32, 48), crops_coords_top_left=(4, 0), negative_prompt="a dog",
+                       num_images_per_prompt=2)
+    theirs_conditioned = sdxl_images(plain, **conditioned)
+    assert_image_parity(sdxl_images(fast, **conditioned), theirs_conditioned, "SDXL size/crop ids, negative prompt")
+    assert_differs(theirs_conditioned[:1], theirs, "SDXL micro-conditioning")
+
+
+def test_sdxl_image_to_image(sdxl_folders):
+    from test_pipeline import make_image
+
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionXLImg2ImgPipeline, sdxl_folders / "sdxl")
+    args = dict(image=make_image(64, 64), strength=0.75, num_inference_steps=4)
+    assert_image_parity(sdxl_images(fast, **args), sdxl_images(plain, **args), "SDXL image to image")
+
+
+@pytest.mark.parametrize("folder", ["sdxl", "inpaint"], ids=["4_channels", "9_channels"])
+def test_sdxl_inpaint(sdxl_folders, folder):
+    import numpy as np
+    from PIL import Image
+    from test_pipeline import make_image
+
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionXLInpaintPipeline, sdxl_folders / folder)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    args = dict(image=make_image(64, 64), mask_image=Image.fromarray(mask), height=64, width=64, strength=0.9)
+    assert fast.unet.in_channels == plain.unet.config.in_channels
+    assert_image_parity(sdxl_images(fast, **args), sdxl_images(plain, **args), f"SDXL inpaint, {folder}")
+
+
+def test_sdxl_saves_as_diffusers(sdxl_folders, tmp_path):
+    plain, fast = plain_and_accelerated(diffusers.StableDiffusionXLPipeline, sdxl_folders / "sdxl")
+    fast.save_pretrained(tmp_path / "saved")
+    reloaded = load(diffusers.StableDiffusionXLPipeline, tmp_path / "saved")
+    assert isinstance(reloaded.unet, diffusers.UNet2DConditionModel)
+    assert_image_parity(sdxl_images(reloaded), sdxl_images(plain), "SDXL saved after accelerate, reloaded plain")
+
+
+def test_fastdiff_pipeline_refuses_an_sdxl_folder(sdxl_folders):
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.requests import PipelineError
+
+    refusal = "unet: an SDXL UNet .*'text_time'.*StableDiffusionXLPipeline.*fastdiff.accelerate"
+    with pytest.raises(PipelineError, match=refusal):
+        Pipeline.from_pretrained(sdxl_folders / "sdxl")
+    from fastdiff.models.vae import AutoencoderKL
+
+    with pytest.raises(PipelineError, match=refusal):  # built by hand too, before any request
+        Pipeline(unet=UNet2DCondition.from_diffusers(sdxl_folders / "sdxl"),
+                 vae=AutoencoderKL.from_diffusers(sdxl_folders / "sdxl"), scheduler_config=SDXL_SCHEDULER)
