@@ -7,6 +7,10 @@ jobs by one denoising step each, stacking the branches of every job whose rows f
 `Pipeline.generate/edit` and the batching `Engine` both run on it; since every UNet layer treats
 batch rows independently and each job draws its noise from its own generator, a request gives
 the same image alone or batched with others.
+
+A job with a StepCache (DeepCache) shares those calls too: its rows say per call whether they
+refresh their deep features or reuse them (models.unet_common.DeepCacheRows), so one call runs
+the outer levels for every row and the deep ones only for the rows that need them.
 """
 from __future__ import annotations
 
@@ -16,8 +20,22 @@ from typing import Callable
 
 import torch
 
+from fastdiff.models.unet_common import DeepCacheRows
 from fastdiff.requests import Guidance, PipelineError
 from fastdiff.samplers import SamplerRun
+
+
+@dataclasses.dataclass(eq=False)
+class StepCache:
+    """One job's DeepCache: steps 0, interval, 2*interval, ... run the whole UNet and keep the deep
+    features (all of the job's guidance rows together); the others run the `depth` outer levels on them."""
+
+    interval: int
+    depth: int
+    features: torch.Tensor | None = None  # (branches, C, h, w), from the last full step
+
+    def refreshes(self, step: int) -> bool:
+        return step % self.interval == 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +47,7 @@ class Job:
     generator: torch.Generator | None = None
     image_latents: torch.Tensor | None = None  # (branches, C_img, h, w), concatenated to the input channels
     on_step: Callable[[int], None] | None = None  # progress callback with the number of steps done
+    cache: StepCache | None = None  # DeepCache; None: every step runs the whole UNet
 
     @property
     def done(self) -> bool:
@@ -54,6 +73,13 @@ class Job:
         t = self.run.timesteps[i].to(torch.float32).reshape(1).expand(self.branches)
         return x, t
 
+    def cache_rows(self) -> tuple[list, list]:
+        """This job's entries of DeepCacheRows for its next step: (depths, reuse), one per row."""
+        if self.cache is None:
+            return [None] * self.branches, [None] * self.branches
+        reuse = None if self.cache.refreshes(self.run.next_index) else self.cache.features.split(1)
+        return [self.cache.depth] * self.branches, list(reuse or [None] * self.branches)
+
     def advance(self, prediction: torch.Tensor) -> None:
         """Apply guidance to this job's rows of the UNet output and take the sampler step. Latents
         that turn NaN or infinite (NaN weights, an overflow in bf16) fail here, not as a black image."""
@@ -77,14 +103,25 @@ def group_jobs(jobs: list[Job]) -> list[list[Job]]:
 
 
 def predict(unet, group: list[Job]) -> list[torch.Tensor]:
-    """One UNet call over every branch of every job in `group`; returns each job's rows."""
+    """One UNet call over every branch of every job in `group`; returns each job's rows. Jobs that
+    cache (StepCache) refresh or reuse their deep features in that same call."""
     dtype = next(unet.parameters()).dtype
     inputs = [job.model_input() for job in group]
     sample = torch.cat([x for x, _ in inputs]).to(dtype).contiguous(memory_format=torch.channels_last)
     timesteps = torch.cat([t for _, t in inputs])
     context = torch.cat([job.context for job in group]).to(dtype)
+    cache = None
+    if any(job.cache is not None for job in group):
+        rows = [job.cache_rows() for job in group]
+        cache = DeepCacheRows([d for depths, _ in rows for d in depths], [r for _, reuse in rows for r in reuse])
     with torch.inference_mode():
-        prediction = unet(sample, timesteps, context)  # (sum of branches, C, h, w)
+        prediction = unet(sample, timesteps, context) if cache is None else unet(sample, timesteps, context, cache=cache)
+    if cache is not None:  # after the call succeeded: a failed call leaves every job as it was
+        stored = iter(cache.stored)
+        for job in group:
+            features = [next(stored) for _ in range(job.branches)]
+            if features[0] is not None:
+                job.cache.features = torch.cat(features)
     return list(prediction.split([job.branches for job in group]))
 
 

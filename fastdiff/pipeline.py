@@ -23,7 +23,7 @@ import torch
 
 from fastdiff import loading
 from fastdiff.images import image_to_tensor, load_image, tensor_to_images
-from fastdiff.jobs import Job, step_jobs
+from fastdiff.jobs import Job, StepCache, step_jobs
 from fastdiff.requests import (DEFAULT_MAX_PIXELS, Defaults, EditRequest, GenerateRequest, Guidance, PipelineError, Request,
                                build_request, choose_guidance, describe, max_pixels_limit, resolve_dtype)
 from fastdiff.samplers import Sampler, make_sampler
@@ -247,6 +247,13 @@ class Pipeline:
         steps = request.steps or d.steps
         sampler = self._checked_sampler(sampler_name, steps)
         guidance_scale = d.guidance_scale if request.guidance_scale is None else request.guidance_scale
+        cache = dict(cache_interval=request.cache_interval or d.cache_interval, cache_depth=request.cache_depth or d.cache_depth)
+        if cache["cache_interval"] > 1 or request.cache_depth is not None:
+            levels = self.unet.max_cache_depth
+            if not 1 <= cache["cache_depth"] <= levels:
+                raise PipelineError("cache_depth", f"expected 1..{levels} (the outer resolution levels of this UNet that "
+                                    f"can run on a cached step), got {cache['cache_depth']}" if levels else
+                                    f"{type(self.unet).__name__} has no deep part to cache (DeepCache)")
         if isinstance(request, GenerateRequest):
             if self.is_editor:
                 raise PipelineError("generate", f"this is an editing model ({self.unet.in_channels}-channel UNet: noisy and "
@@ -263,7 +270,7 @@ class Pipeline:
                 if getattr(request, name) is not None:
                     self._check_embeds(name, getattr(request, name), like)
             filled = dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler_name,
-                                         height=height, width=width)
+                                         height=height, width=width, **cache)
             guidance = choose_guidance(filled)
             self._check_text("prompt", request.prompt, request.prompt_embeds)
             self._check_text("negative_prompt", request.negative_prompt, request.negative_prompt_embeds,
@@ -279,7 +286,7 @@ class Pipeline:
                 if getattr(request, name) is not None:
                     self._check_embeds(name, getattr(request, name), like)
             filled = dataclasses.replace(request, image=image, steps=steps, guidance_scale=guidance_scale,
-                                         image_guidance_scale=image_scale, sampler=sampler_name)
+                                         image_guidance_scale=image_scale, sampler=sampler_name, **cache)
             guidance = choose_guidance(filled)
             if request.img_hidden_states is None:
                 self._check_text("instruction", request.instruction, request.instruction_embeds)
@@ -334,8 +341,10 @@ class Pipeline:
             latents = run.initial_latents(resolved.latent_shape, generator=generator, device=self.device)
         else:
             latents = request.latents[index : index + 1].to(device=self.device, dtype=torch.float32) * run.init_noise_sigma
+        cache = StepCache(request.cache_interval, request.cache_depth) if request.cache_interval > 1 else None
         return Job(run=run, latents=latents, context=context.to(self.device), guidance=resolved.guidance,
-                   generator=generator, image_latents=None if image_latents is None else image_latents.to(self.device))
+                   generator=generator, image_latents=None if image_latents is None else image_latents.to(self.device),
+                   cache=cache)
 
     def _prepare_generate(self, resolved: Resolved) -> list[Job]:
         request, guidance = resolved.request, resolved.guidance

@@ -57,6 +57,8 @@ class Defaults:
     image_guidance_scale: float = 1.5  # InstructPix2Pix/MGIE's image scale
     sampler: str | None = None  # None: the scheduler config's class
     size: int = 512  # image side in pixels: the UNet's sample_size times the VAE's factor
+    cache_interval: int = 1  # DeepCache: every step full (caching off)
+    cache_depth: int = 1  # DeepCache: the outermost level runs on cached steps (the paper's shallowest branch)
 
     @classmethod
     def for_model(cls, *, editor: bool, **settings) -> "Defaults":
@@ -301,6 +303,12 @@ class _Sampling:
     or "latent" (the final latents, undecoded). callback_on_step_end: diffusers' hook,
     called after every step as fn(pipe, step_index, timestep, {"latents": (N, C, h, w)}); a dict
     it returns with "latents" replaces them.
+
+    cache_interval, cache_depth: DeepCache (Ma et al., 2023): steps 0, N, 2N, ... of cache_interval=N
+    run the whole UNet and keep its deep features; the steps between run only the cache_depth
+    outermost resolution levels (their down and up blocks), the deeper ones replaced by those
+    features. 1 (the default) runs every step in full. cache_depth: 1 up to the UNet's levels
+    (checked by Pipeline.resolve); more levels cost more and stay closer to the uncached image.
     """
 
     steps: int | None = None
@@ -312,6 +320,8 @@ class _Sampling:
     latents: torch.Tensor | None = None
     output_type: str = "pil"
     callback_on_step_end: Callable | None = None
+    cache_interval: int | None = None
+    cache_depth: int | None = None
 
     @property
     def total_images(self) -> int:
@@ -322,6 +332,9 @@ class _Sampling:
             _set(self, "steps", _positive_int("steps", self.steps))
         if self.guidance_scale is not None:
             _set(self, "guidance_scale", _scale("guidance_scale", self.guidance_scale))
+        for name in ("cache_interval", "cache_depth"):
+            if getattr(self, name) is not None:
+                _set(self, name, _positive_int(name, getattr(self, name)))
         if self.sampler is not None and not isinstance(self.sampler, str):
             raise PipelineError("sampler", f"expected a sampler name or None, got {describe(self.sampler)}")
         if self.output_type not in OUTPUT_TYPES:

@@ -405,3 +405,22 @@ def test_cli_errors_name_the_flags(folders, tmp_path, capsys):
     assert run_cli(folders, tmp_path, "mgie_img", **{"--mgie": damaged}) == 1
     err = capsys.readouterr().err
     assert f"error: --mgie: mllm.pt: cannot load ({damaged / 'mllm.pt'}: not a torch checkpoint" in err
+
+
+def test_mgie_edits_cache_steps_alone_and_in_the_engine(loaded):
+    """cache_interval / cache_depth reach MGIE's edit and submit: a cached edit differs from the
+    uncached one, and the same cached edit batched with an uncached one is the image it gets alone;
+    a bad value is a PipelineError naming the field."""
+    mgie = loaded("mgie_img")
+    image, steps = make_image(32, 32), 4
+    cached = dict(steps=steps, seed=1, output_type="np", cache_interval=2, cache_depth=1)
+    alone = mgie.edit(image, "make it snowy", **cached)
+    assert not np.array_equal(alone.image, mgie.edit(image, "make it snowy", **{**cached, "cache_interval": 1}).image)
+    with Engine(mgie.pipe, max_batch=2, max_wait_ms=2000) as engine:
+        futures = [mgie.submit(engine, image, "make it snowy", **cached),
+                   mgie.submit(engine, image, "add a red hat", steps=steps, seed=2, output_type="np")]
+        batched = futures[0].result()
+        futures[1].result()
+    np.testing.assert_allclose(batched.image, alone.image, atol=1e-4)
+    with pytest.raises(PipelineError, match=r"^cache_depth: expected 1\.\."):
+        mgie.edit(image, "make it snowy", cache_interval=2, cache_depth=99)

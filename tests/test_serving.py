@@ -358,6 +358,30 @@ def test_http_fields_come_from_the_request_dataclasses():
     from fastdiff.serving.server import FIELDS
 
     shared = {"steps": int, "num_inference_steps": int, "guidance_scale": float, "seed": int, "sampler": str,
-              "negative_prompt": str, "prompt": str}
+              "negative_prompt": str, "prompt": str, "cache_interval": int, "cache_depth": int}
     assert FIELDS["generate"] == {**shared, "height": int, "width": int}
     assert FIELDS["edit"] == {**shared, "image": str, "instruction": str, "image_guidance_scale": float}
+
+
+def test_http_takes_the_step_cache_fields(pipes):
+    """cache_interval and cache_depth over HTTP (JSON and multipart): the image the pipeline gives
+    with them; bad values are a 422 naming the field."""
+    generator, editor = pipes
+    cached = dict(steps=4, sampler="euler", guidance_scale=3.0, seed=3, cache_interval=2, cache_depth=2)
+    edit = dict(instruction="make it snowy", steps=4, seed=4, cache_interval=3, cache_depth=1)
+    with serve_in_thread(create_app([generator, editor], max_wait_ms=0)) as url:
+        made = httpx.post(f"{url}/v1/generate", json={"prompt": "a cat", "height": 64, "width": 64, **cached},
+                          timeout=TIMEOUT_S)
+        edited = httpx.post(f"{url}/v1/edit", files={"image": ("in.png", png_bytes(source_image(4)), "image/png")},
+                            data={k: str(v) for k, v in edit.items()}, timeout=TIMEOUT_S)
+        bad = [httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 2, "sampler": "euler", **body},
+                          timeout=TIMEOUT_S) for body in ({"cache_interval": 0}, {"cache_depth": 9}, {"cache_interval": "often"})]
+    assert made.status_code == 200 and edited.status_code == 200, (made.text, edited.text)
+    alone = generator.generate("a cat", height=64, width=64, output_type="np", progress=False, **cached)[0]
+    assert np.abs(decode_png(made.content).astype(int) - np.round(alone * 255)).max() <= 1
+    alone = editor.edit(source_image(4), output_type="np", progress=False, **edit)
+    assert np.abs(decode_png(edited.content).astype(int) - np.round(alone * 255)).max() <= 1
+    assert not np.array_equal(alone, editor.edit(source_image(4), output_type="np", progress=False,
+                                                 **{**edit, "cache_interval": 1}))  # the fields did something
+    assert [(r.status_code, r.json()["field"]) for r in bad] == [(422, "cache_interval"), (422, "cache_depth"),
+                                                                 (422, "cache_interval")]
