@@ -513,6 +513,31 @@ class DiffusersVAE(_Adapter):
         adapter.use_slicing = getattr(vae, "use_slicing", False)
         return adapter
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._before_upcast = None  # (interface dtype, model dtype) while diffusers has the VAE upcast
+
+    @property
+    def post_quant_conv(self):
+        """diffusers' name; SDXL pipelines read its weight's dtype after upcasting the VAE."""
+        return self.model.post_quant_conv
+
+    def to(self, *args, **kwargs):
+        """Device moves, and diffusers' VAE upcast: with force_upcast in the VAE config, SDXL pipelines
+        in fp16/bf16 move the VAE to float32 around encoding (and fp16 ones around decoding) and back
+        to their dtype after. The fastdiff VAE then computes in float32 too, and returns to its dtype
+        exactly (weights widened, then narrowed back). Other dtype changes are refused."""
+        dtype = torch.empty(0, dtype=self.dtype).to(*args, **kwargs).dtype
+        if dtype == torch.float32 != self.dtype and self.config.get("force_upcast") and self._before_upcast is None:
+            self._before_upcast = (self._interface_dtype, self.model.dtype)
+            self.model.to(torch.float32)
+            self._interface_dtype = torch.float32
+        elif self._before_upcast is not None and dtype == self._before_upcast[0] != self.dtype:
+            self._interface_dtype, model_dtype = self._before_upcast
+            self.model.to(model_dtype)
+            self._before_upcast = None
+        return super().to(*args, **kwargs)
+
     def enable_slicing(self):
         """One image at a time through the decoder (less memory; same images)."""
         self.use_slicing = True

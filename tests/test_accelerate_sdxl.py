@@ -166,16 +166,16 @@ def sdxl_folders(tmp_path_factory):
     return root
 
 
-def load(cls, folder):
-    pipe = cls.from_pretrained(folder)
+def load(cls, folder, **kwargs):
+    pipe = cls.from_pretrained(folder, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def plain_and_accelerated(cls, folder, dtype=None):
+def plain_and_accelerated(cls, folder, **kwargs):
     import fastdiff
 
-    return load(cls, folder), fastdiff.accelerate(load(cls, folder), dtype=dtype)
+    return load(cls, folder, **kwargs), fastdiff.accelerate(load(cls, folder, **kwargs))
 
 
 def sdxl_images(pipe, seed=0, **kwargs):
@@ -252,3 +252,36 @@ def test_fastdiff_pipeline_refuses_an_sdxl_folder(sdxl_folders):
     with pytest.raises(PipelineError, match=refusal):  # built by hand too, before any request
         Pipeline(unet=UNet2DCondition.from_diffusers(sdxl_folders / "sdxl"),
                  vae=AutoencoderKL.from_diffusers(sdxl_folders / "sdxl"), scheduler_config=SDXL_SCHEDULER)
+
+
+@pytest.mark.parametrize("cls", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
+def test_sdxl_in_bf16_upcasts_the_vae_as_diffusers(sdxl_folders, cls):
+    """A bf16 SDXL img2img / inpaint pipeline moves its VAE (force_upcast) to float32 to encode and
+    back after: the accelerated VAE follows (float32 compute), returns to bf16 with the same
+    weights, and the images stay within the tolerance table's bf16 bound of plain fp32."""
+    import numpy as np
+    from PIL import Image
+    from fastdiff.accelerate import UnsupportedError
+    from fastdiff.validate import LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR
+    from test_pipeline import make_image
+
+    cls = getattr(diffusers, cls)
+    folder = sdxl_folders / "sdxl"
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    args = dict(image=make_image(64, 64), strength=0.75, num_inference_steps=4)
+    if cls is diffusers.StableDiffusionXLInpaintPipeline:
+        args.update(mask_image=Image.fromarray(mask), height=64, width=64)
+    truth = torch.from_numpy(sdxl_images(load(cls, folder), **args))
+    plain, fast = plain_and_accelerated(cls, folder, torch_dtype=torch.bfloat16)
+    weights = {k: v.clone() for k, v in fast.vae.model.state_dict().items()}
+    ours = torch.from_numpy(sdxl_images(fast, **args))
+    assert fast.vae.dtype == fast.vae.model.dtype == torch.bfloat16  # back after the upcast
+    assert all(torch.equal(v, weights[k]) for k, v in fast.vae.model.state_dict().items())
+    plain_error = rel_error(torch.from_numpy(sdxl_images(plain, **args)), truth)
+    bound = max(LOW_PRECISION_FACTOR * plain_error, LOW_PRECISION_FLOOR[torch.bfloat16])
+    error = rel_error(ours, truth)
+    print(f"bf16 {cls.__name__}: relative error {error:.2e}, bound {bound:.2e} (plain bf16 {plain_error:.2e})")
+    assert error <= bound
+    with pytest.raises(UnsupportedError, match="changing the dtype"):  # only the upcast and its way back
+        fast.vae.to(torch.float64)
