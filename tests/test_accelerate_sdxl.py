@@ -285,3 +285,9 @@ def test_sdxl_in_bf16_upcasts_the_vae_as_diffusers(sdxl_folders, cls):
     assert error <= bound
     with pytest.raises(UnsupportedError, match="changing the dtype"):  # only the upcast and its way back
         fast.vae.to(torch.float64)
+    # what fp16 pipelines do around decoding (CUDA only: their check is for float16): upcast, read
+    # post_quant_conv's dtype for the latents, decode, and back
+    fast.vae.to(dtype=torch.float32)
+    assert next(iter(fast.vae.post_quant_conv.parameters())).dtype == fast.vae.dtype == torch.float32
+    fast.vae.to(dtype=torch.bfloat16)
+    assert all(torch.equal(v, weights[k]) for k, v in fast.vae.model.state_dict().items())
