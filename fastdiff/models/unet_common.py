@@ -24,8 +24,8 @@ class DeepCacheRows:
     of one UNet call, row by row, so that requests at different points of their cache share the call.
 
     depths[r]: None (row r runs in full and keeps nothing), or d in 1..max_cache_depth: its request
-    caches the deep part below the d outermost levels (the down and up blocks of those levels,
-    conv_in and conv_out are its "outer" part). reuse[r]: None (the row runs in full; its deep
+    caches the deep part, everything but the outer part (conv_in, conv_out and the down and up
+    blocks of the d outermost levels). reuse[r]: None (the row runs in full; its deep
     features, the input of the up block of level d-1, come back in stored[r]) or what stored[r]
     held at the row's last full step (then only the outer part runs for it, the deep features
     taken from there instead). stored: filled by the UNet call, (1, C, h, w) per row or None.
@@ -145,7 +145,7 @@ class ConditionalUNet(nn.Module):
 
     def _down(self, level: int, x, temb, context, skips: list, deeper: int):
         """Down block `level` on all rows of x; returns its output downsampled for the first `deeper`
-        rows (those going deeper; the deepest level returns its output undownsampled)."""
+        rows, those going deeper (None when none does; the deepest level returns its output as is)."""
         raise NotImplementedError
 
     def _mid(self, x, temb, context):
