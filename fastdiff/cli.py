@@ -21,9 +21,7 @@ def _info(args) -> int:
     for name, status in ops.backends().items():
         print(f"  backend {name:<9} {status}")
     try:
-        from fastdiff import _C
-
-        print(f"  C++ SIMD level: {_C.simd()}")
+        print(f"  C++ SIMD level: {ops.cpp_simd_level()}")
     except Exception as exc:  # no compiler, a failed build: the C++ backend line above says the same
         print(f"  C++ extension: not available ({exc})")
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16"]
@@ -91,9 +89,6 @@ def _validate_models(folder) -> list[dict]:
     return rows
 
 
-DTYPE_CHOICES = ["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
-
-
 def _check_output(path: str) -> None:
     """Refuse an output path that cannot be written before any model is built."""
     import os
@@ -144,7 +139,8 @@ def _generate(args) -> int:
     _check_output(args.output)
     request = GenerateRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                               guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
-                              sampler=args.sampler, num_images=args.num_images)
+                              sampler=args.sampler, num_images=args.num_images, cache_interval=args.cache_interval,
+                              cache_depth=args.cache_depth)
     return _run(args, "generate", request)
 
 
@@ -156,7 +152,8 @@ def _edit(args) -> int:
         return _edit_mgie(args)
     request = EditRequest(image=load_image(args.image), instruction=args.instruction, steps=args.steps,
                           guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-                          seed=args.seed, sampler=args.sampler)
+                          seed=args.seed, sampler=args.sampler, cache_interval=args.cache_interval,
+                          cache_depth=args.cache_depth)
     return _run(args, "edit", request)
 
 
@@ -186,7 +183,7 @@ def _edit_mgie(args) -> int:
         raise PipelineError(MGIE_FLAGS[exc.field], exc.detail) from exc
     print(f"model: {mgie!r}, loaded in {time.perf_counter() - start:.1f} s")
     options = dict(steps=args.steps, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-                   sampler=args.sampler)
+                   sampler=args.sampler, cache_interval=args.cache_interval, cache_depth=args.cache_depth)
     result = mgie.edit(args.image, args.instruction, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
     result.image.save(args.output)
     t = result.timings
@@ -252,6 +249,16 @@ def _serve(args) -> int:
     return serve_forever(app, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
 
 
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-interval", type=int, metavar="N",
+                        help="step caching (DeepCache): every N-th step runs the whole UNet, the steps between reuse its "
+                             "deep features: faster, and further from the uncached image as N grows (default: the "
+                             "model's; 1: off)")
+    parser.add_argument("--cache-depth", type=int, metavar="D",
+                        help="with --cache-interval: the outer resolution levels that run on cached steps, from 1 "
+                             "(cheapest) to the UNet's levels (closest to the uncached image); default: the model's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdiff", description="fastdiff: diffusion inference on its own kernels")
     parser.add_argument("--version", action="version", version=f"fastdiff {fastdiff.__version__}")
@@ -275,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--sampler", help="euler_ancestral, euler, ddim, dpmpp_2m or x0 (default: the model's)")
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
+    gen.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), default="fp32", help="fp16 runs on CUDA only")
+    _add_cache_arguments(gen)
     gen.set_defaults(run=_generate)
     ed = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
     ed.add_argument("image", help="input image file")
@@ -287,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--image-guidance-scale", type=float, help="image guidance (default: the model's)")
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--sampler", help="euler_ancestral, euler, ddim or dpmpp_2m (default: the model's)")
-    ed.add_argument("--dtype", choices=DTYPE_CHOICES, help="default fp32 (bf16 with --mgie); fp16 runs on CUDA only")
+    ed.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), help="default fp32 (bf16 with --mgie); fp16 runs on CUDA only")
+    _add_cache_arguments(ed)
     ed.add_argument("--mgie", metavar="MGIE_DIR", help="MGIE end to end: its unet.pt and mllm.pt (with --llava, --ip2p)")
     ed.add_argument("--llava", metavar="LLAVA_DIR", help="MGIE: the LLaVA-7B-v1 folder")
     ed.add_argument("--ip2p", metavar="IP2P_DIR", help="MGIE: InstructPix2Pix in diffusers' layout")
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
     srv = sub.add_parser("serve", parents=[common], help="HTTP service: POST /v1/generate, /v1/edit (needs fastdiff[serve])")
     srv.add_argument("--model", help=model_help)
-    srv.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp16 runs on CUDA only")
+    srv.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), default="fp32", help="fp16 runs on CUDA only")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on all but /healthz ($FASTDIFF_API_KEY)")

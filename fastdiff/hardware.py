@@ -2,6 +2,7 @@
 (a leaf). Every other module (the ops door, the C++ backend, the dense products, dtype resolution at
 load, the CLI) reads the dtypes from here:
 
+  DTYPE_NAMES              the names a dtype may be given by (dtype= in the API, --dtype in the CLI)
   device_dtypes(device)    what fastdiff's models run on a device type
   backend_dtypes(backend)  what each ops backend's kernels take
   fast_dtypes(device)      the subset of device_dtypes with a fast path on this machine
@@ -40,6 +41,9 @@ def cpu_name() -> str:
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
 
 # The C++ kernels run fp32 and bf16; fp16 only where Triton (or plain torch) runs it.
 _BACKEND_DTYPES = {

@@ -69,10 +69,6 @@ class Defaults:
 
 # -- dtype: settled once, where a model is loaded -------------------------------------------------
 
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                "fp16": torch.float16, "float16": torch.float16}
-
-
 def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
     """None (float32), a torch.dtype or one of "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"
     -> the torch.dtype, refused with PipelineError when `device` (default CPU) cannot run it."""
@@ -80,10 +76,10 @@ def resolve_dtype(dtype, device=None, *, name: str = "dtype") -> torch.dtype:
         resolved = torch.float32
     elif isinstance(dtype, torch.dtype):
         resolved = dtype
-    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPE_NAMES:
-        resolved = _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in hardware.DTYPE_NAMES:
+        resolved = hardware.DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
     else:
-        raise PipelineError(name, f"expected a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {describe(dtype)}")
+        raise PipelineError(name, f"expected a torch.dtype or one of {sorted(hardware.DTYPE_NAMES)}, got {describe(dtype)}")
     device_type = resolve_device(device).type
     runnable = hardware.device_dtypes(device_type)
     if resolved not in runnable:

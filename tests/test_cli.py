@@ -18,6 +18,14 @@ def test_info_lists_backends_and_cpu(capsys):
     assert "CPU:" in out
 
 
+def test_info_names_the_cpp_simd_level(capsys):
+    from fastdiff import ops
+
+    assert cli.main(["info"]) == 0
+    assert f"C++ SIMD level: {ops.cpp_simd_level()}" in capsys.readouterr().out
+    assert ops.cpp_simd_level() in ("avx512_bf16", "avx512", "avx2", "scalar")
+
+
 def test_console_entry_point_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "fastdiff 0.1.0" in result.stdout
@@ -128,6 +136,17 @@ def test_fastdiff_model_variable_is_named(tmp_path, monkeypatch, capsys):
 def test_dtype_names(tmp_path, dtype):
     assert cli.main(["generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", "small", "--steps", "1",
                      "--dtype", dtype]) == 0
+
+
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["edit", "in.png", "make it blue"], ["serve"]])
+def test_dtype_choices_are_the_api_names(command, capsys):
+    """--dtype offers the names dtype= takes (hardware.DTYPE_NAMES), in every command that has it."""
+    from fastdiff import hardware
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*command, "--dtype", "fp8"])
+    offered = capsys.readouterr().err.split("--dtype: invalid choice", 1)[1]
+    assert all(repr(name) in offered for name in hardware.DTYPE_NAMES)
 
 
 def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path, capsys):

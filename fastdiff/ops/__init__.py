@@ -30,7 +30,7 @@ from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, refer
 from ._library import FAST_HEAD_DIMS  # head dims the C++ and Triton attention kernels take
 
 __all__ = ["attention", "separable_conv2d", "group_norm", "glu", "linear", "conv2d", "backends", "use_backend", "forced_backend",
-           "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS"]
+           "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS", "cpp_simd_level"]
 
 _DTYPES = hardware.all_dtypes()
 
@@ -176,6 +176,15 @@ def glu(h, *, activation="gelu"):
     if _plain_reference("glu", h.device):
         return reference.glu(h, activation=activation)
     return torch.ops.fastdiff.glu.default(h, activation)
+
+
+def cpp_simd_level() -> str:
+    """The SIMD level of the C++ kernels in this process: "avx512_bf16", "avx512", "avx2" or "scalar",
+    the widest this CPU has, capped by FASTDIFF_SIMD (read once per process). Loads the C++ backend
+    (building it on first use); raises why when it cannot."""
+    from . import cpp
+
+    return cpp.simd_level()
 
 
 def _dense_backend(op, *tensors):

@@ -56,4 +56,9 @@ def glu(h, *, activation="gelu"):
     return _C.glu(h, activation == "gelu")
 
 
+def simd_level() -> str:
+    """The SIMD level these kernels run at: "avx512_bf16", "avx512", "avx2" or "scalar"."""
+    return _C.simd()
+
+
 set_poison_outputs = _C.set_poison_outputs
