@@ -117,6 +117,19 @@ def test_shared_emb_broadcasts_over_the_batch(backend):
     assert not torch.allclose(out[0], out[1])  # the rows differ: llm reaches each of them
 
 
+def test_dense_products_run_on_ops_linear(monkeypatch):
+    """Every product of the head goes through fastdiff.ops.linear (as the other models' do): per
+    encoder layer the fused q/k/v, out_proj and the FFN's two; per decoder layer the same plus the
+    cross-attention's q and k/v; llm2hid and hid2feat. No nn.Linear module is called."""
+    _, head = twin_and_head(SMALL)
+    calls = []
+    linear = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *args, **kwargs: calls.append(args[1].shape) or linear(*args, **kwargs))
+    monkeypatch.setattr(nn.Linear, "forward", lambda *_: pytest.fail("an nn.Linear module was called"))
+    head(*inputs(2, SMALL))
+    assert len(calls) == 4 * SMALL["num_encoder_layers"] + 7 * SMALL["num_decoder_layers"] + 2
+
+
 @pytest.mark.parametrize("emb_shape", [(2, 8, 96), (8, 8, 96), (1, 7, 96), (8, 95), (1, 1, 8, 96)])
 def test_emb_of_another_batch_or_size_is_refused(emb_shape):
     _, head = twin_and_head(SMALL)

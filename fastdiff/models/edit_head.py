@@ -8,7 +8,8 @@ tokens to the 77 x 768 conditioning that replaces CLIP text features in the edit
     feat = hid2feat(hid)                             (B, 77, 512) -> (B, 77, 768)
 
 Attention runs on fastdiff.ops.attention over (B, L, heads, head_dim) views of the fused input
-projection; LayerNorm, linears and ReLU are torch's. Parameter names are torch.nn.Transformer's,
+projection, the dense products on fastdiff.ops.linear (residuals added by the GEMM); LayerNorm and
+ReLU are torch's. Parameter names are torch.nn.Transformer's,
 so MGIE's state_dict loads as is (`EditHead.from_mgie` finds it inside mllm.pt).
 """
 from __future__ import annotations
@@ -41,18 +42,27 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, Lq, E); memory: (B, Lk, E) for cross-attention, None for self-attention."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, Lq, E); memory: (B, Lk, E) for cross-attention, None for self-attention;
+        residual: (B, Lq, E) added to the output, or None."""
         B, Lq, E = x.shape
         H, D = self.num_heads, self.head_dim
         if memory is None:  # one GEMM for q, k, v; attention reads strided views of it
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, Lq, 3, H, D).unbind(2)
+            q, k, v = ops.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, Lq, 3, H, D).unbind(2)
         else:
-            q = F.linear(x, self.in_proj_weight[:E], self.in_proj_bias[:E]).view(B, Lq, H, D)
-            kv = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:])
+            q = ops.linear(x, self.in_proj_weight[:E], self.in_proj_bias[:E]).view(B, Lq, H, D)
+            kv = ops.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:])
             k, v = kv.view(B, memory.shape[1], 2, H, D).unbind(2)
         out = ops.attention(q, k, v, scale=D**-0.5)  # (B, Lq, H, D), contiguous
-        return self.out_proj(out.reshape(B, Lq, E))  # a view for the kernels (contiguous outputs)
+        # a view for the kernels (contiguous outputs)
+        return ops.linear(out.reshape(B, Lq, E), self.out_proj.weight, self.out_proj.bias, residual=residual)
+
+
+def _feed_forward(linear1: nn.Linear, linear2: nn.Linear, x: torch.Tensor, *, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear2(relu(linear1(x))): the layers' ReLU FFN."""
+    hidden = F.relu(ops.linear(x, linear1.weight, linear1.bias))
+    return ops.linear(hidden, linear2.weight, linear2.bias, residual=residual)
 
 
 class EncoderLayer(nn.Module):
@@ -67,8 +77,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x))
-        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+        x = self.self_attn(self.norm1(x), residual=x)
+        return _feed_forward(self.linear1, self.linear2, self.norm2(x), residual=x)
 
 
 class DecoderLayer(nn.Module):
@@ -85,9 +95,9 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x))
-        x = x + self.multihead_attn(self.norm2(x), memory)
-        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+        x = self.self_attn(self.norm1(x), residual=x)
+        x = self.multihead_attn(self.norm2(x), memory, residual=x)
+        return _feed_forward(self.linear1, self.linear2, self.norm3(x), residual=x)
 
 
 class _Stack(nn.Module):
@@ -169,9 +179,9 @@ class EditHead(nn.Module):
         if not isinstance(emb, torch.Tensor) or emb.shape[-2:] != (T, D) or emb.dim() not in (2, 3) \
                 or (emb.dim() == 3 and emb.shape[0] not in (1, B)):
             raise ValueError(f"emb: expected ({B}, {T}, {D}), (1, {T}, {D}) or ({T}, {D}) to match llm, got {_shape(emb)}")
-        hid = self.llm2hid(llm + emb)  # (B, T, hidden); a shared emb broadcasts over the batch
+        hid = ops.linear(llm + emb, self.llm2hid.weight, self.llm2hid.bias)  # (B, T, hidden); a shared emb broadcasts
         query = self.query.expand(llm.shape[0], -1, -1)  # (B, Q, hidden), no copy
-        return self.hid2feat(self.mapper(hid, query))  # (B, Q, out_dim)
+        return ops.linear(self.mapper(hid, query), self.hid2feat.weight, self.hid2feat.bias)  # (B, Q, out_dim)
 
     @classmethod
     def from_mgie(cls, checkpoint: str | os.PathLike | dict, *, num_heads: int = 4, dtype: torch.dtype | None = None,

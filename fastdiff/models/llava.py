@@ -11,7 +11,8 @@ shards (torch.load(weights_only=True, mmap=True)) or safetensors under their own
 (model.layers.*, lm_head.*, model.mm_projector.*). The model is built on the meta device and each
 tensor is cast once into its place, so a 7B checkpoint never exists twice in memory. The vision
 tower is not taken from the LLaVA folder: as in MGIE, it is CLIPVisionModel loaded from the folder
-that mm_vision_tower names (or vision_dir).
+that mm_vision_tower names (or vision_dir). Being transformers' model, it runs on torch's own
+products (the projector too), not on fastdiff.ops.
 """
 from __future__ import annotations
 
