@@ -57,9 +57,40 @@ def test_edit_keeps_the_input_size_rounded_to_8(tmp_path):
     assert Image.open(out).size == (56, 64)
 
 
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_cache_flags_reach_the_request(tmp_path, command):
+    """--cache-interval 1 is the uncached image bit for bit; interval 2 changes it (its odd steps ran
+    cached), more outer levels (--cache-depth) change it otherwise."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    inputs = ["generate", "a cat"] if command == "generate" else ["edit", str(tmp_path / "in.png"), "make it snowy"]
+
+    def image(*flags):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        assert cli.main([*inputs, "-o", str(out), "--model", "small", "--sampler", "euler", "--steps", "4", *flags]) == 0
+        return np.asarray(Image.open(out))
+
+    plain = image()
+    assert np.array_equal(image("--cache-interval", "1"), plain)
+    shallow = image("--cache-interval", "2", "--cache-depth", "1")
+    assert not np.array_equal(shallow, plain)
+    assert not np.array_equal(image("--cache-interval", "2", "--cache-depth", "2"), shallow)
+
+
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_cache_flags_are_in_the_help(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "-h"])
+    out = capsys.readouterr().out
+    assert "--cache-interval N" in out and "--cache-depth D" in out and "DeepCache" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--cache-interval", "0"],
+         "cache_interval: expected a positive integer"),
+        (["generate", "a cat", "-o", "{tmp}/o.png", "--model", "small", "--cache-interval", "2", "--cache-depth", "9"],
+         "cache_depth: expected 1..3"),
         (["edit", "/no/such/image.png", "snow", "-o", "{tmp}/o.png", "--model", "small"], "image: cannot read"),
         (["generate", "a cat", "-o", "/no/such/folder/o.png", "--model", "small"], "-o/--output: folder"),
         (["generate", "a cat", "-o", "{tmp}/out.xyz", "--model", "small"], "-o/--output: cannot write images as '.xyz'"),
@@ -100,6 +131,7 @@ def test_bad_requests_fail_before_the_model_is_built(tmp_path, monkeypatch, caps
     for argv in (["generate", "a cat", "-o", str(tmp_path / "out.xyz")],
                  ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--steps", "0"],
                  ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--guidance-scale", "-1"],
+                 ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--cache-depth", "0"],
                  ["edit", str(tmp_path / "missing.png"), "snow", "-o", str(tmp_path / "o.png")]):
         assert cli.main(argv) == 1
         assert "loaded for a request" not in capsys.readouterr().err

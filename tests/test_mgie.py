@@ -424,3 +424,16 @@ def test_mgie_edits_cache_steps_alone_and_in_the_engine(loaded):
     np.testing.assert_allclose(batched.image, alone.image, atol=1e-4)
     with pytest.raises(PipelineError, match=r"^cache_depth: expected 1\.\."):
         mgie.edit(image, "make it snowy", cache_interval=2, cache_depth=99)
+
+
+def test_cli_cache_flags_reach_the_mgie_edit(folders, tmp_path, capsys, monkeypatch):
+    """--cache-interval / --cache-depth with --mgie reach MGIE.edit, whose resolve checks them."""
+    edit, options = MGIE.edit, []
+    monkeypatch.setattr(MGIE, "edit", lambda self, *args, **kwargs: options.append(kwargs) or edit(self, *args, **kwargs))
+    assert run_cli(folders, tmp_path, "mgie_img", **{"--cache-interval": 2, "--cache-depth": 1}) == 0
+    assert options[-1]["cache_interval"] == 2 and options[-1]["cache_depth"] == 1
+    assert run_cli(folders, tmp_path, "mgie_img") == 0
+    assert "cache_interval" not in options[-1] and "cache_depth" not in options[-1]  # unset: the pipeline's defaults
+    capsys.readouterr()
+    assert run_cli(folders, tmp_path, "mgie_img", **{"--cache-interval": 2, "--cache-depth": 99}) == 1
+    assert "error: cache_depth: expected 1.." in capsys.readouterr().err
