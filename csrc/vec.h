@@ -1,6 +1,6 @@
-// SIMD building blocks of the glu, group_norm and separable_conv kernels: fp32/bf16 loads and
-// stores, exp, SiLU and exact (erf) GELU for AVX-512, AVX2 and scalar, and the Vec traits
-// (vec::Avx512, vec::Avx2) over which each kernel loop is written once, as attention's loops are.
+// SIMD building blocks of the kernels in csrc/: fp32/bf16 loads and stores, exp, 2^x, SiLU and
+// exact (erf) GELU for AVX-512, AVX2 and scalar, and the Vec traits (vec::Avx512, vec::Avx2) over
+// which each kernel loop is written once.
 //
 // A loop is a template over Vec, run through a per-ISA entry point that carries the ISA's target
 // attribute and FASTDIFF_FLATTEN: the template and every Vec call are inlined into it, so each
@@ -13,6 +13,8 @@
 // terms and Newton steps for ~1e-4 relative, far below bf16's 4e-3 rounding. GELU uses Phi(x) = erfc(-x/sqrt2)/2 with Numerical
 // Recipes' erfc (fractional error < 1.2e-7 everywhere), so even the far negative tail, where
 // 1 + erf(x) cancels, stays accurate (~2e-6 relative at x = -9, limited by exp's argument).
+// exp2<5> (attention's softmax weights in fp32): 1.1e-7 relative; exp2<3>: 1.2e-4, for weights
+// rounded to bf16 (2^-9) right after.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -49,6 +51,14 @@ constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504088896341f;
 constexpr float kExpMax = 88.7f, kExpMin = -87.3f;
+// 2^f on [-0.5, 0.5] (least squares on Chebyshev nodes), lowest power first, degree 5 or 3.
+constexpr float kExp2Deg5[6] = {1.f, 0.6931468844f, 0.2402223796f, 0.0555089302f, 0.0096717076f, 0.0013218677f};
+constexpr float kExp2Deg3[4] = {1.f, 0.6933686733f, 0.2422183752f, 0.0545928292f};
+template <int kDegree>
+constexpr const float* exp2_coefficients() {
+  static_assert(kDegree == 3 || kDegree == 5);
+  return kDegree == 5 ? kExp2Deg5 : kExp2Deg3;
+}
 
 // ---------------------------------------------------------------- scalar
 inline float bf16_to_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -108,6 +118,17 @@ FASTDIFF_INLINE_AVX512 V exp(V x) {
   for (int i = first + 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+// 2^x for x <= ~0 (clamped at -126): x = n + f, a polynomial for 2^f, vscalefps for the 2^n.
+template <int kDegree>
+FASTDIFF_INLINE_AVX512 V exp2(V x) {
+  constexpr const float* c = exp2_coefficients<kDegree>();
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+  const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f = _mm512_sub_ps(x, n);
+  V poly = _mm512_set1_ps(c[kDegree]);
+  for (int i = kDegree - 1; i >= 0; --i) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(poly, n);
 }
 // 1/d: rcp14 (~6e-5), plus one Newton step (~1e-8) when kFull (vdivps is several times slower on Zen 4).
 template <bool kFull = true>
@@ -198,6 +219,18 @@ FASTDIFF_INLINE_AVX2 V exp(V x) {
   __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
+// 2^x for x <= ~0 (clamped at -126): the polynomial for the fraction, exponent bits built from n.
+template <int kDegree>
+FASTDIFF_INLINE_AVX2 V exp2(V x) {
+  constexpr const float* c = exp2_coefficients<kDegree>();
+  x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
+  const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f = _mm256_sub_ps(x, n);
+  V poly = _mm256_set1_ps(c[kDegree]);
+  for (int i = kDegree - 1; i >= 0; --i) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c[i]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+}
 template <bool kFull = true>
 FASTDIFF_INLINE_AVX2 V reciprocal(V d) {
   V r = _mm256_rcp_ps(d);  // 12 bits; one Newton step for bf16 results, two for fp32
@@ -251,7 +284,9 @@ struct Avx512 {
   FASTDIFF_AVX512 static inline Reg sub(Reg a, Reg b, Tail m) { return _mm512_maskz_sub_ps(m, a, b); }  // 0 outside m
   FASTDIFF_AVX512 static inline Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
   FASTDIFF_AVX512 static inline Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }  // a·b + c
+  FASTDIFF_AVX512 static inline Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
   FASTDIFF_AVX512 static inline float reduce_add(Reg a) { return _mm512_reduce_add_ps(a); }
+  template <int kDegree> FASTDIFF_AVX512 static inline Reg exp2(Reg x) { return avx512::exp2<kDegree>(x); }
   template <bool kFull> FASTDIFF_AVX512 static inline Reg silu(Reg x) { return avx512::silu<kFull>(x); }
   template <bool kFull> FASTDIFF_AVX512 static inline Reg gelu(Reg x) { return avx512::gelu<kFull>(x); }
 };
@@ -279,11 +314,13 @@ struct Avx2 {
   }
   FASTDIFF_AVX2 static inline Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
   FASTDIFF_AVX2 static inline Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  FASTDIFF_AVX2 static inline Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   FASTDIFF_AVX2 static inline float reduce_add(Reg a) {
     const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
   }
+  template <int kDegree> FASTDIFF_AVX2 static inline Reg exp2(Reg x) { return avx2::exp2<kDegree>(x); }
   template <bool kFull> FASTDIFF_AVX2 static inline Reg silu(Reg x) { return avx2::silu<kFull>(x); }
   template <bool kFull> FASTDIFF_AVX2 static inline Reg gelu(Reg x) { return avx2::gelu<kFull>(x); }
 };
