@@ -6,39 +6,18 @@ import contextlib
 import io
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 
-import httpx
 import numpy as np
 from PIL import Image
 
+from fastdiff.bench.serve import free_port, wait_healthy
+
 STARTUP_S = 120  # a server that is not up by then fails the test instead of hanging it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = STARTUP_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
 @contextlib.contextmanager
@@ -54,7 +33,7 @@ def serve_process(*args: str, env: dict | None = None, while_starting=None):
     try:
         if while_starting is not None:
             while_starting()
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout_s=STARTUP_S)
         yield url, proc
     finally:
         if proc.poll() is None:
@@ -74,7 +53,7 @@ def serve_in_thread(app):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url)
+        wait_healthy(url, timeout_s=STARTUP_S)
         yield url
     finally:
         server.should_exit = True

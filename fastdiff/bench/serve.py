@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
     import socket
 
     with socket.socket() as s:
@@ -46,18 +47,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, timeout_s: float = 300) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
+    """Returns once GET {url}/healthz answers 200. TimeoutError after timeout_s; RuntimeError as soon
+    as `proc`, the server's process if given, exits."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url}: not healthy after {timeout_s} s")
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
 def _through_http(url: str, bodies: list[dict], concurrency: int):
@@ -132,12 +137,12 @@ def run(args) -> int:
             rows.append(_row(mode, c, latencies, wall, reference, images))
             print(f"  {mode} c={c}: {rows[-1]['requests_per_min']:.0f}/min", flush=True)
 
-    port = _free_port()
+    port = free_port()
     command = [os.path.join(os.path.dirname(sys.executable), "fastdiff"), "serve", "--model", args.size, "--threads",
                "1", "--port", str(port), "--max-batch", str(args.max_batch)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}")
+        wait_healthy(f"http://127.0.0.1:{port}", server)
         measure("one process (uvicorn)", f"http://127.0.0.1:{port}")
     finally:
         server.terminate()
@@ -151,12 +156,12 @@ def run(args) -> int:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            port = _free_port()
+            port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for count in replica_counts:
                 serve.run(build(ServeArgs(model=args.size, threads=1, max_batch=args.max_batch), replicas=count,
                                 num_cpus=1), name="bench", route_prefix="/")
-                _wait_healthy(f"http://127.0.0.1:{port}")
+                wait_healthy(f"http://127.0.0.1:{port}")
                 measure(f"Ray Serve, {count} replica{'s' if count > 1 else ''}", f"http://127.0.0.1:{port}")
                 serve.delete("bench")
         finally:
