@@ -1,7 +1,8 @@
 """Denoising jobs and the step that advances many of them with shared UNet calls.
 
 A Job is one image's pass through its sampler: its latents, its guidance branches (1, 2 or 3
-rows of UNet input), its own generator and its own sampler run. `step_jobs` advances any set of
+rows of UNet input, each with its context and, for SDXL, its pooled embedding and size/crop ids),
+its own generator and its own sampler run. `step_jobs` advances any set of
 jobs by one denoising step each, stacking the branches of every job whose rows fit together
 (same latent shape, same context length) into one UNet call with per-row timesteps.
 `Pipeline.generate/edit` and the batching `Engine` both run on it; since every UNet layer treats
@@ -48,6 +49,8 @@ class Job:
     image_latents: torch.Tensor | None = None  # (branches, C_img, h, w), concatenated to the input channels
     on_step: Callable[[int], None] | None = None  # progress callback with the number of steps done
     cache: StepCache | None = None  # DeepCache; None: every step runs the whole UNet
+    # SDXL's added conditioning, the UNet's text_embeds (branches, P) and time_ids (branches, 6), in row order
+    added_cond: dict[str, torch.Tensor] | None = None
 
     @property
     def done(self) -> bool:
@@ -60,7 +63,8 @@ class Job:
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share a UNet call: their rows have the same shapes."""
         image_channels = None if self.image_latents is None else self.image_latents.shape[1]
-        return tuple(self.latents.shape[1:]), image_channels, tuple(self.context.shape[1:])
+        added = None if self.added_cond is None else tuple((k, tuple(v.shape[1:])) for k, v in sorted(self.added_cond.items()))
+        return tuple(self.latents.shape[1:]), image_channels, tuple(self.context.shape[1:]), added
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This job's UNet rows for its next step: (sample (branches, C_in, h, w), timesteps (branches,))."""
@@ -110,12 +114,16 @@ def predict(unet, group: list[Job]) -> list[torch.Tensor]:
     sample = torch.cat([x for x, _ in inputs]).to(dtype).contiguous(memory_format=torch.channels_last)
     timesteps = torch.cat([t for _, t in inputs])
     context = torch.cat([job.context for job in group]).to(dtype)
+    options = {}  # keywords only some UNets take: passed only when used
+    if group[0].added_cond is not None:  # the group shares its keys (batch_key)
+        options.update({name: torch.cat([job.added_cond[name] for job in group]) for name in group[0].added_cond})
     cache = None
     if any(job.cache is not None for job in group):
         rows = [job.cache_rows() for job in group]
-        cache = DeepCacheRows([d for depths, _ in rows for d in depths], [r for _, reuse in rows for r in reuse])
+        options["cache"] = cache = DeepCacheRows([d for depths, _ in rows for d in depths],
+                                                 [r for _, reuse in rows for r in reuse])
     with torch.inference_mode():
-        prediction = unet(sample, timesteps, context) if cache is None else unet(sample, timesteps, context, cache=cache)
+        prediction = unet(sample, timesteps, context, **options)
     if cache is not None:  # after the call succeeded: a failed call leaves every job as it was
         stored = iter(cache.stored)
         for job in group:

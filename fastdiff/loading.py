@@ -7,6 +7,10 @@
                                    "_class_name": UNet2DConditionModel or MobileDiffusionUNet
       vae/                         "_class_name": AutoencoderKL, or AutoencoderTiny (TAESD)
       text_encoder/  tokenizer/  scheduler/scheduler_config.json
+      text_encoder_2/  tokenizer_2/
+                                   SDXL (a UNet with addition_embed_type "text_time"): the second
+                                   CLIP text encoder (with projection); model_index.json's
+                                   force_zeros_for_empty_prompt (diffusers' default true) is read
 
     mgie/unet.pt                   MGIE's UNet state_dict (replaces unet/'s weights)
     mgie/mllm.pt                   MGIE's MLLM state_dict: edit_head.*, emb (the 8 [IMG] token
@@ -35,15 +39,9 @@ def is_editor(unet, vae) -> bool:
     return unet.config.in_channels == 2 * vae.config.latent_channels
 
 
-def refuse_added_conditioning(addition_embed_type) -> None:
-    """SDXL's UNet runs on fastdiff (UNet2DCondition takes text_embeds and time_ids), but a Pipeline
-    has one text encoder and nothing to give it the pooled embedding or the size/crop ids: refused
-    (PipelineError on field "unet") rather than run without them."""
-    if addition_embed_type is not None:
-        raise PipelineError("unet", f"an SDXL UNet (addition_embed_type={addition_embed_type!r}: two text encoders' "
-                            f"pooled embedding and size/crop ids) is not run by fastdiff's Pipeline; use diffusers' "
-                            f"StableDiffusionXLPipeline (or its Img2Img / Inpaint) with fastdiff.accelerate(pipe), "
-                            f"which runs this UNet and the VAE on fastdiff")
+def is_sdxl(unet) -> bool:
+    """An SDXL UNet: conditioned also on a pooled text embedding and size/crop ids (diffusers' "text_time")."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def _read_json(path: Path, what: str, field: str) -> dict:
@@ -79,7 +77,6 @@ def load_unet(folder: Path, *, dtype: torch.dtype, device=None):
         state_dict = checkpoint.match_state_dict(state_dict, unet.state_dict(), owner="MobileDiffusionUNet")
         unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, assign=True)
         return unet.eval(), config.get("sample_size", unet.config.sample_size)
-    refuse_added_conditioning(config.get("addition_embed_type"))
     if config.get("time_cond_proj_dim") is not None:
         # UNet2DCondition runs it (timestep_cond), but a Pipeline has neither LCM's sampler nor its
         # guidance embedding: its images would be silently wrong
@@ -129,8 +126,10 @@ def _vae_folder(folder: Path, vae) -> Path:
     return Path(vae)
 
 
-def load_vae(folder: Path, *, dtype: torch.dtype, device=None):
-    """A diffusers VAE folder (or a pipeline folder's vae/): AutoencoderTiny or AutoencoderKL, by its config's _class_name."""
+def load_vae(folder: Path, *, dtype: torch.dtype, device=None, upcast_fp16: bool = False):
+    """A diffusers VAE folder (or a pipeline folder's vae/): AutoencoderTiny or AutoencoderKL, by its config's _class_name.
+    upcast_fp16: a KL VAE whose config says force_upcast (diffusers' default) is kept in float32 when
+    `dtype` is float16, as diffusers' SDXL pipelines run it (SDXL's VAE overflows in float16)."""
     config = _read_json(checkpoint.resolve_model_folder(folder, "vae") / "config.json", "the VAE config", "vae")
     if config.get("_class_name") == "AutoencoderTiny":
         from fastdiff.models.autoencoder_tiny import AutoencoderTiny
@@ -138,14 +137,38 @@ def load_vae(folder: Path, *, dtype: torch.dtype, device=None):
         return AutoencoderTiny.from_diffusers(folder, dtype=dtype, device=device)
     from fastdiff.models.vae import AutoencoderKL
 
+    if upcast_fp16 and dtype == torch.float16 and config.get("force_upcast", True):
+        dtype = torch.float32
     return AutoencoderKL.from_diffusers(folder, dtype=dtype, device=device)
+
+
+def _load_text_encoder(folder: Path, sdxl: bool, *, dtype: torch.dtype, device=None):
+    """The folder's text encoder (SDXL: both), or None when it has none (embeddings only)."""
+    from fastdiff.models.text_encoder import CLIPTextEncoder, SDXLTextEncoders
+
+    encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+    if not any((folder / part).is_dir() for part in encoders):
+        return None
+    if not sdxl:
+        _require_dir(folder, "tokenizer")
+        encoder = _load_part("text_encoder", lambda: CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device))
+        _own_aligned_memory(encoder.model)
+        return encoder
+    for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        if not (folder / part).is_dir():
+            raise PipelineError("folder", f"the {part}/ part is missing from {folder} (an SDXL folder has text_encoder/, "
+                                f"tokenizer/, text_encoder_2/ and tokenizer_2/; a refiner's, with text_encoder_2/ only, "
+                                f"is image-to-image, which Pipeline does not run)")
+    encoders = _load_part("text_encoder", lambda: SDXLTextEncoders.from_pretrained(folder, dtype=dtype, device=device))
+    _own_aligned_memory(encoders.first.model)
+    _own_aligned_memory(encoders.second.model)
+    return encoders
 
 
 def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=None, vae=None) -> dict:
     """The keyword arguments of Pipeline(...) for a pipeline folder (see the module docstring); every
-    part is loaded in `dtype` (resolved by the caller: requests.resolve_dtype). vae: see _vae_folder."""
-    from fastdiff.models.text_encoder import CLIPTextEncoder
-
+    part is loaded in `dtype` (resolved by the caller: requests.resolve_dtype; an SDXL VAE upcast from
+    float16, see load_vae). vae: see _vae_folder."""
     if not folder.is_dir():
         raise PipelineError("folder", f"no directory at {folder}")
     index = _read_json(folder / "model_index.json", "model_index.json (the pipeline's component list)", "folder")
@@ -153,24 +176,23 @@ def load_pipeline_parts(folder: Path, *, dtype: torch.dtype, device=None, mgie=N
                                   "scheduler")
     unet_folder, vae_folder = _require_dir(folder, "unet"), _vae_folder(folder, vae)
     unet, sample_size = _load_part("unet", lambda: load_unet(unet_folder, dtype=dtype, device=device))
-    vae = _load_part("vae", lambda: load_vae(vae_folder, dtype=dtype, device=device))
+    sdxl = is_sdxl(unet)
+    vae = _load_part("vae", lambda: load_vae(vae_folder, dtype=dtype, device=device, upcast_fp16=sdxl))
     if is_editor(unet, vae) and type(vae).__name__ == "AutoencoderTiny":
         # InstructPix2Pix-style UNets take the KL VAE's unscaled image latents; TAESD's are scaled
         raise PipelineError("vae", "an editor UNet needs the KL VAE's image latents; an AutoencoderTiny (TAESD) cannot encode them")
-    text_encoder = None
-    if (folder / "text_encoder").is_dir():
-        _require_dir(folder, "tokenizer")
-        text_encoder = _load_part("text_encoder", lambda: CLIPTextEncoder.from_pretrained(folder, dtype=dtype, device=device))
-    for model in (unet, vae, text_encoder.model if text_encoder is not None else None):
-        if model is not None:
-            _own_aligned_memory(model)
+    text_encoder = _load_text_encoder(folder, sdxl, dtype=dtype, device=device)
+    for model in (unet, vae):
+        _own_aligned_memory(model)
     parts = dict(unet=unet, vae=vae, scheduler_config=scheduler_config, text_encoder=text_encoder, name=folder.name)
+    if sdxl:
+        parts["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
     stored = index.get("fastdiff", {}).get("defaults", {})
     unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(Defaults)})
     if unknown:
         raise PipelineError("folder", f"{folder / 'model_index.json'}: unknown fastdiff defaults {unknown}")
-    parts["defaults"] = Defaults.for_model(editor=is_editor(unet, vae), **{"size": sample_size * vae.config.downscale,
-                                                                         **stored})
+    parts["defaults"] = Defaults.for_model(editor=is_editor(unet, vae), sdxl=sdxl,
+                                           **{"size": sample_size * vae.config.downscale, **stored})
     if mgie is not None:
         mgie_parts, _ = load_mgie(Path(mgie), unet, dtype=dtype, device=device)
         parts.update(mgie_parts)
@@ -229,12 +251,13 @@ def save_pipeline(pipe, folder) -> None:
     _save_model(pipe.vae, folder / "vae", {"_class_name": vae_class, **dataclasses.asdict(pipe.vae.config)})
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.scheduler_config, indent=2))
-    index = {"_class_name": "StableDiffusionInstructPix2PixPipeline" if pipe.is_editor else "StableDiffusionPipeline",
+    kind = "StableDiffusionInstructPix2PixPipeline" if pipe.is_editor else "StableDiffusionPipeline"
+    index = {"_class_name": "StableDiffusionXLPipeline" if pipe.is_sdxl else kind,
              "unet": ["fastdiff" if unet_class == "MobileDiffusionUNet" else "diffusers", unet_class],
              "vae": ["diffusers", vae_class], "scheduler": ["diffusers", pipe.scheduler_config.get("_class_name", "")],
              "fastdiff": {"defaults": dataclasses.asdict(pipe.defaults)}}
+    if pipe.is_sdxl:
+        index["force_zeros_for_empty_prompt"] = pipe.force_zeros_for_empty_prompt
     if pipe.text_encoder is not None:
-        pipe.text_encoder.model.save_pretrained(str(folder / "text_encoder"))
-        pipe.text_encoder.tokenizer.save_pretrained(str(folder / "tokenizer"))
-        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+        index.update(pipe.text_encoder.save_pretrained(folder))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

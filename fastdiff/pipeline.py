@@ -6,6 +6,8 @@
 
 Both follow diffusers' StableDiffusionPipeline / StableDiffusionInstructPix2PixPipeline step for
 step (same guidance order, latent scaling and image-latent concatenation), on fastdiff's models;
+an SDXL folder generates as StableDiffusionXLPipeline does (two text encoders, pooled embedding,
+size/crop ids);
 tests/test_pipeline.py checks the images against diffusers'. Every call is a request value
 (fastdiff.requests) that `resolve` checks against the model once, into a Resolved (defaults
 filled, sampler built, guidance chosen, image loaded), and `prepare` turns into Jobs
@@ -27,6 +29,9 @@ from fastdiff.jobs import Job, StepCache, step_jobs
 from fastdiff.requests import (DEFAULT_MAX_PIXELS, Defaults, EditRequest, GenerateRequest, Guidance, PipelineError, Request,
                                build_request, choose_guidance, describe, max_pixels_limit, resolve_dtype)
 from fastdiff.samplers import Sampler, make_sampler
+
+# SDXL's size/crop ids (micro-conditioning): original (height, width), crop (top, left), target (height, width)
+SDXL_TIME_IDS = 6
 
 # The sampler used when the folder's scheduler class is not implemented here (SD1.5 ships
 # PNDMScheduler): diffusers' usual replacement, `DPMSolverMultistepScheduler.from_config(...)`.
@@ -128,13 +133,18 @@ class Pipeline:
     """A UNet, a VAE, a text encoder (optional when embeddings are given), a sampler config and,
     for MGIE, the edit head with the [IMG] token embeddings.
 
+    SDXL (a UNet with addition_embed_type "text_time"): text-to-image, the text encoder an
+    SDXLTextEncoders (both of SDXL's; its pooled embedding and the size/crop ids are the UNet's
+    added conditioning). force_zeros_for_empty_prompt: SDXL's unconditional branch is zeros when no
+    negative prompt is given (diffusers' pipeline config, default true); SD pipelines encode "".
+
     max_pixels: requests for more output pixels than this (all images of a request together; an
     edit's input image alone) are refused before any allocation.
     """
 
     def __init__(self, *, unet, vae, scheduler_config: dict, text_encoder=None, edit_head=None,
                  img_token_embeddings: torch.Tensor | None = None, defaults: Defaults | None = None, name: str = "",
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, force_zeros_for_empty_prompt: bool = True):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.edit_head, self.img_token_embeddings = edit_head, img_token_embeddings
@@ -150,20 +160,46 @@ class Pipeline:
                 "unet", f"in_channels {in_channels} fits neither text-to-image ({self.latent_channels}, the VAE's latent "
                 f"channels) nor editing ({2 * self.latent_channels}); inpainting UNets are not supported"
             )
-        loading.refuse_added_conditioning(getattr(unet.config, "addition_embed_type", None))
+        self.is_sdxl = loading.is_sdxl(unet)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.pooled_size = self._check_sdxl(text_encoder) if self.is_sdxl else None
+        if not self.is_sdxl and hasattr(text_encoder, "pooled_size"):
+            raise PipelineError("text_encoder", "SDXL's two text encoders, for a UNet without SDXL's added "
+                                "conditioning (addition_embed_type 'text_time')")
         if text_encoder is not None and text_encoder.hidden_size != self.cross_attention_dim:
             raise PipelineError("text_encoder", f"hidden size {text_encoder.hidden_size} differs from the UNet's "
                                 f"cross_attention_dim {self.cross_attention_dim}")
         if edit_head is not None and edit_head.hid2feat.out_features != self.cross_attention_dim:
             raise PipelineError("mgie", f"the edit head's output width {edit_head.hid2feat.out_features} differs from the "
                                 f"UNet's cross_attention_dim {self.cross_attention_dim}")
-        self.defaults = defaults or Defaults.for_model(editor=self.is_editor)
+        self.defaults = defaults or Defaults.for_model(editor=self.is_editor, sdxl=self.is_sdxl)
         scheduler_class = self.scheduler_config.get("_class_name")
         if self.defaults.sampler is None and not _known_sampler(scheduler_class):
             warnings.warn(f"scheduler: {scheduler_class} is not implemented by fastdiff; sampling with "
                           f"{FALLBACK_SAMPLER} on its config instead (pass sampler= to choose another)", stacklevel=3)
             self.defaults = dataclasses.replace(self.defaults, sampler=FALLBACK_SAMPLER)
         self._sampler(None)  # fail now on an unusable scheduler config
+
+    def _check_sdxl(self, text_encoder) -> int:
+        """An SDXL pipeline's parts fit: text-to-image, a text encoder with SDXL's pooled embedding,
+        whose width and the 6 size/crop ids make the UNet's added-embedding input. Returns the
+        pooled width."""
+        if self.is_editor:
+            raise PipelineError("unet", f"an SDXL editing UNet ({self.unet.in_channels} input channels: "
+                                f"InstructPix2Pix-style) is not run by Pipeline, which runs SDXL text-to-image; use "
+                                f"diffusers' StableDiffusionXLInstructPix2PixPipeline with fastdiff.accelerate(pipe)")
+        config = self.unet.config
+        time_ids = SDXL_TIME_IDS * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - time_ids
+        if text_encoder is not None and getattr(text_encoder, "pooled_size", None) is None:
+            raise PipelineError("text_encoder", f"an SDXL UNet needs both SDXL text encoders (SDXLTextEncoders: the "
+                                f"pooled embedding is text_encoder_2's), got {type(text_encoder).__name__}")
+        if text_encoder is not None and text_encoder.pooled_size != pooled:
+            raise PipelineError("text_encoder", f"pooled width {text_encoder.pooled_size} + {SDXL_TIME_IDS} size/crop "
+                                f"ids x {config.addition_time_embed_dim} differs from the UNet's "
+                                f"projection_class_embeddings_input_dim {config.projection_class_embeddings_input_dim}"
+                                f" (an SDXL refiner's ids include an aesthetic score: not run by Pipeline)")
+        return pooled
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,7 +222,8 @@ class Pipeline:
 
         dtype: None (float32), a torch.dtype or "fp32"/"float32"/"bf16"/"bfloat16" ("fp16"/"float16"
         on CUDA); a dtype the device cannot run is refused here. The UNet may be SD-style
-        (UNet2DConditionModel; 8 input channels for InstructPix2Pix) or a MobileDiffusion checkpoint
+        (UNet2DConditionModel; 8 input channels for InstructPix2Pix), SDXL's (text-to-image, with
+        text_encoder_2/ and tokenizer_2/) or a MobileDiffusion checkpoint
         (unet/config.json with "_class_name": "MobileDiffusionUNet"). mgie: a folder with MGIE's
         unet.pt (replaces the UNet weights) and mllm.pt (the edit head and the [IMG] token
         embeddings). vae: None (the folder's vae/, an AutoencoderKL or an AutoencoderTiny), "tiny"
@@ -224,6 +261,36 @@ class Pipeline:
         if like is not None and embeds.shape[-2:] != like.shape[-2:]:
             raise PipelineError(name, f"expected the shape {tuple(like.shape[-2:])} of its conditional twin, "
                                 f"got {tuple(embeds.shape[-2:])}")
+
+    def _resolve_sdxl(self, request: GenerateRequest, height: int, width: int) -> dict:
+        """SDXL's fields of a generate request checked (pooled embeddings with given embeddings, their
+        width) and its size/crop ids filled in (diffusers' defaults: the output size, crop (0, 0));
+        on other models, refused when given."""
+        sdxl_fields = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "original_size",
+                       "crops_coords_top_left", "target_size")
+        if not self.is_sdxl:
+            for name in sdxl_fields:
+                if getattr(request, name) is not None:
+                    raise PipelineError(name, "this model has no SDXL added conditioning (a UNet with "
+                                        "addition_embed_type 'text_time'): pass None")
+            return {}
+        for embeds, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
+                               ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
+            if getattr(request, embeds) is not None and getattr(request, pooled) is None:
+                raise PipelineError(pooled, f"SDXL needs it with {embeds}: text_encoder_2's projected text "
+                                    f"embedding, ({self.pooled_size},)")
+            value = getattr(request, pooled)
+            if value is not None and value.shape[-1] != self.pooled_size:
+                raise PipelineError(pooled, f"expected a float ({self.pooled_size},) or (1, {self.pooled_size}) tensor "
+                                    f"(the UNet's pooled width), got {describe(value)}")
+        return dict(original_size=request.original_size or (height, width), target_size=request.target_size or (height, width),
+                    crops_coords_top_left=request.crops_coords_top_left or (0, 0))
+
+    def _zero_negative(self, request: GenerateRequest) -> bool:
+        """SDXL's unconditional branch is zeros, not an encoded prompt (diffusers' force_zeros_for_empty_prompt
+        when neither negative_prompt nor negative_prompt_embeds is given)."""
+        return (self.is_sdxl and self.force_zeros_for_empty_prompt and request.negative_prompt is None
+                and request.negative_prompt_embeds is None)
 
     def _check_text(self, name, text, embeds, needed=True) -> None:
         """Text conditioning needs the text encoder; say which embeddings to pass instead."""
@@ -270,11 +337,11 @@ class Pipeline:
                 if getattr(request, name) is not None:
                     self._check_embeds(name, getattr(request, name), like)
             filled = dataclasses.replace(request, steps=steps, guidance_scale=guidance_scale, sampler=sampler_name,
-                                         height=height, width=width, **cache)
+                                         height=height, width=width, **cache, **self._resolve_sdxl(request, height, width))
             guidance = choose_guidance(filled)
             self._check_text("prompt", request.prompt, request.prompt_embeds)
             self._check_text("negative_prompt", request.negative_prompt, request.negative_prompt_embeds,
-                             needed=guidance.needs_null)
+                             needed=guidance.needs_null and not self._zero_negative(request))
         else:
             if not self.is_editor:
                 raise PipelineError("edit", "this is a text-to-image model; use generate() (editing needs a UNet of "
@@ -313,6 +380,23 @@ class Pipeline:
             return embeds.reshape(1, *embeds.shape[-2:]).float()
         return self.text_encoder.encode([text]).float()
 
+    def _conditioning(self, text, embeds, pooled=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, L, D) fp32 conditioning and, for SDXL, the (1, P) pooled embedding (else None): the
+        given ones (resolve checked that SDXL's come with their pooled one), else the text encoder's."""
+        if embeds is not None or not self.is_sdxl:
+            return self._context(text, embeds), None if pooled is None else pooled.reshape(1, -1).float()
+        context, pooled = self.text_encoder.encode([text])
+        return context.float(), pooled.float()
+
+    def _sdxl_added_cond(self, request: GenerateRequest, guidance: Guidance, pooled, negative_pooled) -> dict:
+        """The UNet's text_embeds and time_ids rows of one SDXL image, in the guidance's row order:
+        diffusers' add_text_embeds and add_time_ids (original size, crop top-left, target size;
+        the same ids on every row, as diffusers without negative_original_size)."""
+        ids = torch.tensor([[*request.original_size, *request.crops_coords_top_left, *request.target_size]],
+                           dtype=torch.float32)
+        return dict(text_embeds=guidance.context(pooled, negative_pooled).to(self.device),
+                    time_ids=ids.expand(guidance.branches, -1).to(self.device))
+
     def _mgie_context(self, img_hidden_states):
         """MGIE: the edit head maps the MLLM's 8 [IMG] hidden states (+ the [IMG] token embeddings) to
         the UNet's context; its null conditioning is the edit head applied to zeros, as MGIE does."""
@@ -327,7 +411,7 @@ class Pipeline:
 
     # -- request preparation (shared by generate/edit and the Engine) -------------------------
 
-    def _new_job(self, resolved: Resolved, index, context, image_latents=None) -> Job:
+    def _new_job(self, resolved: Resolved, index, context, image_latents=None, added_cond=None) -> Job:
         """Image `index` of a request: its generator (its own seeded one, its entry of a list, or the
         one shared generator), its initial noise (given latents before init_noise_sigma, as
         diffusers' `latents=`, or drawn), its conditioning rows."""
@@ -344,20 +428,27 @@ class Pipeline:
         cache = StepCache(request.cache_interval, request.cache_depth) if request.cache_interval > 1 else None
         return Job(run=run, latents=latents, context=context.to(self.device), guidance=resolved.guidance,
                    generator=generator, image_latents=None if image_latents is None else image_latents.to(self.device),
-                   cache=cache)
+                   cache=cache, added_cond=added_cond)
 
     def _prepare_generate(self, resolved: Resolved) -> list[Job]:
         request, guidance = resolved.request, resolved.guidance
         jobs = []
         for p, prompt in enumerate(request.prompts):  # images in diffusers' order: prompt by prompt
-            context = self._context(prompt, request.prompt_embeds)
-            negative = self._context(request.negative_for(p), request.negative_prompt_embeds) if guidance.needs_null else None
+            context, pooled = self._conditioning(prompt, request.prompt_embeds, request.pooled_prompt_embeds)
+            negative = negative_pooled = None
+            if guidance.needs_null and self._zero_negative(request):
+                negative, negative_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+            elif guidance.needs_null:
+                negative, negative_pooled = self._conditioning(request.negative_for(p), request.negative_prompt_embeds,
+                                                               request.negative_pooled_prompt_embeds)
             if negative is not None and negative.shape != context.shape:
                 name = "negative_prompt" if request.negative_prompt_embeds is None else "negative_prompt_embeds"
                 raise PipelineError(name, f"its conditioning {tuple(negative.shape[1:])} differs in shape "
                                     f"from the prompt's {tuple(context.shape[1:])}")
             rows = guidance.context(context, negative)
-            jobs += [self._new_job(resolved, p * request.num_images + n, rows) for n in range(request.num_images)]
+            added = None if pooled is None else self._sdxl_added_cond(request, guidance, pooled, negative_pooled)
+            jobs += [self._new_job(resolved, p * request.num_images + n, rows, added_cond=added)
+                     for n in range(request.num_images)]
         return jobs
 
     def _prepare_edit(self, resolved: Resolved) -> list[Job]:

@@ -61,10 +61,11 @@ class Defaults:
     cache_depth: int = 1  # DeepCache: the outermost level runs on cached steps (the paper's shallowest branch)
 
     @classmethod
-    def for_model(cls, *, editor: bool, **settings) -> "Defaults":
+    def for_model(cls, *, editor: bool, sdxl: bool = False, **settings) -> "Defaults":
         """A model's defaults: StableDiffusionPipeline's 50 steps, or InstructPix2Pix's and MGIE's 100
-        for an editor; `settings` (the folder's stored defaults, its size) override."""
-        return cls(**{"steps": 100 if editor else 50, **settings})
+        for an editor; StableDiffusionXLPipeline's text scale 5 for SDXL; `settings` (the folder's
+        stored defaults, its size) override."""
+        return cls(**{"steps": 100 if editor else 50, **({"guidance_scale": 5.0} if sdxl else {}), **settings})
 
 
 # -- dtype: settled once, where a model is loaded -------------------------------------------------
@@ -154,7 +155,8 @@ class Guidance:
         return any(not row.text for row in self.ROWS)
 
     def context(self, text: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
-        """(1, L, D) conditioning and null conditioning -> (branches, L, D) in row order."""
+        """(1, L, D) conditioning and null conditioning -> (branches, L, D) in row order (any (1, ...)
+        pair alike: SDXL's pooled embeddings)."""
         return torch.cat([text if row.text else null for row in self.ROWS])
 
     def image_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -238,13 +240,24 @@ def _text(name, value):
 
 
 def _embeds(name, value, ranks=(2, 3)):
-    """A float tensor of one of `ranks`, batch 1 when rank 3, with finite values."""
+    """A float tensor of one of `ranks` ((L, D) or (1, L, D); pooled: (P,) or (1, P)), batch 1 at the
+    higher rank, with finite values."""
+    shapes = "(L, D) or (1, L, D)" if ranks == (2, 3) else "(P,) or (1, P)"
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in ranks \
-            or (value.dim() == 3 and value.shape[0] != 1) or 0 in value.shape:
-        raise PipelineError(name, f"expected a float (L, D) or (1, L, D) tensor, got {describe(value)}")
+            or (value.dim() == ranks[-1] and value.shape[0] != 1) or 0 in value.shape:
+        raise PipelineError(name, f"expected a float {shapes} tensor, got {describe(value)}")
     if not torch.isfinite(value).all():
         raise PipelineError(name, "contains NaN or infinite values")
     return value
+
+
+def _int_pair(name, value, least: int) -> tuple[int, int]:
+    """Two integers >= least, as a tuple (SDXL's size/crop ids: (height, width) or (top, left))."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least for v in value):
+        raise PipelineError(name, f"expected two integers >= {least} (as diffusers: (height, width), or (top, left) "
+                            f"for crops_coords_top_left), got {describe(value)}")
+    return int(value[0]), int(value[1])
 
 
 def _latents(name, value):
@@ -353,8 +366,14 @@ class GenerateRequest(_Sampling):
     prompt: a string or a list of them (num_images each), or prompt_embeds (L, D) / (1, L, D);
     negative_prompt (default "", or one per prompt) or negative_prompt_embeds for the
     unconditional branch (used when guidance_scale > 1). height, width: default the UNet's
-    sample size times the VAE factor (512 for SD1.5). latents: (images, C, h, w) initial noise
-    before the sampler's init_noise_sigma, as diffusers' `latents=`.
+    sample size times the VAE factor (512 for SD1.5, 1024 for SDXL). latents: (images, C, h, w)
+    initial noise before the sampler's init_noise_sigma, as diffusers' `latents=`.
+
+    SDXL only (diffusers' StableDiffusionXLPipeline names): pooled_prompt_embeds (P,) / (1, P), needed
+    with prompt_embeds (negative_pooled_prompt_embeds with negative_prompt_embeds); the size/crop ids
+    original_size and target_size ((height, width), default the image's) and crops_coords_top_left
+    ((top, left), default (0, 0)), the same for every guidance branch. Without a negative prompt,
+    SDXL's unconditional branch is zeros (the folder's force_zeros_for_empty_prompt, as diffusers).
     """
 
     prompt: str | list[str] | None = None
@@ -363,6 +382,11 @@ class GenerateRequest(_Sampling):
     negative_prompt_embeds: torch.Tensor | None = None
     height: int | None = None
     width: int | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if (self.prompt is None) == (self.prompt_embeds is None):
@@ -386,6 +410,15 @@ class GenerateRequest(_Sampling):
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 _set(self, name, _positive_int(name, getattr(self, name)))
+        for name, embeds in (("pooled_prompt_embeds", "prompt_embeds"),
+                             ("negative_pooled_prompt_embeds", "negative_prompt_embeds")):
+            if getattr(self, name) is not None:
+                if getattr(self, embeds) is None:
+                    raise PipelineError(name, f"only with {embeds} (the text encoder computes both from a prompt)")
+                _embeds(name, getattr(self, name), ranks=(1, 2))
+        for name, least in (("original_size", 1), ("crops_coords_top_left", 0), ("target_size", 1)):
+            if getattr(self, name) is not None:
+                _set(self, name, _int_pair(name, getattr(self, name), least))
         self._check_sampling()
 
     @property

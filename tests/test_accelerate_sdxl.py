@@ -240,20 +240,6 @@ def test_sdxl_saves_as_diffusers(sdxl_folders, tmp_path):
     assert_image_parity(sdxl_images(reloaded), sdxl_images(plain), "SDXL saved after accelerate, reloaded plain")
 
 
-def test_fastdiff_pipeline_refuses_an_sdxl_folder(sdxl_folders):
-    from fastdiff.pipeline import Pipeline
-    from fastdiff.requests import PipelineError
-
-    refusal = "unet: an SDXL UNet .*'text_time'.*StableDiffusionXLPipeline.*fastdiff.accelerate"
-    with pytest.raises(PipelineError, match=refusal):
-        Pipeline.from_pretrained(sdxl_folders / "sdxl")
-    from fastdiff.models.vae import AutoencoderKL
-
-    with pytest.raises(PipelineError, match=refusal):  # built by hand too, before any request
-        Pipeline(unet=UNet2DCondition.from_diffusers(sdxl_folders / "sdxl"),
-                 vae=AutoencoderKL.from_diffusers(sdxl_folders / "sdxl"), scheduler_config=SDXL_SCHEDULER)
-
-
 @pytest.mark.parametrize("cls", ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
 def test_sdxl_in_bf16_upcasts_the_vae_as_diffusers(sdxl_folders, cls):
     """A bf16 SDXL img2img / inpaint pipeline moves its VAE (force_upcast) to float32 to encode and

@@ -1,10 +1,11 @@
-"""CLIP text encoder for the SD-family pipelines, through transformers (CLIPTextModel + CLIPTokenizer).
+"""CLIP text encoders for the SD-family pipelines, through transformers (CLIPTextModel + CLIPTokenizer).
 
 Encodes prompts the way diffusers' StableDiffusion / InstructPix2Pix pipelines do: tokens padded
 (with the tokenizer's pad token) and truncated to max_length (77) with a warning naming the
 dropped text, no attention mask (CLIP's
 causal mask already keeps padding out of the real tokens), output = last_hidden_state
-(B, 77, hidden): 768 for SD1.5's ViT-L/14.
+(B, 77, hidden): 768 for SD1.5's ViT-L/14. SDXLTextEncoders: SDXL's two, as
+StableDiffusionXLPipeline.encode_prompt uses them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CLIPTextEncoder", "write_clip_tokenizer"]
+__all__ = ["CLIPTextEncoder", "SDXLTextEncoders", "write_clip_tokenizer"]
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -94,32 +95,44 @@ class CLIPTextEncoder:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, max_length: int | None = None) -> "CLIPTextEncoder":
-        """Load from a pipeline folder (its text_encoder/ and tokenizer/), local files only."""
-        from transformers import CLIPTextModel, CLIPTokenizer
+                        device: torch.device | str | None = None, max_length: int | None = None,
+                        parts: tuple[str, str] = ("text_encoder", "tokenizer"),
+                        with_projection: bool = False) -> "CLIPTextEncoder":
+        """Load from a pipeline folder (its text_encoder/ and tokenizer/, or the `parts` named), local
+        files only. with_projection: a CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"folder: no directory at {folder}")
         from transformers.utils import logging as transformers_logging
 
-        tokenizer = CLIPTokenizer.from_pretrained(str(_component(folder, "tokenizer")), local_files_only=True)
+        model_part, tokenizer_part = parts
+        tokenizer = CLIPTokenizer.from_pretrained(str(_component(folder, tokenizer_part)), local_files_only=True)
         bar = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # a "Loading weights" bar per pipeline load is noise here
         try:
-            model = CLIPTextModel.from_pretrained(str(_component(folder, "text_encoder")), local_files_only=True,
-                                                  dtype=dtype or torch.float32)
+            model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+            model = model_class.from_pretrained(str(_component(folder, model_part)), local_files_only=True,
+                                                dtype=dtype or torch.float32)
         finally:
             if bar:
                 transformers_logging.enable_progress_bar()
         return cls(model.to(device), tokenizer, max_length)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> dict:
+        """Write text_encoder/ and tokenizer/ into a pipeline folder; returns their model_index.json entries."""
+        self.model.save_pretrained(str(Path(folder) / "text_encoder"))
+        self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
+        return dict(text_encoder=["transformers", type(self.model).__name__], tokenizer=["transformers", "CLIPTokenizer"])
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
-        """(B, max_length) token ids: <bos> prompt <eos> then padding, truncated to max_length."""
+    def tokenize(self, prompts: str | list[str], *, warn: bool = True) -> torch.Tensor:
+        """(B, max_length) token ids: <bos> prompt <eos> then padding, truncated to max_length (with a
+        warning naming what was dropped, unless `warn` is False)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -127,7 +140,8 @@ class CLIPTextEncoder:
         with self._tokenizer_lock:
             ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt").input_ids
-            self._warn_truncated(prompts)
+            if warn:
+                self._warn_truncated(prompts)
         return ids
 
     def _warn_truncated(self, prompts) -> None:
@@ -145,3 +159,55 @@ class CLIPTextEncoder:
         """(B, max_length, hidden) last hidden state, in the model's dtype and device."""
         ids = self.tokenize(prompts).to(self.model.device)
         return self.model(ids).last_hidden_state
+
+
+class SDXLTextEncoders:
+    """SDXL's two CLIP text encoders: prompts -> (context (B, L, D1 + D2), pooled (B, P)), as diffusers'
+    StableDiffusionXLPipeline.encode_prompt computes them: each encoder's penultimate hidden states
+    (SDXL conditions on the layer before the last, without the final layer norm), side by side;
+    pooled: the second's (a CLIPTextModelWithProjection) projected text embedding. SDXL base: 768 +
+    1280 = 2048 wide, pooled 1280."""
+
+    def __init__(self, first: CLIPTextEncoder, second: CLIPTextEncoder):
+        if not hasattr(second.model, "text_projection"):
+            raise ValueError(f"text_encoder_2: expected a CLIPTextModelWithProjection (its projected text embedding is "
+                             f"SDXL's pooled conditioning), got {type(second.model).__name__}")
+        if first.max_length != second.max_length:
+            raise ValueError(f"tokenizer_2: max_length {second.max_length} differs from tokenizer's {first.max_length} "
+                             f"(the two encoders' states are joined token by token)")
+        self.first, self.second = first, second
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "SDXLTextEncoders":
+        """Load text_encoder/ + tokenizer/ and text_encoder_2/ + tokenizer_2/ of an SDXL pipeline folder."""
+        load = dict(dtype=dtype, device=device)
+        return cls(CLIPTextEncoder.from_pretrained(folder, **load),
+                   CLIPTextEncoder.from_pretrained(folder, parts=("text_encoder_2", "tokenizer_2"), with_projection=True,
+                                                   **load))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> dict:
+        """Write the four parts into a pipeline folder; returns their model_index.json entries."""
+        entries = self.first.save_pretrained(folder)
+        self.second.model.save_pretrained(str(Path(folder) / "text_encoder_2"))
+        self.second.tokenizer.save_pretrained(str(Path(folder) / "tokenizer_2"))
+        return dict(entries, text_encoder_2=["transformers", type(self.second.model).__name__],
+                    tokenizer_2=["transformers", "CLIPTokenizer"])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.first.hidden_size + self.second.hidden_size
+
+    @property
+    def pooled_size(self) -> int:
+        return self.second.model.config.projection_dim
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, max_length, hidden_size), pooled (B, pooled_size)), in the models' dtype and device."""
+        states = []
+        for encoder in (self.first, self.second):
+            ids = encoder.tokenize(prompts, warn=encoder is self.first).to(encoder.model.device)  # one warning per prompt
+            output = encoder.model(ids, output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+        return torch.cat(states, dim=-1), output.text_embeds
