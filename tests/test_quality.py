@@ -115,7 +115,8 @@ def test_edit_figures_count_per_kind_and_cap_psnr():
 
 def _result(color=0.9, success=0.9, preservation=30.0, settings=None, weights="w"):
     row = lambda backend, figures: {"sampler": "euler", "steps": 20, "backend": backend, "dtype": "fp32",  # noqa: E731
-                                    "figures": figures, "same_verdicts": None, "max_pixel_diff": None}
+                                    "cache": None, "figures": figures, "same_verdicts": None, "max_pixel_diff": None,
+                                    "psnr_to_uncached": None}
     generate = {"images": 24, "shapes": 36, "color": color, "kind": 0.8, "position": 0.9, "background": 1.0, "all": 0.7}
     edit = {"edits": 24, "success": success, "preservation": preservation, "by_kind": {}}
     return {"settings": settings or quality.QUICK.as_json(), "weights": {"generate": weights, "edit": weights},
@@ -160,6 +161,12 @@ def test_held_out_samples_are_deterministic_prefixes():
     (["--n-bf16", "-1"], "--n-bf16"),
     (["--quick", "--n-generate", "4"], "drop --n-generate"),
     (["--record"], "add --quick"),
+    (["--cache-interval", "2,0"], "--cache-interval: expected comma-separated integers >= 1"),
+    (["--cache-interval", "2", "--cache-depth", "x"], "--cache-depth: expected comma-separated integers"),
+    (["--cache-depth", "2"], "--cache-depth: .*give --cache-interval too"),
+    (["--cache-interval", "1", "--cache-samplers", "euler:2"], "--cache-samplers: .*an interval above 1"),
+    (["--cache-interval", "2", "--cache-samplers", "euler"], "--cache-samplers: expected comma-separated sampler:steps"),
+    (["--quick", "--cache-interval", "2"], "drop --cache-interval"),
 ])
 def test_bad_options_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -171,27 +178,56 @@ def test_parse_grid():
     assert quality.parse_grid("") == ()
 
 
+def test_parse_cache_grid_crosses_the_axes_without_the_uncached_interval():
+    assert quality.parse_cache_grid("1,2,3,5", "1,2") == ((2, 1), (2, 2), (3, 1), (3, 2), (5, 1), (5, 2))
+    assert quality.parse_cache_grid("3, 3,1") == ((3, 1),)
+    assert quality.parse_cache_grid("1") == ()
+
+
+def test_records_made_before_caching_still_match():
+    """A record without the cache settings and row keys (made before step caching existed) matches a
+    run without caching; a run with cached rows is another setting."""
+    record = json.loads(json.dumps(_result()))
+    for key in quality.LATER_SETTINGS:
+        del record["settings"][key]
+    for row in record["generate"] + record["edit"]:
+        del row["cache"]
+    compare = lambda result: quality.compare_to_record(result, record, margin=0.1, psnr_margin=2.0)  # noqa: E731
+    assert compare(_result()) == []
+    cached = _result(settings=quality.Settings(n_generate=32, n_edit=32, n_bf16=0, grid=(),
+                                               cache_grid=((2, 1),)).as_json())
+    assert "settings" in compare(cached)[0]
+
+
 def test_tables_and_json_on_two_samples(tmp_path, capsys):
     path = tmp_path / "quality.json"
     assert main(["quality", "--n-generate", "2", "--n-edit", "2", "--n-bf16", "1", "--samplers", "euler:2",
-                 "--json", str(path)]) == 0
+                 "--cache-interval", "1,2", "--cache-samplers", "euler:2", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
-    assert result["settings"] == {"n_generate": 2, "n_edit": 2, "n_bf16": 1, "seed": 0, "grid": [["euler", 2]]}
-    assert [(r["sampler"], r["steps"], r["backend"], r["dtype"]) for r in result["generate"]] == [
-        ("euler", 20, "cpp", "fp32"), ("euler", 20, "reference", "fp32"), ("euler", 20, "cpp", "bf16"),
-        ("euler", 2, "cpp", "fp32")]
-    assert [(r["backend"], r["dtype"], r["figures"]["edits"]) for r in result["edit"]] == [
-        ("cpp", "fp32", 2), ("reference", "fp32", 2), ("cpp", "bf16", 1)]
+    assert result["settings"] == {"n_generate": 2, "n_edit": 2, "n_bf16": 1, "seed": 0, "grid": [["euler", 2]],
+                                  "cache_grid": [[2, 1]], "cache_samplers": [["euler", 2]]}
+    # the uncached euler 2 generate row is the grid's, measured once; the editor's is added for its cached row
+    assert [(r["sampler"], r["steps"], r["backend"], r["dtype"], r["cache"]) for r in result["generate"]] == [
+        ("euler", 20, "cpp", "fp32", None), ("euler", 20, "reference", "fp32", None), ("euler", 20, "cpp", "bf16", None),
+        ("euler", 2, "cpp", "fp32", None), ("euler", 2, "cpp", "fp32", [2, 1])]
+    assert [(r["steps"], r["backend"], r["dtype"], r["cache"], r["figures"]["edits"]) for r in result["edit"]] == [
+        (20, "cpp", "fp32", None, 2), (20, "reference", "fp32", None, 2), (20, "cpp", "bf16", None, 1),
+        (2, "cpp", "fp32", None, 2), (2, "cpp", "fp32", [2, 1], 2)]
     for row in result["generate"] + result["edit"]:
-        beside = row["backend"] != "cpp" or row["dtype"] != "fp32"
+        beside = row["backend"] != "cpp" or row["dtype"] != "fp32" or row["cache"] is not None
         assert (row["same_verdicts"] is not None) == beside and (row["max_pixel_diff"] is not None) == beside
+        assert (row["psnr_to_uncached"] is not None) == (row["cache"] is not None)
         if beside:
             assert 0 <= row["same_verdicts"] <= 1 and 0 <= row["max_pixel_diff"] <= 255
+        if row["cache"] is not None:  # step 1 of 2 ran cached: the images moved, but not far
+            psnr = row["psnr_to_uncached"]
+            assert len(psnr["images"]) == 2 and 10 < psnr["min"] <= psnr["mean"] < quality.PSNR_CAP
     generate = result["generate"][0]["figures"]
     assert generate["images"] == 2 and all(0 <= generate[n] <= 1 for n in quality.GENERATE_FIGURES)
     assert set(result["edit"][0]["figures"]["by_kind"]) == set(toyworld.EDIT_KINDS)
     for text in ("color >=90%", "kind >=80%", "position >=90%", "success >=85%", "PSNR dB >=25", "same verdicts",
-                 "reference fp32", "cpp bf16", "euler 2 "):
+                 "reference fp32", "cpp bf16", "euler 2 ", "cache N/depth", "PSNR to uncached", "2/1",
+                 "success vs uncached"):
         assert text in out
     assert "ok" in out or "MISS" in out
