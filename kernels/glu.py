@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import new_output
+from .common import new_output
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # jit code may only read constexpr globals
 

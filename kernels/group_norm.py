@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_output
+from .common import new_output
 
 _ELEMENTS_PER_PROGRAM = 8192  # per chunk: enough work to hide latency, enough chunks to fill the GPU
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_output
+from .common import new_output
 
 
 @triton.jit

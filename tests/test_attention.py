@@ -117,10 +117,10 @@ def test_attention_views_are_not_copied(run):
 _SUBPROCESS_CHECK = textwrap.dedent(
     """
     import sys, torch
-    from fastdiff import _C
+    from fastdiff import ops
     from fastdiff.shapes import TINY, case
     from helpers import check_against_reference
-    assert _C.simd() == sys.argv[1], f"FASTDIFF_SIMD={sys.argv[1]} gave {_C.simd()}"
+    assert ops.cpp_simd_level() == sys.argv[1], f"FASTDIFF_SIMD={sys.argv[1]} gave {ops.cpp_simd_level()}"
     for name in ("sd15-cross-64x64", "self-1000-d72", "d9", "keys1-d160"):  # 77 keys, looped d72, odd d, one key d160
         (q, k, v), _ = case("attention", name, size=TINY).replace(shared_kv=False).inputs()
         for dtype in (torch.float32, torch.bfloat16):
@@ -137,11 +137,9 @@ _SUBPROCESS_CHECK = textwrap.dedent(
 def test_attention_simd_fallbacks(level, backend):
     """The other SIMD paths of the same binary: AVX-512 without BF16 (bf16 converted to fp32),
     AVX2 and scalar. Skipped only if this CPU lacks the level."""
-    from fastdiff import _C
-
     order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    if order.index(_C.simd()) < order.index(level):
-        pytest.skip(f"this CPU tops out at {_C.simd()}")
+    if order.index(ops.cpp_simd_level()) < order.index(level):
+        pytest.skip(f"this CPU tops out at {ops.cpp_simd_level()}")
     env = dict(os.environ, FASTDIFF_SIMD=level, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     result = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK, level], env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(__file__), timeout=120)

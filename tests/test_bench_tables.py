@@ -100,10 +100,6 @@ def test_unet_table_tiny_mobilediffusion(tmp_path, capsys):
 # where the tooling lives
 
 
-def _python_files():
-    return [*PACKAGE.rglob("*.py"), *(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")]
-
-
 def test_ci_tooling_is_outside_the_package():
     tools = {p.stem for p in (REPO / "tools").glob("*.py")}
     assert {"gpu_check", "gpu_rows", "pytest_rows"} <= tools and not (REPO / "tools" / "__init__.py").exists()
@@ -112,23 +108,3 @@ def test_ci_tooling_is_outside_the_package():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in tools | {"tools"} for n in names), f"{path} imports the tooling: {names}"
     assert not any((PACKAGE / "bench" / f"{name}.py").exists() for name in tools)
-
-
-def _own_package(path: Path) -> str | None:
-    if not path.is_relative_to(PACKAGE):
-        return None
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1])
-
-
-def test_no_module_imports_another_modules_private_names():
-    """`from x import _name` only for a package's own private modules (`from . import _dispatch`,
-    `from fastdiff import _C` in fastdiff/cli.py)."""
-    found = []
-    for path in _python_files():
-        own = _own_package(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and not (node.level and node.module is None) and node.module != own:
-                found += [f"{path.relative_to(REPO)}: from {node.module} import {a.name}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]
-    assert not found, found

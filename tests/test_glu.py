@@ -24,7 +24,7 @@ from helpers import HAS_CUDA, backend_param, case_params, check_case, runs
 RUNS = runs("cpp", "reference", "triton", "triton-full", dot_free=True)
 
 
-def _wide_slice(value, dtype, device):
+def wide_slice(value, dtype, device):
     """h as columns [8, 8 + 2F) of a wider NaN-padded buffer: rows strided, last dim unit-stride."""
     if not isinstance(value, torch.Tensor):
         return value
@@ -65,7 +65,7 @@ def test_glu_matches_reference(case, run, activation):
     check(case, run, activation)
 
 
-@pytest.mark.parametrize("layout", [_wide_slice, _transposed, _last_dim_strided], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("layout", [wide_slice, _transposed, _last_dim_strided], ids=lambda f: f.__name__.strip("_"))
 # Not the reference: its a * act(gate) follows the input's layout, the kernels return contiguous outputs.
 @pytest.mark.parametrize("case, run", case_params([case("glu", "4x9-f40")], runs("cpp", "triton", dot_free=True, size=TINY)))
 def test_glu_non_contiguous_input(case, run, layout):
@@ -77,11 +77,10 @@ def test_glu_gelu_tail_is_accurate(backend):
     """Far negative gate values, where 1 + erf(x / sqrt 2) cancels: exact values from math.erfc."""
     import math
 
-    from fastdiff import _C
-
     gate = torch.linspace(-9.0, 6.0, 3001)
     h = torch.cat([torch.ones_like(gate), gate])[None]
-    out = _C.glu(h, True)[0].double()
+    with ops.use_backend(backend):
+        out = ops.glu(h, activation="gelu")[0].double()
     exact = torch.tensor([g * 0.5 * math.erfc(-g / math.sqrt(2.0)) for g in gate.double().tolist()], dtype=torch.float64)
     worst = ((out - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
     assert worst < 5e-6, f"max relative error {worst:.2e} of GELU on [-9, 6]"
@@ -95,16 +94,16 @@ def test_glu_other_simd_levels(level, backend):
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import test_glu as t
-from fastdiff import _C
+from fastdiff import ops
 from fastdiff.shapes import TINY, case
 from helpers import Run
-assert _C.simd() == {level!r}, _C.simd()
+assert ops.cpp_simd_level() == {level!r}, ops.cpp_simd_level()
 for name in ["sd15-geglu-64x64", "3x7x13-f72", "5-f37", "f3"]:
     c = case("glu", name, size=TINY)
     for dtype in (torch.float32, torch.bfloat16):
         for activation in ("gelu", "silu"):
             t.check(c, Run("cpp", dtype, TINY, ""), activation)
-t.check(case("glu", "4x9-f40"), Run("cpp", torch.float32, TINY, ""), "gelu", cast=t._wide_slice)
+t.check(case("glu", "4x9-f40"), Run("cpp", torch.float32, TINY, ""), "gelu", cast=t.wide_slice)
 """
     env = dict(os.environ, FASTDIFF_SIMD=level)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

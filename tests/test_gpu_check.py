@@ -198,7 +198,7 @@ def _tests_stage(tmp_path, source, budget_s, pytest_k="fake", **more_files):
         (tmp_path / "t" / f"{name}.py").write_text(text)
     args = gpu_check.parse_args(["--device", "cpu", "--test-paths", str(tmp_path / "t"), "--pytest-k", pytest_k])
     args.workers = 1
-    ctx = {"env": gpu_check._child_env([], "cpu"), "log": tmp_path / "log", "work": tmp_path}
+    ctx = {"env": gpu_check.child_env([], "cpu"), "log": tmp_path / "log", "work": tmp_path}
     return gpu_check.stage_tests(args, budget_s, ctx)
 
 

@@ -99,10 +99,10 @@ def test_group_norm_other_simd_levels(level, backend):
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import test_group_norm as t
-from fastdiff import _C
+from fastdiff import ops
 from fastdiff.shapes import QUICK, case
 from helpers import Run
-assert _C.simd() == {level!r}, _C.simd()
+assert ops.cpp_simd_level() == {level!r}, ops.cpp_simd_level()
 for name, mean in [("3x40x7x13-g8", 0.0), ("2x72x1x1-g8-noaffine", 0.0), ("sd15-1280x8x8", 0.0), ("sd15-1280x8x8", 30.0)]:
     c = case("group_norm", name, size=QUICK)
     x, *rest = c.inputs()[0]

@@ -58,19 +58,17 @@ def test_separable_conv_2d_pointwise_weight(case, run):
 def test_separable_conv_other_simd_levels(level, backend):
     """FASTDIFF_SIMD caps the SIMD level (avx512: bf16 without vdpbf16ps runs the fp32 GEMM).
     Skipped only if this CPU lacks the level."""
-    from fastdiff import _C
-
     order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    if order.index(_C.simd()) < order.index(level):
-        pytest.skip(f"this CPU tops out at {_C.simd()}")
+    if order.index(ops.cpp_simd_level()) < order.index(level):
+        pytest.skip(f"this CPU tops out at {ops.cpp_simd_level()}")
     script = f"""
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import test_separable_conv as t
-from fastdiff import _C
+from fastdiff import ops
 from fastdiff.shapes import QUICK, TINY, case
 from helpers import Run
-assert _C.simd() == {level!r}, _C.simd()
+assert ops.cpp_simd_level() == {level!r}, ops.cpp_simd_level()
 for name, size in [("md-640x32x32", TINY), ("3x40x7x13-to72", QUICK), ("2x72x1x1-to40-nobias", QUICK), ("1x17x5x3-to33", QUICK)]:
     for dtype in (torch.float32, torch.bfloat16):
         for fmt in (torch.channels_last, torch.contiguous_format):

@@ -173,7 +173,7 @@ def unpack_bundle(folder: Path | str, target: Path | str, *, importable=lambda n
     return notes
 
 
-def _child_env(extra_path: list[str], device: str) -> dict:
+def child_env(extra_path: list[str], device: str) -> dict:
     """The stages' environment: tools/ importable (the workers, the pytest plugin), the bundle's packages."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(TOOLS), *extra_path, *filter(None, [env.get("PYTHONPATH")])])
@@ -221,7 +221,7 @@ def stage_setup(args, budget_s: float, ctx: dict) -> Stage:
     extra = [str(site)] if any(site.iterdir()) else []
     sys.path[:0] = extra
     importlib.invalidate_caches()
-    ctx["env"] = env = _child_env(extra, args.device)
+    ctx["env"] = env = child_env(extra, args.device)
     probe = "import fastdiff, fastdiff.ops.triton; print(fastdiff.__file__)"
     ok, where = _probe(env, probe)
     if ok and Path(where).resolve().parent.parent != REPO:
