@@ -96,6 +96,39 @@ def test_unet_table_tiny_mobilediffusion(tmp_path, capsys):
         main(["unet", "--model", "sd15", "--preset", "tiny"])
 
 
+def test_deepcache_table_at_tiny_settings(tmp_path, capsys, monkeypatch):
+    """The step-caching table on the default editor: the uncached edit and each cached one, interleaved,
+    each edit with its own cache options."""
+    from fastdiff.pipeline import Pipeline
+
+    edit, seen = Pipeline.edit, []
+    monkeypatch.setattr(Pipeline, "edit", lambda self, *args, **options: seen.append(
+        (options["steps"], options.get("cache_interval"), options.get("cache_depth"))) or edit(self, *args, **options))
+    out = tmp_path / "deepcache.json"
+    assert main(["deepcache", "--steps", "2", "--rounds", "2", "--cache-interval", "1,2", "--cache-depth", "2",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speedup >=2x" in text and "uncached" in text and "cache 2/2" in text
+    (editor,) = json.loads(out.read_text())["editors"]
+    assert editor["editor"] == "default" and editor["size"] == 128
+    assert list(editor["seconds"]) == ["uncached", "cache 2/2"]
+    assert all(len(rounds) == 2 and min(rounds) > 0 for rounds in editor["seconds"].values())
+    runs = [(2, None, None), (2, 2, 2)]  # (steps, cache_interval, cache_depth) of pipe.edit
+    assert seen == runs * 3  # a warm-up, then interleaved rounds: every run once per round
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--editors", "sdxl"], "--editors: expected comma-separated names"),
+    (["--cache-interval", "1"], "--cache-interval: expected an interval above 1"),
+    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--res", "100"], "--res: expected a positive multiple of 64"),
+    (["--cache-depth", "9", "--steps", "1", "--rounds", "1"], "--cache-depth: expected at most 3"),
+])
+def test_deepcache_table_refuses_bad_options(argv, message):
+    with pytest.raises(ValueError, match=message):
+        main(["deepcache", *argv])
+
+
 # ---------------------------------------------------------------------------------------------
 # where the tooling lives
 

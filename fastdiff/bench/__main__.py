@@ -1,4 +1,4 @@
-"""python -m fastdiff.bench {kernels,unet,ablations,engine,serve,mgie,pipeline,quality} [options]: print a benchmark table."""
+"""python -m fastdiff.bench {kernels,unet,ablations,engine,serve,mgie,pipeline,quality,deepcache} [options]: print a benchmark table."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ TABLES = {
     "mgie": "fastdiff.bench.mgie",
     "pipeline": "fastdiff.bench.pipeline",
     "quality": "fastdiff.bench.quality",
+    "deepcache": "fastdiff.bench.deepcache",
 }
 
 
