@@ -358,7 +358,10 @@ class UNet2DCondition(ConditionalUNet):
 
     @property
     def num_ip_adapters(self) -> int:
-        return max((len(m.to_k_ip) for m in self.cross_attention_layers().values()), default=0)
+        count = 0  # a loop, not max(generator, default=): torch.compile traces this without a graph break
+        for layer in self.cross_attention_layers().values():
+            count = max(count, len(layer.to_k_ip))
+        return count
 
     def set_ip_adapters(self, layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]):
         """IP-Adapter K/V weights (and scales) per cross-attention layer: {path: [(key weight, value
