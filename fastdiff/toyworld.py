@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["SIZE", "SHAPE_COLORS", "BACKGROUND_COLORS", "KINDS", "SIZES", "ROWS", "COLS", "EDIT_KINDS",
-           "Shape", "Scene", "Edit", "sample_scene", "sample_edit", "split_of", "vocabulary",
+           "Shape", "Scene", "Edit", "draw_scene", "sample_scene", "sample_edit", "split_of", "vocabulary",
            "ShapeReading", "Reading", "EditReading", "judge", "judge_edit"]
 
 SIZE = 128  # image side in pixels
@@ -172,7 +172,8 @@ def _random_background(rng: random.Random) -> tuple[str, ...]:
     return tuple(rng.sample(list(BACKGROUND_COLORS), 2))
 
 
-def _draw_scene(rng: random.Random, max_shapes: int = 2) -> Scene:
+def draw_scene(rng: random.Random, max_shapes: int = 2) -> Scene:
+    """A random scene of 1..max_shapes shapes, of either split (sample_scene keeps to one)."""
     shapes: list[Shape] = []
     for _ in range(rng.randint(1, max_shapes)):
         shapes.append(_random_shape(rng, colors_taken={s.color for s in shapes}, cells_taken={(s.row, s.col) for s in shapes}))
@@ -184,7 +185,7 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     while True:
-        scene = _draw_scene(rng)
+        scene = draw_scene(rng)
         if split_of(scene.caption()) == split:
             return scene
 
@@ -250,7 +251,7 @@ _PHRASES = {
 
 def _draw_edit(rng: random.Random) -> Edit:
     kind = rng.choice(EDIT_KINDS)
-    source = _draw_scene(rng, max_shapes=1 if kind == "add" else 2)
+    source = draw_scene(rng, max_shapes=1 if kind == "add" else 2)
     shapes = list(source.shapes)
     phrase = rng.choice(_PHRASES[kind])
     if kind == "background":

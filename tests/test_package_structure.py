@@ -96,7 +96,6 @@ PRIVATE_USES_KNOWN = {
     ("tests/test_unet_2d_condition.py", "fastdiff.ops._dispatch"),
     ("tests/test_slow_dtype.py", "fastdiff.requests._warned_slow"),  # the warn-once set emptied
     ("tests/test_packaging.py", "fastdiff.ops.cpp_build._module"),  # a load as on first use
-    ("tests/test_toyworld.py", "fastdiff.toyworld._draw_scene"),  # draws without the split (toyworld.py has another owner)
 }
 
 

@@ -43,7 +43,7 @@ def test_splits_are_disjoint():
     assert not train_edits & test_edits
     assert all(toyworld.split_of(p) == "test" for p in test_edits)
     # the held-out share is about a tenth of all captions
-    drawn = [toyworld._draw_scene(random.Random(seed)).caption() for seed in range(2000)]
+    drawn = [toyworld.draw_scene(random.Random(seed)).caption() for seed in range(2000)]
     assert 0.06 < sum(toyworld.split_of(c) == "test" for c in drawn) / len(drawn) < 0.14
     with pytest.raises(ValueError, match="split: expected 'train' or 'test', got 'val'"):
         toyworld.sample_scene(random.Random(0), "val")
