@@ -15,6 +15,7 @@ from fastdiff import shapes
 from fastdiff.bench.__main__ import main
 from fastdiff.bench.kernels import kernel_run, measure
 from fastdiff.bench.peak import bandwidth_peak, compute_peak
+from fastdiff.bench.timing import median_ms
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(fastdiff.__file__).parent
@@ -27,7 +28,7 @@ def test_kernel_table_at_tiny_sizes(tmp_path, capsys):
     assert main(["kernels", "--size", "tiny", "--cases", ",".join(TINY_CASES), "--dtype", "fp32", "--repeats", "1",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "% of peak" in text and "GFLOP/s fp32: torch.mm 2048x2048 float32" in text and "GB/s: copy of 256 MiB" in text
+    assert "% of peak" in text and "GFLOP/s fp32: fp32 FMA peak: 12 FMA chains" in text and "GB/s: copy of 256 MiB" in text
     report = json.loads(out.read_text())
     assert [r["case"] for r in report["rows"]] == TINY_CASES
     for row in report["rows"]:
@@ -70,8 +71,13 @@ def test_measure_flags_a_wrong_output():
 
 def test_peaks_are_measured_once_and_say_how():
     peak = compute_peak(torch.float32)
-    assert peak.rate > 0 and peak.unit == "GFLOP/s" and peak.how.startswith("torch.mm 2048x2048 float32")
+    assert peak.rate > 0 and peak.unit == "GFLOP/s" and peak.how.startswith("fp32 FMA peak: 12 FMA chains")
     assert compute_peak(torch.float32) is peak
+    # the ceiling is above what a large product reaches here (torch.mm's rate, the fallback's measure)
+    side = 1024
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    mm_gflops = 2 * side**3 / median_ms(lambda: torch.mm(a, b), warmup=1, repeats=5) / 1e6
+    assert peak.rate > 0.9 * mm_gflops, (peak, mm_gflops)
     assert bandwidth_peak().unit == "GB/s" and bandwidth_peak().rate > 0
     assert peak.percent(peak.rate / 4) == "25%"
 
@@ -141,3 +147,22 @@ def test_ci_tooling_is_outside_the_package():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in tools | {"tools"} for n in names), f"{path} imports the tooling: {names}"
     assert not any((PACKAGE / "bench" / f"{name}.py").exists() for name in tools)
+
+
+def test_fma_peak_counts_the_lanes_of_its_simd_level():
+    """FASTDIFF_SIMD=avx2 measures the AVX2 ceiling (8 lanes an FMA) even on an AVX-512 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from fastdiff.ops import cpp
+
+    gflops, lanes, threads = cpp.fma_peak(1_000_000)
+    assert gflops > 0 and threads == torch.get_num_threads()
+    assert lanes == {"avx512_bf16": 16, "avx512": 16, "avx2": 8}[cpp.simd_level()]
+    code = "from fastdiff.ops import cpp; print(cpp.fma_peak(1_000_000)[1])"
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTDIFF_SIMD": "avx2"},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "8"
+    with pytest.raises(RuntimeError, match="fma_peak: iterations must be positive, got 0"):
+        cpp.fma_peak(0)

@@ -1,8 +1,10 @@
 """This machine's peak rates, measured, for the "% of peak" columns of the kernel and UNet tables.
 
-Compute: the median GFLOP/s of torch.mm on square matrices in the dtype (oneDNN / MKL on a CPU,
-cuBLAS on CUDA), at torch's current thread count: the best a dense product reaches here, not a
-datasheet figure. Bandwidth: the median GB/s of copying a large tensor (bytes read + written).
+Compute on a CPU: the fp32 FMA ceiling, measured by the C++ backend's fma_peak (12 register-only
+FMA chains per thread at the kernels' SIMD level, on torch's threads); bf16 on a CPU with BF16 dot
+products (vdpbf16ps: two products per fp32 lane) twice that. Elsewhere (CUDA, bf16 without BF16
+instructions, no C++ build) the median GFLOP/s of torch.mm on square matrices in the dtype: the
+best a dense product reaches there, named as such. Bandwidth: the median GB/s of copying a large tensor (bytes read + written).
 Each is measured once per (dtype, device, threads) in a process and printed with how it was measured.
 """
 from __future__ import annotations
@@ -32,8 +34,32 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _fma_peak(dtype: torch.dtype) -> Peak | None:
+    """The CPU's FMA ceiling in `dtype` from the C++ backend, or None where it does not apply."""
+    from fastdiff import ops
+
+    try:
+        level = ops.cpp_simd_level()
+    except (ImportError, OSError, RuntimeError):  # no C++ build here: torch.mm's rate stands in
+        return None
+    from fastdiff.ops import cpp
+
+    if dtype == torch.float32 and level != "scalar":
+        gflops, lanes, threads = cpp.fma_peak()
+        return Peak(gflops, "GFLOP/s", f"fp32 FMA peak: 12 FMA chains x {lanes} lanes per thread ({level}), {threads} threads")
+    if dtype == torch.bfloat16 and level == "avx512_bf16":
+        gflops, lanes, threads = cpp.fma_peak()
+        return Peak(2 * gflops, "GFLOP/s", f"bf16 peak: 2 x the fp32 FMA peak {gflops:.0f} (vdpbf16ps: two products a lane), "
+                                           f"{threads} threads")
+    return None
+
+
 @functools.cache
 def _compute(dtype: torch.dtype, device_type: str, threads: int) -> Peak:
+    if device_type == "cpu":
+        fma = _fma_peak(dtype)
+        if fma is not None:
+            return fma
     side = MATMUL_SIDE[device_type]
     a = torch.randn(side, side, device=device_type).to(dtype)
     b = torch.randn(side, side, device=device_type).to(dtype)
@@ -53,7 +79,8 @@ def _bandwidth(device_type: str, threads: int) -> Peak:
 
 
 def compute_peak(dtype: torch.dtype, device="cpu") -> Peak:
-    """The GFLOP/s of a large torch.mm in `dtype` on `device`, at torch's current thread count."""
+    """This machine's compute ceiling in `dtype` on `device` at torch's current thread count (see the
+    module docstring for how each is measured)."""
     return _compute(dtype, torch.device(device).type, torch.get_num_threads())
 
 
