@@ -29,14 +29,20 @@ _LAZY = {
     "accelerate": "fastdiff.accelerate",
 }
 
-__all__ = ["ops", "__version__", *_LAZY]
+__all__ = ["ops", "__version__", "reset_warnings", *_LAZY]
+
+
+def reset_warnings():
+    """Let each of fastdiff's once-per-process warnings come again, once, the next time its cause
+    does: a fast backend unavailable, a call its kernels do not cover, a slow dtype. For an
+    application that reports warnings per job, or a test that expects one."""
+    from . import requests
+
+    ops.reset_warnings()
+    requests.reset_warnings()
 
 
 def __getattr__(name):
-    if name == "_C":  # the C++ kernels, compiled on first use (fastdiff.ops.cpp_build)
-        from .ops import cpp_build
-
-        return cpp_build.load()
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

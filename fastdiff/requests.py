@@ -116,6 +116,11 @@ class SlowDtypeWarning(RuntimeWarning):
 _warned_slow: set[tuple[torch.dtype, str]] = set()
 
 
+def reset_warnings():
+    """Forget which slow dtypes were warned about: each warns again, once, at its next use."""
+    _warned_slow.clear()
+
+
 def _warn_slow_dtype(name: str, dtype: torch.dtype, device_type: str):
     """Once per process, dtype and device: the slowdown and the faster choice."""
     if (dtype, device_type) in _warned_slow:

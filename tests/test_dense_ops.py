@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.ops import _dispatch, reference
+from fastdiff.ops import reference
 from helpers import backend_param, check_against_reference
 
 BACKENDS = [backend_param("reference"), backend_param("cpp")]
@@ -158,16 +158,16 @@ def test_a_changed_weight_is_repacked(backend):
 
 
 @pytest.fixture
-def cpp_missing(monkeypatch):
-    """Pretend fastdiff._C failed to build."""
-    monkeypatch.delitem(_dispatch._modules, "cpp", raising=False)
-    monkeypatch.setitem(_dispatch._load_errors, "cpp", "ImportError: simulated missing extension")
-    monkeypatch.setattr(_dispatch, "_warned", set())
+def cpp_missing():
+    """Pretend the C++ extension failed to build."""
+    ops.reset_warnings()
+    with ops.simulate_unavailable("cpp", "ImportError: simulated missing extension"):
+        yield
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 def test_a_missing_cpp_build_leaves_the_dense_products_on_onednn(cpp_missing, monkeypatch):
-    """Without fastdiff._C the fastdiff kernels fall back to the reference (with their warning), the
+    """Without the C++ extension the fastdiff kernels fall back to the reference (with their warning), the
     dense products stay on oneDNN: no warning, and the twin is never called."""
     monkeypatch.setattr(reference, "linear", None)
     monkeypatch.setattr(reference, "conv2d", None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.ops import _dispatch, reference
+from fastdiff.ops import reference
 from helpers import backend_param, device_for
 
 
@@ -80,7 +80,7 @@ def test_forced_cpp_on_a_non_cpu_device_raises():
         with pytest.raises(RuntimeError, match="backend 'cpp' was asked for but cannot run"):
             ops.glu(torch.randn(2, 4, device="meta"))
         with pytest.raises(RuntimeError, match="backend 'cpp' was asked for but cannot run"):
-            _dispatch.select("glu", "cuda")  # the choice the registered op makes for CUDA tensors
+            ops.select("glu", "cuda")  # the choice the registered op makes for CUDA tensors
 
 
 def test_other_devices_use_the_reference():
@@ -90,11 +90,21 @@ def test_other_devices_use_the_reference():
 
 
 @pytest.fixture
-def cpp_missing(monkeypatch):
+def cpp_missing():
     """Pretend the C++ extension failed to import."""
-    monkeypatch.delitem(_dispatch._modules, "cpp", raising=False)
-    monkeypatch.setitem(_dispatch._load_errors, "cpp", "ImportError: simulated missing extension")
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    ops.reset_warnings()
+    with ops.simulate_unavailable("cpp", "ImportError: simulated missing extension"):
+        yield
+
+
+def test_simulated_unavailability_ends_with_the_block_and_spares_the_reference():
+    before = ops.backends()
+    with ops.simulate_unavailable("cpp", "ImportError: simulated"):
+        assert ops.backends()["cpp"] == "unavailable (ImportError: simulated)"
+    assert ops.backends() == before
+    with pytest.raises(ValueError, match=r"simulate_unavailable: name must be one of \('cpp', 'triton'\), got 'reference'"):
+        with ops.simulate_unavailable("reference"):
+            pass
 
 
 def test_automatic_choice_falls_back_to_reference_and_warns_once(cpp_missing):
@@ -115,9 +125,9 @@ def test_backend_asked_for_by_name_raises_instead_of_falling_back(cpp_missing):
 @pytest.mark.parametrize("backend", [backend_param("cpp"), backend_param("triton")])
 @pytest.mark.parametrize("kind", ["softmax", "relu"])
 @pytest.mark.parametrize("head_dim", [1, 4, 7, 257, 320])
-def test_head_dims_the_kernels_do_not_cover_run_on_the_reference(monkeypatch, backend, kind, head_dim):
+def test_head_dims_the_kernels_do_not_cover_run_on_the_reference(backend, kind, head_dim):
     """Even on a backend asked for by name: one warning per head dim, then the reference's result."""
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    ops.reset_warnings()
     g = torch.Generator().manual_seed(0)
     device = device_for(backend)
     q, k, v = (torch.randn(2, L, 3, head_dim, generator=g).to(device) for L in (5, 6, 6))
@@ -134,7 +144,7 @@ def test_head_dims_the_kernels_do_not_cover_run_on_the_reference(monkeypatch, ba
 
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
 def test_head_dims_in_range_run_on_the_kernel_without_warning(monkeypatch, backend):
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    ops.reset_warnings()
     monkeypatch.setattr(reference, "attention", None)  # any fallback would fail to call it
     with warnings.catch_warnings(), ops.use_backend(backend):
         warnings.simplefilter("error")
@@ -200,7 +210,7 @@ def test_unknown_simd_cap_is_an_error_naming_the_variable(call):
 
 @pytest.mark.skipif(ops.backends()["cpp"] != "available", reason="the C++ extension is not built")
 def test_the_extension_itself_refuses_an_unknown_simd_cap():
-    result = _run_with_env("from fastdiff import _C; print(_C.simd())", FASTDIFF_SIMD="bogus")
+    result = _run_with_env("from fastdiff.ops import cpp_build; print(cpp_build.load().simd())", FASTDIFF_SIMD="bogus")
     assert result.returncode != 0 and "ValueError: " + SIMD_ERROR in result.stderr, result.stderr[-2000:]
 
 

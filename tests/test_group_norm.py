@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
+from fastdiff.ops import cpp_build
 from fastdiff.shapes import TINY, case, cases, model_cases
 from helpers import backend_param, case_params, check_case, layout_cast, runs
 
@@ -131,17 +132,17 @@ def test_group_norm_argument_errors():
 
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
 def test_group_norm_direct_calls_reject_bad_input(backend):
-    from fastdiff import _C
+    extension = cpp_build.load()
 
     x = torch.randn(2, 32, 4, 4)
     bad_calls = [
-        lambda: _C.group_norm(torch.randn(2, 32, 16), 8, None, None, 1e-5, False),  # rank
-        lambda: _C.group_norm(x, 5, None, None, 1e-5, False),  # groups do not divide C
-        lambda: _C.group_norm(x, 0, None, None, 1e-5, False),
-        lambda: _C.group_norm(x, 8, torch.randn(31), None, 1e-5, False),  # weight length
-        lambda: _C.group_norm(x, 8, None, torch.randn(32).double(), 1e-5, False),  # bias dtype
-        lambda: _C.group_norm(x.half(), 8, None, None, 1e-5, False),  # dtype
-        lambda: _C.group_norm(torch.randn(0, 32, 4, 4), 8, None, None, 1e-5, False),  # empty
+        lambda: extension.group_norm(torch.randn(2, 32, 16), 8, None, None, 1e-5, False),  # rank
+        lambda: extension.group_norm(x, 5, None, None, 1e-5, False),  # groups do not divide C
+        lambda: extension.group_norm(x, 0, None, None, 1e-5, False),
+        lambda: extension.group_norm(x, 8, torch.randn(31), None, 1e-5, False),  # weight length
+        lambda: extension.group_norm(x, 8, None, torch.randn(32).double(), 1e-5, False),  # bias dtype
+        lambda: extension.group_norm(x.half(), 8, None, None, 1e-5, False),  # dtype
+        lambda: extension.group_norm(torch.randn(0, 32, 4, 4), 8, None, None, 1e-5, False),  # empty
     ]
     for call in bad_calls:
         with pytest.raises(RuntimeError):

@@ -9,7 +9,6 @@ import fastdiff.ops as ops
 from fastdiff import MobileDiffusionConfig, MobileDiffusionUNet
 from fastdiff.models.layers import SeparableConv2d
 from fastdiff.models.mobilediffusion import PRESETS, summarize
-from fastdiff.ops import _dispatch
 
 from helpers import HAS_CUDA, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, backend_param, device_for, dtypes_for, rel_error
 
@@ -51,15 +50,6 @@ VARIANTS = {
 }
 
 
-def _unbuilt_ops(backend):
-    """Ops the C++ extension does not export (kernels land one by one); Triton's are Python."""
-    if backend != "cpp":
-        return []
-    from fastdiff import _C
-
-    return [op for op in ("attention", "separable_conv2d", "group_norm", "glu") if not hasattr(_C, op)]
-
-
 def _case(backend, variant):
     marks = backend_param(backend).marks  # skipped, with the reason, where the backend cannot run
     return pytest.param(backend, variant, marks=marks, id=f"{backend}-{variant}")
@@ -70,8 +60,6 @@ def _case(backend, variant):
     _case("cpp", "default"), _case("cpp", "reverted"), _case("triton", "default"),
 ] + ([_case("triton", "reverted")] if HAS_CUDA else []))
 def test_fast_backend_matches_reference(backend, variant):
-    if missing := _unbuilt_ops(backend):
-        pytest.skip(f"fastdiff._C has no {', '.join(missing)} yet (rebuild after the kernels land)")
     config = VARIANTS[variant]
     batch = 2
     if backend == "triton" and device_for(backend) == "cpu":  # Triton's interpreter: ~100x slower
@@ -318,10 +306,10 @@ def test_sizes_off_the_level_grid_come_back_at_their_size(hw):
 
 
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
-def test_head_size_outside_the_kernels_runs_on_the_reference(monkeypatch, backend):
+def test_head_size_outside_the_kernels_runs_on_the_reference(backend):
     """attention_head_dim 4 (< 8, which the kernels take at the least): the model runs, its attention
     on the reference twin with one warning, and matches the reference backend."""
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    ops.reset_warnings()
     config = TINY.replace(attention_head_dim=4)
     model, inputs = _random_model(config), _inputs(config)
     truth = _run(model, inputs, "reference", torch.float32)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
+from fastdiff.ops import cpp_build
 from fastdiff.shapes import case, cases, model_cases
 from helpers import backend_param, case_params, check_case, layout_cast, runs
 
@@ -96,19 +97,19 @@ def test_separable_conv_argument_errors():
 
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
 def test_separable_conv_direct_calls_reject_bad_input(backend):
-    from fastdiff import _C
+    extension = cpp_build.load()
 
     x = torch.randn(1, 8, 5, 5)
     dw, pw = torch.randn(8, 1, 3, 3), torch.randn(4, 8)
     bad_calls = [
-        lambda: _C.separable_conv2d(torch.randn(8, 5, 5), dw, None, pw, None),  # rank
-        lambda: _C.separable_conv2d(x, torch.randn(8, 1, 5, 5), None, pw, None),  # kernel size
-        lambda: _C.separable_conv2d(x, dw, None, torch.randn(4, 8, 1, 1), None),  # pointwise must be 2-D
-        lambda: _C.separable_conv2d(x, dw, None, torch.randn(4, 9), None),
-        lambda: _C.separable_conv2d(x, dw, torch.randn(7), pw, None),  # dw_bias length
-        lambda: _C.separable_conv2d(x, dw, None, pw, torch.randn(4).bfloat16()),  # mixed dtypes
-        lambda: _C.separable_conv2d(x.double(), dw.double(), None, pw.double(), None),  # dtype
-        lambda: _C.separable_conv2d(torch.randn(0, 8, 5, 5), dw, None, pw, None),  # empty
+        lambda: extension.separable_conv2d(torch.randn(8, 5, 5), dw, None, pw, None),  # rank
+        lambda: extension.separable_conv2d(x, torch.randn(8, 1, 5, 5), None, pw, None),  # kernel size
+        lambda: extension.separable_conv2d(x, dw, None, torch.randn(4, 8, 1, 1), None),  # pointwise must be 2-D
+        lambda: extension.separable_conv2d(x, dw, None, torch.randn(4, 9), None),
+        lambda: extension.separable_conv2d(x, dw, torch.randn(7), pw, None),  # dw_bias length
+        lambda: extension.separable_conv2d(x, dw, None, pw, torch.randn(4).bfloat16()),  # mixed dtypes
+        lambda: extension.separable_conv2d(x.double(), dw.double(), None, pw.double(), None),  # dtype
+        lambda: extension.separable_conv2d(torch.randn(0, 8, 5, 5), dw, None, pw, None),  # empty
     ]
     for call in bad_calls:
         with pytest.raises(RuntimeError):

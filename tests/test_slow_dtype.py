@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff import hardware, requests
+import fastdiff
+from fastdiff import hardware
 from fastdiff.default_model import WEIGHTS
 from fastdiff.pipeline import Pipeline
 from fastdiff.requests import SlowDtypeWarning, resolve_dtype
@@ -21,7 +22,7 @@ SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "amx_bf16"}
 
 @pytest.fixture
 def cpu(monkeypatch):
-    monkeypatch.setattr(requests, "_warned_slow", set())
+    fastdiff.reset_warnings()
 
     def simulate(flags):
         monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)

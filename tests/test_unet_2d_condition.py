@@ -17,7 +17,6 @@ from diffusers import UNet2DConditionModel
 
 import fastdiff.ops as ops
 from fastdiff import UNet2DCondition
-from fastdiff.ops import _dispatch
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.unet_2d_condition import UNet2DConditionConfig
 from helpers import LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, backend_param, rel_error
@@ -152,11 +151,11 @@ def test_activations_stay_channels_last_in_model_dtype(tiny, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [backend_param("cpp")])
-def test_head_sizes_the_kernels_do_not_cover_match_diffusers(monkeypatch, backend):
+def test_head_sizes_the_kernels_do_not_cover_match_diffusers(backend):
     """Head size 4 (diffusers' own tiny test configs) and 288 (> 256, one head over a 288-channel
     mid block): a valid diffusers config runs, those attention calls on the reference op with one
     warning per head size, and the output still matches diffusers."""
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    ops.reset_warnings()
     ref = make_diffusers_unet(block_out_channels=(32, 288), attention_head_dim=(8, 1))
     inputs = make_inputs(ref, (8, 8), "per-sample")
     with torch.no_grad():

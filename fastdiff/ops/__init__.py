@@ -26,11 +26,13 @@ import torch
 from fastdiff import hardware
 
 from . import _library, reference
-from ._dispatch import BACKENDS, backends, forced_backend, poison_outputs, reference_for, select, selected_name, use_backend
+from ._dispatch import (BACKENDS, backends, forced_backend, poison_outputs, reference_for, reset_warnings, select, selected_name,
+                        simulate_unavailable, use_backend)
 from ._library import FAST_HEAD_DIMS  # head dims the C++ and Triton attention kernels take
 
 __all__ = ["attention", "separable_conv2d", "group_norm", "glu", "linear", "conv2d", "backends", "use_backend", "forced_backend",
-           "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS", "cpp_simd_level"]
+           "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS", "cpp_simd_level", "reset_warnings",
+           "simulate_unavailable"]
 
 _DTYPES = hardware.all_dtypes()
 

@@ -1,13 +1,14 @@
 """Backend choice: CUDA tensors -> Triton, CPU tensors -> C++, anything else -> reference
 (hardware.device_backend). The dense products (linear, conv2d) are torch's own: the C++ backend
-runs them through oneDNN (fastdiff.ops.onednn, which needs no fastdiff._C, so a failed C++ build
+runs them through oneDNN (fastdiff.ops.onednn, which needs no compiled extension, so a failed C++ build
 leaves them fast), and Triton, which has no kernel for them, through the reference (torch's CUDA
 products are the fast path there).
 
 FASTDIFF_BACKEND=reference|cpp|triton or `use_backend(name)` forces one. A backend chosen
 automatically that cannot run falls back to the reference (with one warning); a backend asked
 for by name that cannot run raises, and so does an invalid backend setting (BackendConfigError,
-e.g. a FASTDIFF_SIMD value the C++ kernels do not know).
+e.g. a FASTDIFF_SIMD value the C++ kernels do not know). `simulate_unavailable(name)` takes that
+fallback on a machine where the backend does run; `reset_warnings()` lets each warning come again.
 """
 from __future__ import annotations
 
@@ -155,6 +156,38 @@ def selected_name(device_type: str) -> str:
     """Name of the backend `select` picks for `device_type` (for reports)."""
     module = select("backend", device_type)
     return next(name for name, m in _modules.items() if m is module)
+
+
+def reset_warnings():
+    """Forget which fallbacks were warned about (a backend unavailable, a call the kernels do not
+    cover): each warns again, once, the next time it happens. For an application that reports
+    warnings per job, or a test that expects one."""
+    _warned.clear()
+
+
+FAST_BACKENDS = ("cpp", "triton")  # those with a fallback; the reference is the fallback
+
+
+@contextlib.contextmanager
+def simulate_unavailable(name: str, reason: str = "simulated"):
+    """Inside the block, fast backend `name` counts as failed to load, for `reason`, in every thread:
+    the automatic choice falls back to the reference with its warning and a request by name raises, as
+    on a machine without a compiler (cpp) or without Triton. For testing that path, fastdiff's own or
+    an embedding application's, where the backend does load. The dense products of the C++ backend
+    (oneDNN) need no build and stay available."""
+    if name not in FAST_BACKENDS:
+        raise ValueError(f"simulate_unavailable: name must be one of {FAST_BACKENDS}, got {name!r}")
+    loaded, error = _modules.pop(name, None), _load_errors.get(name)
+    _load_errors[name] = reason
+    try:
+        yield
+    finally:
+        if error is None:
+            del _load_errors[name]
+        else:
+            _load_errors[name] = error
+        if loaded is not None:
+            _modules[name] = loaded
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""C++ backend: thin wrappers over the compiled csrc/ (fastdiff._C, built on first use by
-fastdiff.ops.cpp_build), same signatures as the reference twins.
+"""C++ backend: thin wrappers over the compiled csrc/ (the extension module that
+fastdiff.ops.cpp_build.load() builds on first use), same signatures as the reference twins.
 
 Arguments are already checked by fastdiff.ops; the C++ side checks again (TORCH_CHECK) for
 direct callers. Dtypes: hardware.backend_dtypes("cpp") (fp32 and bf16).

@@ -94,14 +94,21 @@ def _compile(folder: Path):
         return module
 
 
+def build():
+    """The extension module of this torch's build in the cache, compiled first when there is none;
+    each call looks again, as the first use in a process does (`load` does it once per process)."""
+    folder = build_dir()
+    return _import_built(folder) if (folder / _BUILT).exists() else _compile(folder)
+
+
 def load():
-    """The compiled extension module (attention, separable_conv2d, group_norm, glu, simd,
-    set_poison_outputs), compiling it first when this torch has no build in the cache."""
+    """The compiled extension module (csrc/'s bindings), built on the first call in a process. Its
+    functions check their arguments themselves (a RuntimeError naming the argument), for a caller
+    that skips fastdiff.ops."""
     global _module
     with _lock:
         if _module is None:
-            folder = build_dir()
-            _module = _import_built(folder) if (folder / _BUILT).exists() else _compile(folder)
+            _module = build()
         return _module
 
 

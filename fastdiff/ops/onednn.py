@@ -1,5 +1,5 @@
 """The C++ backend's dense products (linear, conv2d) on the CPU: torch's oneDNN, with the reference
-twins' signatures. It needs no fastdiff._C, so a failed C++ build leaves these products fast.
+twins' signatures. It needs no compiled C++ extension, so a failed C++ build leaves these products fast.
 
 Each weight is reordered once into oneDNN's blocked layout and cached: no per-call weight reorder,
 bias fused into the GEMM (aten::addmm first copies the bias into the output), and a residual added
