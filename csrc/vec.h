@@ -33,6 +33,7 @@
 
 #define FASTDIFF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define FASTDIFF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FASTDIFF_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define FASTDIFF_AVX2 __attribute__((target("avx2,fma")))
 #define FASTDIFF_INLINE_AVX512 FASTDIFF_AVX512 __attribute__((always_inline)) inline
 #define FASTDIFF_INLINE_AVX2 FASTDIFF_AVX2 __attribute__((always_inline)) inline
@@ -286,6 +287,7 @@ struct Avx512 {
   FASTDIFF_AVX512 static inline Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }  // a·b + c
   FASTDIFF_AVX512 static inline Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
   FASTDIFF_AVX512 static inline float reduce_add(Reg a) { return _mm512_reduce_add_ps(a); }
+  FASTDIFF_AVX512 static inline float reduce_max(Reg a) { return _mm512_reduce_max_ps(a); }
   template <int kDegree> FASTDIFF_AVX512 static inline Reg exp2(Reg x) { return avx512::exp2<kDegree>(x); }
   template <bool kFull> FASTDIFF_AVX512 static inline Reg silu(Reg x) { return avx512::silu<kFull>(x); }
   template <bool kFull> FASTDIFF_AVX512 static inline Reg gelu(Reg x) { return avx512::gelu<kFull>(x); }
@@ -320,9 +322,79 @@ struct Avx2 {
     const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
   }
+  FASTDIFF_AVX2 static inline float reduce_max(Reg a) {
+    const __m128 quad = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+    return _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)));
+  }
   template <int kDegree> FASTDIFF_AVX2 static inline Reg exp2(Reg x) { return avx2::exp2<kDegree>(x); }
   template <bool kFull> FASTDIFF_AVX2 static inline Reg silu(Reg x) { return avx2::silu<kFull>(x); }
   template <bool kFull> FASTDIFF_AVX2 static inline Reg gelu(Reg x) { return avx2::gelu<kFull>(x); }
+};
+
+// ---------------------------------------------------------------- int8 dot-product traits
+// Acc: kWidth int32 sums. dot4(acc, a, w) adds to lane i the four products of bytes 4i..4i+3 of
+// a (the same four activation bytes broadcast to every lane) and of w (signed weights, |w| <= 127).
+// quantize(dst, v, tail) rounds the fp32 lanes of v (F::Reg, already in [-127, 127]) to the
+// nearest integer, ties to even, and stores them as bytes in the traits' activation encoding.
+//
+// Avx512Vnni: vpdpbusd multiplies unsigned by signed bytes, so activations are stored as
+// a + 128 (u8) and each sum carries 128 * sum(w) too, which the caller subtracts (kUnsignedA).
+// Avx2Int8: vpmaddubsw also takes u8 x s8, but its 16-bit pair sums saturate at 2 * 255 * 127;
+// with signed activations it takes |a| x (w with a's sign) instead (vpsignb): pair sums at most
+// 2 * 127 * 127 < 2^15, so no saturation, then vpmaddwd by ones widens them to int32. Exact.
+
+struct Avx512Vnni {
+  using F = Avx512;
+  using Acc = __m512i;
+  static constexpr int kWidth = 16;
+  static constexpr bool kUnsignedA = true;
+  FASTDIFF_AVX512VNNI static inline Acc zero() { return _mm512_setzero_si512(); }
+  FASTDIFF_AVX512VNNI static inline Acc load(const void* p) { return _mm512_loadu_si512(p); }
+  FASTDIFF_AVX512VNNI static inline Acc broadcast4(const int8_t* a) {
+    int32_t four;
+    std::memcpy(&four, a, 4);
+    return _mm512_set1_epi32(four);
+  }
+  FASTDIFF_AVX512VNNI static inline Acc dot4(Acc acc, Acc a, Acc w) { return _mm512_dpbusd_epi32(acc, a, w); }
+  FASTDIFF_AVX512VNNI static inline Acc sub(Acc a, Acc b) { return _mm512_sub_epi32(a, b); }
+  FASTDIFF_AVX512VNNI static inline F::Reg to_float(Acc a) { return _mm512_cvtepi32_ps(a); }
+  FASTDIFF_AVX512VNNI static inline void quantize(int8_t* dst, F::Reg v, F::Tail m) {
+    const __m512i q = _mm512_cvtps_epi32(v);  // MXCSR's default rounding: nearest, ties to even
+    const __m128i bytes = _mm_xor_si128(_mm512_cvtsepi32_epi8(q), _mm_set1_epi8(char(0x80)));  // a + 128
+    _mm_mask_storeu_epi8(dst, m, bytes);
+  }
+};
+
+struct Avx2Int8 {
+  using F = Avx2;
+  using Acc = __m256i;
+  static constexpr int kWidth = 8;
+  static constexpr bool kUnsignedA = false;
+  FASTDIFF_AVX2 static inline Acc zero() { return _mm256_setzero_si256(); }
+  FASTDIFF_AVX2 static inline Acc load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  FASTDIFF_AVX2 static inline Acc broadcast4(const int8_t* a) {
+    int32_t four;
+    std::memcpy(&four, a, 4);
+    return _mm256_set1_epi32(four);
+  }
+  FASTDIFF_AVX2 static inline Acc dot4(Acc acc, Acc a, Acc w) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  FASTDIFF_AVX2 static inline Acc sub(Acc a, Acc b) { return _mm256_sub_epi32(a, b); }
+  FASTDIFF_AVX2 static inline F::Reg to_float(Acc a) { return _mm256_cvtepi32_ps(a); }
+  FASTDIFF_AVX2 static inline void quantize(int8_t* dst, F::Reg v, F::Tail n) {
+    const __m256i q = _mm256_cvtps_epi32(v);
+    const __m256i words = _mm256_packs_epi32(q, q);            // per 128-bit half: 4 int16, twice
+    const __m256i bytes = _mm256_packs_epi16(words, words);    // per half: 4 int8 in its low 32 bits
+    const int32_t low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes));
+    const int32_t high = _mm_cvtsi128_si32(_mm256_extracti128_si256(bytes, 1));
+    int8_t buf[8];
+    std::memcpy(buf, &low, 4);
+    std::memcpy(buf + 4, &high, 4);
+    std::memcpy(dst, buf, n);
+  }
 };
 
 }  // namespace fastdiff::vec

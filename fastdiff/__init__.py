@@ -27,6 +27,7 @@ _LAZY = {
     "generate": "fastdiff.api",
     "edit": "fastdiff.api",
     "accelerate": "fastdiff.accelerate",
+    "quantize": "fastdiff.quantization",
 }
 
 __all__ = ["ops", "__version__", "reset_warnings", *_LAZY]

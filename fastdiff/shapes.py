@@ -271,6 +271,39 @@ class SeparableConv2d(_Case):
         return {}
 
 
+@dataclass(frozen=True)
+class LinearInt8(_Case):
+    """ops.linear(x, ops.quantize_weight(weight), bias): x (*lead, in_features), weight (out, in)."""
+
+    name: str
+    lead: tuple[int, ...]
+    in_features: int
+    out_features: int
+    bias: bool = True
+    model: str = ODD
+    op: ClassVar[str] = "linear_int8"
+
+    QUICK_MACS: ClassVar[int] = 2**26  # the float64 twin's product in a fraction of a second
+    TINY_MACS: ClassVar[int] = 2**22
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, (*self.lead, self.in_features))) + f" -> {self.out_features}"
+
+    def _reduced(self, size):
+        budget = self.QUICK_MACS if size == QUICK else self.TINY_MACS
+        return self.replace(lead=_halve_until(self.lead, self.in_features * self.out_features, budget))
+
+    def _inputs(self, g):
+        x = _randn(g, *self.lead, self.in_features)
+        weight = _randn(g, self.out_features, self.in_features) / math.sqrt(self.in_features)
+        return x, weight, _randn(g, self.out_features) if self.bias else None
+
+    @property
+    def options(self) -> dict:
+        return {}
+
+
 Case = Union[Attention, GroupNorm, GLU, SeparableConv2d]
 
 _SD, _IP2P, _MD, _VAE = MODELS
@@ -358,6 +391,32 @@ TABLE: tuple[Case, ...] = (
 )
 
 OPS = ("attention", "group_norm", "glu", "separable_conv2d")
+
+# The int8 path's linears (opt-in, so apart from TABLE, which every op's tests and `fastdiff validate` run):
+# SD1.5 at batch 2 (attention projections, GEGLU in and out, the text's keys/values), MobileDiffusion's
+# (batch 2; 640 channels at 32x32, 1024 at 16x16), and odd sizes (in_features off multiples of 4 and
+# 16, out_features off 8, 16 and 64, batch 3, one token).
+INT8_LINEAR: tuple[LinearInt8, ...] = (
+    LinearInt8("sd15-proj-64x64", (2, 4096), 320, 320, model=_SD),
+    LinearInt8("sd15-geglu-in-64x64", (2, 4096), 320, 2560, model=_SD),
+    LinearInt8("sd15-ff-out-64x64", (2, 4096), 1280, 320, model=_SD),
+    LinearInt8("sd15-proj-32x32", (2, 1024), 640, 640, model=_SD),
+    LinearInt8("sd15-proj-16x16", (2, 256), 1280, 1280, model=_SD),
+    LinearInt8("sd15-ff-out-16x16", (2, 256), 5120, 1280, model=_SD),
+    LinearInt8("sd15-text-kv", (2, 77), 768, 320, bias=False, model=_SD),
+    LinearInt8("md-proj-32x32", (2, 1024), 640, 640, model=_MD),
+    LinearInt8("md-proj-16x16", (2, 256), 1024, 1024, model=_MD),
+    LinearInt8("md-text-kv", (2, 77), 768, 640, bias=False, model=_MD),
+    LinearInt8("3x77x72-to160", (3, 77), 72, 160),
+    LinearInt8("3x33x77-to72-nobias", (3, 33), 77, 72, bias=False),
+    LinearInt8("1x1x160-to77", (1, 1), 160, 77),
+    LinearInt8("2x50x1283-to131", (2, 50), 1283, 131),
+)
+
+
+def int8_linear_cases(*, models=None, size: str = FULL) -> list[LinearInt8]:
+    """INT8_LINEAR's cases, optionally only those of `models` (names from MODELS, or ODD), reduced to `size`."""
+    return [c.reduced(size) for c in INT8_LINEAR if models is None or c.model in models]
 
 
 def cases(op: str | None = None, *, models=None, size: str = FULL) -> list[Case]:

@@ -29,10 +29,13 @@ from . import _library, reference
 from ._dispatch import (BACKENDS, backends, forced_backend, poison_outputs, reference_for, reset_warnings, select, selected_name,
                         simulate_unavailable, use_backend)
 from ._library import FAST_HEAD_DIMS  # head dims the C++ and Triton attention kernels take
+from .int8 import Int8Weight
 
 __all__ = ["attention", "separable_conv2d", "group_norm", "glu", "linear", "conv2d", "backends", "use_backend", "forced_backend",
            "poison_outputs", "BACKENDS", "selected_name", "FAST_HEAD_DIMS", "cpp_simd_level", "reset_warnings",
            "simulate_unavailable"]
+
+__all__ += ["Int8Weight", "quantize_weight", "int8_path"]  # the int8 (W8A8) path
 
 _DTYPES = hardware.all_dtypes()
 
@@ -189,6 +192,51 @@ def cpp_simd_level() -> str:
     return cpp.simd_level()
 
 
+def int8_path() -> str:
+    """The int8 GEMM the C++ backend runs on this CPU: "avx512_vnni" (vpdpbusd), "avx2"
+    (vpmaddubsw/vpmaddwd) or "scalar", capped like cpp_simd_level by FASTDIFF_SIMD. Loads the C++
+    backend (building it on first use); raises why when it cannot."""
+    from . import cpp
+
+    return cpp.int8_path()
+
+
+def quantize_weight(weight) -> Int8Weight:
+    """`weight` quantized to int8 once, per output channel, symmetric (reference.quantize_weight_int8),
+    for ops.linear (a linear's (O, I) or a 1x1 convolution's (O, I, 1, 1) weight) and ops.conv2d
+    (any (O, C, kh, kw) weight of an ungrouped convolution). Those then quantize their input per
+    row (per token; per output pixel's patch for a kh x kw convolution) and run a W8A8 GEMM with
+    int32 sums: C++ on the CPU; elsewhere the twin (reference.linear_int8: exact, slow). Inference
+    only: no gradient flows to the weight."""
+    _tensor("weight", weight)
+    if weight.dim() not in (2, 4) or weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty (out_features, in_features) or (out, in, kh, kw) tensor, "
+                         f"got shape {tuple(weight.shape)}")
+    qweight, scale = reference.quantize_weight_int8(weight.detach().flatten(1))
+    return Int8Weight(qweight, scale, tuple(weight.shape))
+
+
+def _int8_backend(x):
+    """The module that runs linear_int8 on x: the twin when traced or when the reference is forced,
+    else the backend's kernel where it has one (the C++ backend), else the twin with one warning."""
+    if torch.compiler.is_compiling() or _plain_reference("linear_int8", x.device):
+        return reference
+    module = select("linear_int8", x.device.type)
+    if not hasattr(module, "linear_int8"):
+        return reference_for("linear_int8", module, "this backend has no int8 kernel")
+    return module
+
+
+def _linear_int8(x, weight: Int8Weight, bias, residual):
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"x: expected in_features {weight.in_features} (the int8 weight's), got shape {tuple(x.shape)}")
+    _vector("bias", bias, weight.out_features)
+    _same_kind("x", x, bias=bias, residual=residual)
+    if x.device != weight.device:
+        raise ValueError(f"weight: the int8 weight is on {weight.device}, x on {x.device}")
+    return _int8_backend(x).linear_int8(x, weight, bias, residual)
+
+
 def _dense_backend(op, *tensors):
     """The module that runs dense product `op`: the twin when traced (inductor generates the
     products itself), when a gradient is needed (autograd through plain torch) or when the
@@ -208,12 +256,21 @@ def _residual(residual, shape):
 def linear(x, weight, bias=None, residual=None):
     """x·weightᵀ + bias (+ residual), with the residual added by the GEMM where the backend can.
 
-    x: (..., I); weight: (O, I), or (O, I, 1, 1) (a 1x1 convolution's, applied to tokens);
-    bias: (O,) or None; residual: (..., O) or None. Returns (..., O). Differentiable (plain torch).
+    x: (..., I); weight: (O, I), or (O, I, 1, 1) (a 1x1 convolution's, applied to tokens), or such a
+    weight's Int8Weight (quantize_weight: x quantized per row, W8A8, residual added after the GEMM);
+    bias: (O,) or None; residual: (..., O) or None. Returns (..., O). Differentiable (plain torch;
+    with an Int8Weight only in name: rounding has no gradient).
     """
     _tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected at least one dimension (..., in_features), got a scalar")
+    if isinstance(weight, Int8Weight):
+        if weight.kernel_size != (1, 1):
+            raise ValueError(f"weight: an Int8Weight of shape {weight.shape} is a convolution's: call ops.conv2d")
+        if residual is not None:
+            _tensor("residual", residual)
+            _residual(residual, (*x.shape[:-1], weight.out_features))
+        return _linear_int8(x, weight, bias, residual)
     _tensor("weight", weight)
     if weight.dim() not in (2, 4) or (weight.dim() == 4 and weight.shape[2:] != (1, 1)) or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight: expected shape (out_features, {x.shape[-1]}) or (out_features, {x.shape[-1]}, 1, 1) "
@@ -239,9 +296,14 @@ def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation
 
     x: (N, C, H, W), either memory format; weight: (O, C / groups, kh, kw); bias: (O,) or None;
     stride, padding, dilation: an int or a pair; residual: the output's shape, or None.
+    weight may be an Int8Weight (quantize_weight; groups=1): a 1x1 convolution is a linear over
+    the pixels, a larger one runs on F.unfold's patches (im2col, kh*kw times x's size in memory),
+    each pixel's or patch's input quantized as a row.
     Returns (N, O, H', W') in channels_last memory format. Differentiable (plain torch).
     """
     _tensor("x", x, rank=4)
+    if isinstance(weight, Int8Weight):
+        return _conv2d_int8(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
     _tensor("weight", weight, rank=4)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"groups: expected a positive int dividing the {x.shape[1]} input and {weight.shape[0]} "
@@ -262,3 +324,30 @@ def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation
     _same_kind("x", x, weight=weight, bias=bias, residual=residual)
     return _dense_backend("conv2d", x, weight, bias, residual).conv2d(
         x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, residual=residual)
+
+
+def _conv2d_int8(x, weight: Int8Weight, bias, residual, *, stride, padding, dilation, groups):
+    if len(weight.shape) != 4:
+        raise ValueError(f"weight: an Int8Weight of shape {weight.shape} is a linear's: call ops.linear")
+    if groups != 1:
+        raise ValueError(f"groups: an Int8Weight convolution takes groups=1, got {groups!r}")
+    out_channels, channels, kh, kw = weight.shape
+    if x.shape[1] != channels:
+        raise ValueError(f"weight: expected (out_channels, {x.shape[1]}, kh, kw) for x with {x.shape[1]} channels, "
+                         f"got {weight.shape}")
+    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    out_hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * ((kh, kw)[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    if min(out_hw) < 1:
+        raise ValueError(f"x: a {tuple(x.shape[2:])} map padded by {padding} is smaller than the {(kh, kw)} kernel "
+                         f"(dilation {dilation})")
+    if residual is not None:
+        _tensor("residual", residual, rank=4)
+        _residual(residual, (x.shape[0], out_channels, *out_hw))
+    N = x.shape[0]
+    if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of a channels_last x
+    else:
+        rows = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    rows_residual = None if residual is None else residual.permute(0, 2, 3, 1).reshape(N, -1, out_channels)
+    out = _linear_int8(rows.reshape(N, -1, rows.shape[-1]), weight, bias, rows_residual)  # (N, H'W', O)
+    return out.view(N, *out_hw, out_channels).permute(0, 3, 1, 2)  # channels_last (N, O, H', W')

@@ -56,6 +56,21 @@ def glu(h, *, activation="gelu"):
     return _C.glu(h, activation == "gelu")
 
 
+def linear_int8(x, weight, bias=None, residual=None):
+    """x (..., I) against an ops.Int8Weight: csrc/int8_linear.cpp on x's rows in float32 (x of
+    another dtype is converted, the result converted back); the residual is added after."""
+    packed, correction = weight.layout("cpp", _C.int8_pack_weight)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out = _C.int8_linear(rows, packed, correction, weight.scale, None if bias is None else bias.float(), weight.out_features)
+    out = out.view(*x.shape[:-1], weight.out_features).to(x.dtype)
+    return out if residual is None else out + residual
+
+
+def int8_path() -> str:
+    """The int8 GEMM of csrc/int8_linear.cpp on this CPU: "avx512_vnni", "avx2" or "scalar"."""
+    return _C.int8_path()
+
+
 def simd_level() -> str:
     """The SIMD level these kernels run at: "avx512_bf16", "avx512", "avx2" or "scalar"."""
     return _C.simd()

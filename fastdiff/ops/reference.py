@@ -105,3 +105,44 @@ def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation
     if residual is not None:
         out = out + residual
     return out.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 (W8A8): the contract of csrc/int8_linear.cpp, computed exactly (int products in float64)
+
+INT8_ZERO_ROW = 1e-30  # a row of x with max|x| at most this quantizes to zeros (its 127/max would overflow fp32)
+
+
+def quantize_weight_int8(weight):
+    """weight: (O, I) float. Per output channel, symmetric: scale = max|w[o]| / 127 (fp32),
+    qweight = round(w / scale) (0 for an all-zero row). Returns (qweight (O, I) int8 in [-127, 127],
+    scale (O,) float32)."""
+    scale = weight.detach().abs().amax(1).float() / 127
+    inverse = torch.where(scale > 0, 1 / scale.double(), 0.0)
+    qweight = (weight.detach().double() * inverse[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return qweight, scale
+
+
+def quantize_rows_int8(x):
+    """x: (..., I), quantized per row (per token) as the kernels do it, in fp32: absmax = max|x|,
+    q = round(x * (127 / absmax)) (fp32 product, ties to even), scale = absmax / 127; rows with
+    absmax <= INT8_ZERO_ROW: q = 0, and their scale is absmax / 127. Returns (q (..., I) float32
+    holding integers in [-127, 127], scale (..., 1) float32)."""
+    x = x.float()
+    absmax = x.abs().amax(-1, keepdim=True)
+    inverse = torch.where(absmax > INT8_ZERO_ROW, 127 / absmax, torch.zeros_like(absmax))
+    return (x * inverse).round().clamp(-127, 127), absmax / 127
+
+
+def linear_int8(x, weight, bias=None, residual=None):
+    """x: (..., I) float; weight: an ops.Int8Weight (.qweight (O, I) int8, .scale (O,) float32);
+    bias: (O,) or None; residual: (..., O) or None. Returns, in x's dtype,
+    scale_x[row] * weight.scale * (q_x · qweightᵀ) + bias (+ residual): the rows of x quantized by
+    quantize_rows_int8, the integer sums and everything after them in float64 (exact sums)."""
+    q, row_scale = quantize_rows_int8(x)
+    sums = q.double() @ weight.qweight.double().T
+    out = sums * (row_scale.double() * weight.scale.double())
+    if bias is not None:
+        out = out + bias.double()
+    out = out.to(x.dtype)
+    return out if residual is None else out + residual

@@ -1,0 +1,89 @@
+"""fastdiff.quantize(model, dtype="int8"): a model's dense products on int8 weights (W8A8), opt-in.
+
+Each nn.Linear, and each ungrouped 1x1 nn.Conv2d (also 3x3 and larger ones with conv3x3=True),
+gets its weight replaced by ops.quantize_weight(weight): an ops.Int8Weight, quantized once, per
+output channel, symmetric; every call then quantizes its input per token (per row; per output
+pixel's patch for a 3x3 convolution), so no calibration is needed. The models pass module weights
+to fastdiff.ops.linear / ops.conv2d, which run the int8 GEMM (C++ on the CPU: AVX-512 VNNI or
+AVX2; elsewhere the exact float64 twin). The module's class becomes a subclass whose own call
+goes through the same ops, for layers called as modules.
+
+Stay in float32 (by default, `exclude`): any module under a name part "conv_in" or "conv_out"
+(the UNet's first and last convolution: the latents' and the prediction's precision), or
+"time_embedding", "time_emb_proj", "add_embedding", "class_embedding" (timestep and pooled
+conditioning: one row per sample, nothing to gain). Never quantized: the pointwise halves of
+fastdiff's fused separable convolutions (ops.separable_conv2d takes float weights), depthwise and
+other grouped convolutions, and any module that is not an nn.Linear / nn.Conv2d (attention
+matrices, norms, embeddings).
+
+Quantize last: Int8Weights are not parameters, so a later model.to(...), load_state_dict or
+set_ip_adapters does not reach them (state_dict() no longer lists the quantized weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdiff import ops
+from fastdiff.models.layers import SeparableConv2d
+
+DTYPES = ("int8",)
+EXCLUDE = ("conv_in", "conv_out", "time_embedding", "time_emb_proj", "add_embedding", "class_embedding")
+
+
+class Int8Linear(nn.Linear):
+    """An nn.Linear whose weight is an ops.Int8Weight; its call goes through ops.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Int8Conv2d(nn.Conv2d):
+    """An nn.Conv2d (zero padding) whose weight is an ops.Int8Weight; its call goes through ops.conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+def _convertible(module: nn.Module, conv3x3: bool) -> bool:
+    if type(module) in (Int8Linear, Int8Conv2d):
+        return False  # already quantized
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return (module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+                and (conv3x3 or module.kernel_size == (1, 1)))
+    return False
+
+
+def quantize(model: nn.Module, dtype: str = "int8", *, exclude=EXCLUDE, conv3x3: bool = False) -> list[str]:
+    """Quantize `model`'s nn.Linear and 1x1 nn.Conv2d weights in place (see the module docstring).
+
+    dtype: "int8" (W8A8, the only one). exclude: name parts whose modules, and everything under
+    them, stay float (default EXCLUDE: conv_in, conv_out and the time / class / added embeddings).
+    conv3x3: also the ungrouped convolutions with larger kernels (im2col: kh*kw times the input's
+    memory per call). Returns the qualified names of the modules quantized, in order.
+
+        names = fastdiff.quantize(pipe.unet)   # pipe.generate(...) then runs its UNet on int8 GEMMs
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(exclude, str) or not all(isinstance(part, str) for part in exclude):
+        raise TypeError(f"exclude: expected a sequence of module name parts (str), got {exclude!r}")
+    excluded = set(exclude)
+    fused = {id(child) for m in model.modules() if isinstance(m, SeparableConv2d) for child in m.children()}
+    done = []
+    for name, module in model.named_modules():
+        if excluded.intersection(name.split(".")) or id(module) in fused or not _convertible(module, conv3x3):
+            continue
+        weight = module.weight
+        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"model: {name}'s weight is {weight.dtype}; expected a float model")
+        quantized = ops.quantize_weight(weight.detach().float())
+        del module.weight  # the parameter goes; the Int8Weight is a plain attribute
+        module.weight = quantized
+        module.__class__ = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
+        done.append(name)
+    return done
