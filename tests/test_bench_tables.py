@@ -38,6 +38,20 @@ def test_kernel_table_at_tiny_sizes(tmp_path, capsys):
     assert {p["unit"] for p in report["peaks"]} == {"GFLOP/s", "GB/s"}
 
 
+def test_kernel_table_int8_rows(tmp_path, capsys):
+    """An int8 linear row beside torch's and fastdiff's fp32 linear, checked against fp32 (the quantization error)."""
+    out = tmp_path / "kernels.json"
+    name = "3x77x72-to160"
+    assert main(["kernels", "--size", "tiny", "--cases", name, "--dtype", "fp32", "--repeats", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["case"], row["op"], row["unit"], row["dtype"]) == (name, "linear_int8", "GOP/s", "fp32")
+    assert row["check"] == "ok" and 1e-4 < row["error"] < 3e-2, row  # int8 against fp32: not exact, not far
+    assert row["checked_against"] == "F.linear fp32" and set(row["baselines"]) == {"F.linear fp32", "fastdiff fp32"}
+    assert row["rate"] > 0 and row["percent_of_peak"] is None
+    assert all(b["ms"] > 0 and b["speedup"] > 0 for b in row["baselines"].values())
+    assert "F.linear fp32" in capsys.readouterr().out
+
+
 def test_kernel_table_refuses_an_unknown_case():
     with pytest.raises(ValueError, match="names: no case named"):
         main(["kernels", "--cases", "no-such-case", "--dtype", "fp32"])

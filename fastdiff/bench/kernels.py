@@ -13,6 +13,10 @@ Baselines, on (B, H, L, D) or NCHW copies made outside the timed call where torc
   group_norm           F.group_norm (+ F.silu) on NHWC input (fastdiff's) and on NCHW (diffusers')
   glu                  chunk + gelu/silu + mul
   separable_conv2d     depthwise 3x3 + 1x1 F.conv2d, and the 1x1 alone (the floor)
+  linear_int8          (fp32 rows only) F.linear in fp32 and fastdiff's fp32 ops.linear (oneDNN), on the
+                       float weight; fastdiff's is ops.linear on ops.quantize_weight's int8 weight (quantized
+                       before timing; activations quantized in the call). Its rate is GOP/s (no int8 peak is
+                       measured) and its check is against fp32: the quantization error, not a kernel's
 Each row: the medians, speedup = baseline ms / fastdiff ms, fastdiff's achieved GFLOP/s (FLOPs
 counted by fastdiff.models.flops) or GB/s (bandwidth-bound ops: bytes read + written) and that
 as a share of this machine's measured peak (fastdiff.bench.peak), the output check (relative L2
@@ -36,9 +40,10 @@ from fastdiff.models.flops import count_call_macs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a row's rate counts: FLOPs for the products, bytes for the bandwidth-bound ops.
-UNITS = {"attention": "GFLOP/s", "separable_conv2d": "GFLOP/s", "group_norm": "GB/s", "glu": "GB/s"}
+UNITS = {"attention": "GFLOP/s", "separable_conv2d": "GFLOP/s", "group_norm": "GB/s", "glu": "GB/s", "linear_int8": "GOP/s"}
 # Gross-error bound of a row's output check (fastdiff vs its first baseline, relative L2 norm).
 ROW_BOUND = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+OP_BOUND = {"linear_int8": 3e-2}  # int8 against fp32: ~1e-2 on these standard-normal inputs (tests/test_int8.py)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -167,6 +172,14 @@ def kernel_run(case: shapes.Case, dtype: torch.dtype, device="cpu", *, backend: 
         if cpu:
             targets["conv 1x1 alone"] = 1 / 1.1
         return KernelRun(case, dtype, device, fast, baselines, _flops(case, args, options), UNITS[case.op], targets)
+    if case.op == "linear_int8":
+        x, weight, bias = args
+        qweight = ops.quantize_weight(weight)
+        fast = fastdiff(lambda: ops.linear(x, qweight, bias))
+        baselines = {"F.linear fp32": lambda: F.linear(x, weight, bias),
+                     "fastdiff fp32": fastdiff(lambda: ops.linear(x, weight, bias))}
+        work = 2.0 * x[..., 0].numel() * weight.shape[0] * weight.shape[1]
+        return KernelRun(case, dtype, device, fast, baselines, work, UNITS[case.op])
     raise ValueError(f"case: unknown op {case.op!r}")
 
 
@@ -174,7 +187,7 @@ def kernel_cases(*, size: str = shapes.FULL, names: Iterable[str] | None = None,
     """The models' cases of fastdiff.shapes at `size`, or the cases named (exact names, odd ones
     too), optionally only those of the given ops."""
     names, ops_filter = set(names or ()), set(ops_filter or ())
-    unknown = names - {c.name for c in shapes.TABLE}
+    unknown = names - {c.name for c in (*shapes.TABLE, *shapes.INT8_LINEAR)}
     if unknown:
         raise ValueError(f"names: no case named {sorted(unknown)} in fastdiff.shapes")
     selected = shapes.cases(size=size) if names else shapes.model_cases(size=size)
@@ -208,7 +221,7 @@ def measure(run: KernelRun, *, repeats: int = 7, budget_s: float = 10.0) -> dict
     case = run.case
     row = {"op": case.op, "case": case.name, "model": case.model, "shape": case.label, "dtype": dtype_name(run.dtype),
            "device": str(run.device), "unit": run.unit, "fastdiff_ms": None, "rate": None, "baselines": {},
-           "error": None, "bound": ROW_BOUND[run.dtype], "check": None}
+           "error": None, "bound": OP_BOUND.get(case.op, ROW_BOUND[run.dtype]), "check": None}
     time = lambda fn: median_ms(fn, device=run.device, warmup=1, repeats=repeats, budget_s=budget_s)  # noqa: E731
     with torch.inference_mode():
         try:
@@ -281,11 +294,13 @@ def run(args) -> int:
     dtypes = [DTYPES[args.dtype]] if args.dtype != "all" else [torch.float32, torch.bfloat16] + ([torch.float16] if device_type == "cuda" else [])
     names = [n for n in (s.strip() for s in args.cases.split(",")) if n]
     selected = [c for c in kernel_cases(size=args.size, names=names) if args.ops in c.op]
+    int8 = [c for c in shapes.int8_linear_cases(models=None if names else shapes.MODELS, size=args.size)
+            if args.ops in c.op and (not names or c.name in names)] if torch.float32 in dtypes and device_type == "cpu" else []
     backend = None if args.backend == "auto" else args.backend
     backend_name = backend or ops.selected_name(device_type)
     print(f"fastdiff kernels on {args.device} (backend {backend_name}, {torch.get_num_threads()} threads, {args.size} sizes); "
           f"median of {args.repeats} runs; speedup = baseline / fastdiff")
-    units = {UNITS[c.op] for c in selected}
+    units = {UNITS[c.op] for c in (*selected, *int8)}
     peaks = {}
     if "GFLOP/s" in units:
         for dtype in dtypes:
@@ -295,16 +310,21 @@ def run(args) -> int:
         peak = bandwidth_peak(args.device)
         peaks.update({("GB/s", dtype): peak for dtype in dtypes})
         print(f"peak {peak.rate:.0f} GB/s: {peak.how}")
-    percent = lambda r: peaks[r["unit"], DTYPES[r["dtype"]]].percent(r["rate"])  # noqa: E731
+    def percent(r: dict) -> str:
+        peak = peaks.get((r["unit"], DTYPES[r["dtype"]]))
+        return "-" if peak is None else peak.percent(r["rate"])
+
     try:
         from tqdm import tqdm
-        progress = tqdm([(c, d) for d in dtypes for c in selected], desc="kernels", leave=False)
+        progress = tqdm([(c, d) for d in dtypes for c in selected] + [(c, torch.float32) for c in int8], desc="kernels",
+                        leave=False)
     except ImportError:
-        progress = [(c, d) for d in dtypes for c in selected]
+        progress = [(c, d) for d in dtypes for c in selected] + [(c, torch.float32) for c in int8]
     results, lines = [], []
     for case, dtype in progress:
         row = measure(kernel_run(case, dtype, args.device, backend=backend), repeats=args.repeats)
-        row["percent_of_peak"] = None if row["rate"] is None else 100 * row["rate"] / peaks[row["unit"], dtype].rate
+        peak = peaks.get((row["unit"], dtype))
+        row["percent_of_peak"] = None if row["rate"] is None or peak is None else 100 * row["rate"] / peak.rate
         results.append(row)
         lines += _rows_of(row, percent)
     print(format_table(["case", "shape", "dtype", "baseline", "baseline ms", "fastdiff ms", "speedup", "fastdiff rate",
