@@ -14,14 +14,16 @@
 // the operand of vpdpbusd (and of two vpmaddubsw on AVX2 halves). Alongside: 128 * sum_k qw[n, k],
 // the correction of the VNNI path (activations there are stored as qa + 128: vec::Avx512Vnni).
 //
-// Work: activations quantized row by row into a scratch (M x Kp bytes) with their scales, then
-// tiles of kTileRows rows x one panel, each by a register-blocked microkernel (AVX-512 VNNI:
-// 6 rows x 64 channels, 24 zmm accumulators; AVX2: 2 rows x 32 channels, 8 ymm) over all of K.
+// Work: activations quantized once, row by row, into a scratch (M x Kp bytes) with their scales,
+// then tiles of kTileRows rows x one panel in parallel (at::parallel_for over rows x panels). A
+// tile walks K in blocks of at most kMaxKc so the panel's block stays in L1 while all its rows
+// pass, each kRows rows x 64 (VNNI) or 32 (AVX2) channels by a register-blocked microkernel
+// whose int32 sums stay in registers for the block (the GEMM section below).
 // Memory traffic: x read once (4 MK bytes) and the scratch written once (MK), the packed weight
-// (NK bytes, a quarter of fp32's) read once per tile row (from L2/L3 after the first: a panel
-// is 64 Kp bytes, 80 KiB at K = 1280), the scratch's tile (kTileRows x Kp) read once per panel
-// from L2, out written once (4 MN bytes). 1 byte x 4 k per lane per instruction against fp32's 1
-// FMA: 4x the products per vpdpbusd; AVX2's four instructions per 32 products halve that.
+// (NK bytes, a quarter of fp32's) read once per tile row (from L2/L3), the scratch's tile
+// (kTileRows x Kp) read once per panel from L2, out written once (4 MN bytes). 1 byte x 4 k per
+// lane per instruction against fp32's 1 FMA: 4x the products per vpdpbusd; AVX2's four
+// instructions per 32 products halve that.
 // Which path runs: vec::Avx512Vnni where simd() is AVX-512 and the CPU has AVX512-VNNI, else
 // vec::Avx2Int8 at AVX2 and above (so FASTDIFF_SIMD=avx2 tests it here), else plain loops.
 // NaN or inf in a row of x are not propagated (they saturate in quantization).
@@ -104,9 +106,16 @@ inline float quantize_row_scalar(const float* x, int64_t K, int64_t Kp, int8_t* 
 }
 
 // ------------------------------------------------------------------------------------------
-// GEMM microkernel: kRows rows of the scratch (a, row stride Kp) times kAccs vectors of output
-// channels (w: the first group of those channels in a panel, groups kPanel * 4 bytes apart),
-// then the epilogue for channels [n0, n0 + kAccs * kWidth) cut at N.
+// GEMM: a tile is up to kTileRows rows x one panel. Its K is cut into blocks of at most kMaxKc
+// (the panel's block, 64 x Kc bytes <= 24 KiB, stays in L1 while every row block of the tile
+// passes over it; the tile's activations, kTileRows x Kc bytes, stay in L2 across panels). Per K
+// block, a register-blocked microkernel: kRows rows x kAccs vectors of channels, every int32 sum
+// in a register for the whole block (AVX-512 VNNI: 6 x 64 channels, 24 zmm; AVX2: 2 x 32, 8 ymm);
+// between blocks the sums wait in an int32 buffer of the tile (kTileRows x 64: 24 KiB), and after
+// the last block the epilogue turns them into fp32 straight from the registers. Every loop over
+// rows or accumulators has a constant trip count and is unrolled, so no sum lives in memory.
+
+constexpr int64_t kMaxKc = 384;  // bytes of K per block: 64 x 384 = 24 KiB of the panel
 
 struct Epilogue {
   const float* row_scale;  // sa, indexed by row
@@ -117,56 +126,82 @@ struct Epilogue {
   int64_t N;
 };
 
+// The block's sums for rows [m, m + kRows) x channels [n, n + kAccs * kWidth): a (row stride Kp)
+// and w (the first group of the channels, groups kPanel * 4 bytes apart) over `groups` 4-k groups;
+// partial (row stride kPanel): the sums so far, read unless first, written unless last.
 template <class I, int kRows, int kAccs>
-inline void microkernel(const int8_t* a, int64_t Kp, const int8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
+inline void microkernel(const int8_t* a, int64_t Kp, const int8_t* w, int64_t groups, int32_t* partial, bool first,
+                        bool last, int64_t m, int64_t n, const Epilogue& e) {
   using V = typename I::F;
   typename I::Acc acc[kRows][kAccs];
+#pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kAccs; ++j) acc[r][j] = I::zero();
-  for (int64_t k = 0; k < Kp; k += 4, w += kPanel * 4) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kAccs; ++j)
+      acc[r][j] = first ? I::zero() : I::load(partial + r * kPanel + j * I::kWidth);
+  for (int64_t g = 0; g < groups; ++g, a += 4, w += kPanel * 4) {
     typename I::Acc wv[kAccs];
+#pragma GCC unroll 8
     for (int j = 0; j < kAccs; ++j) wv[j] = I::load(w + j * I::kWidth * 4);
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const auto av = I::broadcast4(a + r * Kp + k);
+      const auto av = I::broadcast4(a + r * Kp);
+#pragma GCC unroll 8
       for (int j = 0; j < kAccs; ++j) acc[r][j] = I::dot4(acc[r][j], av, wv[j]);
     }
   }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < kAccs; ++j) I::store(partial + r * kPanel + j * I::kWidth, acc[r][j]);
+    return;
+  }
+#pragma GCC unroll 8
   for (int j = 0; j < kAccs; ++j) {
-    const int64_t n = n0 + j * I::kWidth;
-    if (n >= e.N) break;
-    const auto t = V::tail(e.N - n);
-    const auto sw = V::load(e.w_scale + n, t);
-    const auto bias = e.bias ? V::load(e.bias + n, t) : V::zero();
-    const auto correction = I::load(e.correction + n);
-    for (int r = 0; r < kRows; ++r) {
-      const auto sum = I::kUnsignedA ? I::sub(acc[r][j], correction) : acc[r][j];
-      const auto scale = V::mul(V::set1(e.row_scale[m0 + r]), sw);
-      V::store(e.out + (m0 + r) * e.N + n, V::fma(I::to_float(sum), scale, bias), t);
+    const int64_t nj = n + j * I::kWidth;
+    if (nj < e.N) {  // a guard, not a break: the loop stays unrolled and acc in registers
+      const auto t = V::tail(e.N - nj);
+      const auto sw = V::load(e.w_scale + nj, t);
+      const auto bias = e.bias ? V::load(e.bias + nj, t) : V::zero();
+      const auto correction = I::load(e.correction + nj);
+#pragma GCC unroll 8
+      for (int r = 0; r < kRows; ++r) {
+        const auto sum = I::kUnsignedA ? I::sub(acc[r][j], correction) : acc[r][j];
+        const auto scale = V::mul(V::set1(e.row_scale[m + r]), sw);
+        V::store(e.out + (m + r) * e.N + nj, V::fma(I::to_float(sum), scale, bias), t);
+      }
     }
   }
 }
 
-// All rows [m0, m1) of one panel: full row blocks, then one of the remaining rows.
+// One K block of the last rows [m, m1), kRows of them or fewer, by the microkernel of their count.
 template <class I, int kRows, int kAccs>
-inline void panel_rows(const int8_t* scratch, int64_t Kp, const int8_t* panel, int64_t m0, int64_t m1,
-                       int64_t panel_n0, const Epilogue& e) {
+inline void last_rows(const int8_t* a, int64_t Kp, const int8_t* w, int64_t groups, int32_t* partial, bool first,
+                      bool last, int64_t m, int64_t m1, int64_t n, const Epilogue& e) {
+  if (m1 - m == kRows) return microkernel<I, kRows, kAccs>(a, Kp, w, groups, partial, first, last, m, n, e);
+  if constexpr (kRows > 1) last_rows<I, kRows - 1, kAccs>(a, Kp, w, groups, partial, first, last, m, m1, n, e);
+}
+
+// Rows [m0, m1) (at most kTileRows) x the panel of channels [n0, n0 + kPanel), K block by K block.
+template <class I, int kRows, int kAccs>
+inline void tile(const int8_t* scratch, int64_t Kp, int64_t Kc, const int8_t* panel, int64_t m0, int64_t m1,
+                 int64_t n0, const Epilogue& e) {
   constexpr int64_t kCols = kAccs * I::kWidth;
   static_assert(kPanel % kCols == 0);
-  for (int64_t c = 0; c < kPanel && panel_n0 + c < e.N; c += kCols) {
-    const int8_t* w = panel + c * 4;
-    int64_t m = m0;
-    for (; m + kRows <= m1; m += kRows) microkernel<I, kRows, kAccs>(scratch + m * Kp, Kp, w, m, panel_n0 + c, e);
-    if constexpr (kRows > 1) {
-      // the last < kRows rows, one size per instantiation
-      switch (m1 - m) {
-#define FASTDIFF_ROWS(R)                                                                          \
-  case R:                                                                                         \
-    if constexpr (R < kRows) microkernel<I, R, kAccs>(scratch + m * Kp, Kp, w, m, panel_n0 + c, e); \
-    break;
-        FASTDIFF_ROWS(1) FASTDIFF_ROWS(2) FASTDIFF_ROWS(3) FASTDIFF_ROWS(4) FASTDIFF_ROWS(5)
-#undef FASTDIFF_ROWS
-        default: break;
-      }
+  alignas(64) int32_t partial[kTileRows * kPanel];
+  for (int64_t k0 = 0; k0 < Kp; k0 += Kc) {
+    const int64_t groups = std::min(Kc, Kp - k0) / 4;
+    const bool first = k0 == 0, last = k0 + Kc >= Kp;
+    for (int64_t c = 0; c < kPanel && n0 + c < e.N; c += kCols) {
+      const int8_t* w = panel + k0 * kPanel + c * 4;
+      int64_t m = m0;
+      for (; m + kRows <= m1; m += kRows)
+        microkernel<I, kRows, kAccs>(scratch + m * Kp + k0, Kp, w, groups, partial + (m - m0) * kPanel + c, first,
+                                     last, m, n0 + c, e);
+      if (m < m1)
+        last_rows<I, kRows - 1, kAccs>(scratch + m * Kp + k0, Kp, w, groups, partial + (m - m0) * kPanel + c, first,
+                                       last, m, m1, n0 + c, e);
     }
   }
 }
@@ -190,16 +225,16 @@ void quantize_rows_scalar(const float* x, int64_t K, int64_t Kp, int64_t m0, int
   for (int64_t m = m0; m < m1; ++m) scale[m] = quantize_row_scalar(x + m * K, K, Kp, scratch + m * Kp);
 }
 
-FASTDIFF_AVX512VNNI FASTDIFF_FLATTEN void tile_vnni(const int8_t* scratch, int64_t Kp, const int8_t* panel,
+FASTDIFF_AVX512VNNI FASTDIFF_FLATTEN void tile_vnni(const int8_t* scratch, int64_t Kp, int64_t Kc, const int8_t* panel,
                                                   int64_t m0, int64_t m1, int64_t n0, const Epilogue& e) {
-  panel_rows<vec::Avx512Vnni, 6, 4>(scratch, Kp, panel, m0, m1, n0, e);
+  tile<vec::Avx512Vnni, 6, 4>(scratch, Kp, Kc, panel, m0, m1, n0, e);
 }
-FASTDIFF_AVX2 FASTDIFF_FLATTEN void tile_avx2(const int8_t* scratch, int64_t Kp, const int8_t* panel, int64_t m0,
-                                            int64_t m1, int64_t n0, const Epilogue& e) {
-  panel_rows<vec::Avx2Int8, 2, 4>(scratch, Kp, panel, m0, m1, n0, e);
+FASTDIFF_AVX2 FASTDIFF_FLATTEN void tile_avx2(const int8_t* scratch, int64_t Kp, int64_t Kc, const int8_t* panel,
+                                            int64_t m0, int64_t m1, int64_t n0, const Epilogue& e) {
+  tile<vec::Avx2Int8, 2, 4>(scratch, Kp, Kc, panel, m0, m1, n0, e);
 }
-void tile_scalar(const int8_t* scratch, int64_t Kp, const int8_t* panel, int64_t m0, int64_t m1, int64_t n0,
-                 const Epilogue& e) {
+void tile_scalar(const int8_t* scratch, int64_t Kp, int64_t /*Kc: one pass*/, const int8_t* panel, int64_t m0,
+                 int64_t m1, int64_t n0, const Epilogue& e) {
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t c = 0; c < kPanel && n0 + c < e.N; ++c) {
       int32_t sum = 0;
@@ -290,10 +325,11 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
                    correction.const_data_ptr<int32_t>(), out.data_ptr<float>(), N};
   const int8_t* wp = packed.const_data_ptr<int8_t>();
   const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t k_blocks = (Kp + kMaxKc - 1) / kMaxKc, Kc = round_up((Kp + k_blocks - 1) / k_blocks, 4);
   at::parallel_for(0, tiles * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / panels) * kTileRows, p = t % panels;
-      tile(sp, Kp, wp + p * (Kp / 4) * kPanel * 4, m0, std::min(M, m0 + kTileRows), p * kPanel, e);
+      tile(sp, Kp, Kc, wp + p * (Kp / 4) * kPanel * 4, m0, std::min(M, m0 + kTileRows), p * kPanel, e);
     }
   });
   return out;

@@ -351,6 +351,7 @@ struct Avx512Vnni {
   static constexpr bool kUnsignedA = true;
   FASTDIFF_AVX512VNNI static inline Acc zero() { return _mm512_setzero_si512(); }
   FASTDIFF_AVX512VNNI static inline Acc load(const void* p) { return _mm512_loadu_si512(p); }
+  FASTDIFF_AVX512VNNI static inline void store(void* p, Acc a) { _mm512_storeu_si512(p, a); }
   FASTDIFF_AVX512VNNI static inline Acc broadcast4(const int8_t* a) {
     int32_t four;
     std::memcpy(&four, a, 4);
@@ -373,6 +374,7 @@ struct Avx2Int8 {
   static constexpr bool kUnsignedA = false;
   FASTDIFF_AVX2 static inline Acc zero() { return _mm256_setzero_si256(); }
   FASTDIFF_AVX2 static inline Acc load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  FASTDIFF_AVX2 static inline void store(void* p, Acc a) { _mm256_storeu_si256(static_cast<__m256i*>(p), a); }
   FASTDIFF_AVX2 static inline Acc broadcast4(const int8_t* a) {
     int32_t four;
     std::memcpy(&four, a, 4);

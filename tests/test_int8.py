@@ -38,7 +38,10 @@ def _case_inputs(case):
 
 def _kernel_error(case, backend):
     """max |kernel - twin| / (the magnitude of the terms), the kernel run with poisoned outputs."""
-    x, weight, bias = _case_inputs(case)
+    return _kernel_error_of(*_case_inputs(case), backend)
+
+
+def _kernel_error_of(x, weight, bias, backend):
     qweight = ops.quantize_weight(weight)
     with ops.use_backend(backend), ops.poison_outputs():
         out = ops.linear(x, qweight, bias)
@@ -57,6 +60,21 @@ def _kernel_error(case, backend):
 def test_kernel_matches_twin(case, backend):
     error = _kernel_error(case, backend)
     assert error <= KERNEL_BOUND, f"{case.name}: {error:.2e} of the terms' magnitude"
+
+
+def _tile_edges_error(backend):
+    """The worst _kernel_error_of over every row count a tile can end on (1..13 rows; 97 and 101:
+    past a 96-row tile), with K = 777 in three K blocks and 70 channels (a partial last panel)."""
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(70, 777, generator=g) / 777**0.5, torch.randn(70, generator=g)
+    return max(_kernel_error_of(torch.randn(rows, 777, generator=g), weight, bias, backend)
+               for rows in (*range(1, 14), 97, 101))
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_kernel_tile_edges(backend):
+    error = _tile_edges_error(backend)
+    assert error <= KERNEL_BOUND, f"{error:.2e} of the terms' magnitude"
 
 
 @pytest.mark.parametrize("backend", ["reference", backend_param("cpp")])
@@ -84,6 +102,8 @@ for case in t.CASES:
     if case.model == "odd" or case.name in ("sd15-proj-64x64", "md-text-kv"):
         error = t._kernel_error(case, "cpp")
         assert error <= t.KERNEL_BOUND, (case.name, error)
+error = t._tile_edges_error("cpp")
+assert error <= t.KERNEL_BOUND, ("tile edges", error)
 """
     env = dict(os.environ, FASTDIFF_SIMD=level)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
