@@ -35,7 +35,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace fastdiff {
 namespace {
@@ -206,23 +209,55 @@ inline void tile(const int8_t* scratch, int64_t Kp, int64_t Kc, const int8_t* pa
   }
 }
 
-// The per-ISA entry points: quantize rows [m0, m1) of x, or run one (tile, panel).
+// ------------------------------------------------------------------------------------------
+// the GEMM's rows: a row of x, or (int8_conv2d) an output pixel's patch of a channels-last map
+
+// Row m's K floats. For a convolution (kh > 0) the patch is gathered into `buffer` in
+// (ky, kx, c) order, zeros where the kernel hangs over the padding: the implicit im2col, one row
+// at a time, so no float patch matrix is ever made (F.unfold's is kh*kw times x's size).
+struct Rows {
+  const float* x;
+  int64_t K;
+  int64_t H = 0, W = 0, C = 0, OH = 0, OW = 0, kh = 0, kw = 0, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+
+  const float* row(int64_t m, float* buffer) const {
+    if (kh == 0) return x + m * K;
+    const int64_t b = m / (OH * OW), oy = m % (OH * OW) / OW, ox = m % OW;
+    float* dst = buffer;
+    for (int64_t ky = 0; ky < kh; ++ky) {
+      const int64_t iy = oy * sh - ph + ky * dh;
+      for (int64_t kx = 0; kx < kw; ++kx, dst += C) {
+        const int64_t ix = ox * sw - pw + kx * dw;
+        if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+          std::memcpy(dst, x + ((b * H + iy) * W + ix) * C, C * sizeof(float));
+        else
+          std::fill(dst, dst + C, 0.f);
+      }
+    }
+    return buffer;
+  }
+};
+
+// The per-ISA entry points: quantize rows [m0, m1), or run one (tile, panel).
 template <class I>
-inline void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1, int8_t* scratch, float* scale) {
-  for (int64_t m = m0; m < m1; ++m) scale[m] = quantize_row<I>(x + m * K, K, Kp, scratch + m * Kp);
+inline void quantize_rows(const Rows& rows, int64_t Kp, int64_t m0, int64_t m1, int8_t* scratch, float* scale) {
+  std::vector<float> patch(rows.kh ? rows.K : 0);
+  for (int64_t m = m0; m < m1; ++m)
+    scale[m] = quantize_row<I>(rows.row(m, patch.data()), rows.K, Kp, scratch + m * Kp);
 }
 
-FASTDIFF_AVX512VNNI FASTDIFF_FLATTEN void quantize_rows_vnni(const float* x, int64_t K, int64_t Kp, int64_t m0,
-                                                           int64_t m1, int8_t* scratch, float* scale) {
-  quantize_rows<vec::Avx512Vnni>(x, K, Kp, m0, m1, scratch, scale);
+FASTDIFF_AVX512VNNI FASTDIFF_FLATTEN void quantize_rows_vnni(const Rows& rows, int64_t Kp, int64_t m0, int64_t m1,
+                                                           int8_t* scratch, float* scale) {
+  quantize_rows<vec::Avx512Vnni>(rows, Kp, m0, m1, scratch, scale);
 }
-FASTDIFF_AVX2 FASTDIFF_FLATTEN void quantize_rows_avx2(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+FASTDIFF_AVX2 FASTDIFF_FLATTEN void quantize_rows_avx2(const Rows& rows, int64_t Kp, int64_t m0, int64_t m1,
                                                      int8_t* scratch, float* scale) {
-  quantize_rows<vec::Avx2Int8>(x, K, Kp, m0, m1, scratch, scale);
+  quantize_rows<vec::Avx2Int8>(rows, Kp, m0, m1, scratch, scale);
 }
-void quantize_rows_scalar(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1, int8_t* scratch,
-                          float* scale) {
-  for (int64_t m = m0; m < m1; ++m) scale[m] = quantize_row_scalar(x + m * K, K, Kp, scratch + m * Kp);
+void quantize_rows_scalar(const Rows& rows, int64_t Kp, int64_t m0, int64_t m1, int8_t* scratch, float* scale) {
+  std::vector<float> patch(rows.kh ? rows.K : 0);
+  for (int64_t m = m0; m < m1; ++m)
+    scale[m] = quantize_row_scalar(rows.row(m, patch.data()), rows.K, Kp, scratch + m * Kp);
 }
 
 FASTDIFF_AVX512VNNI FASTDIFF_FLATTEN void tile_vnni(const int8_t* scratch, int64_t Kp, int64_t Kc, const int8_t* panel,
@@ -276,20 +311,17 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor& qweight) {
   return {packed, correction};
 }
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& correction,
-                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "x: expected a float32 CPU tensor, got ",
-              x_in.scalar_type(), " on ", x_in.device());
-  TORCH_CHECK(x_in.dim() == 2, "x: expected a (tokens, in_features) matrix, got shape ", x_in.sizes());
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = out_features, Kp = round_up(K, 4);
-  const int64_t panels = round_up(N, kPanel) / kPanel;
-  TORCH_CHECK(N > 0, "out_features: expected a positive int, got ", N);
+// The (M, N) product of `rows` (M rows of rows.K floats) and the packed weight, after checking the
+// weight's tensors against K and N (`what` names x's features in the error).
+at::Tensor gemm(const Rows& rows, int64_t M, const at::Tensor& packed, const at::Tensor& correction,
+                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t N, const char* what) {
+  const int64_t K = rows.K, Kp = round_up(K, 4), panels = round_up(N, kPanel) / kPanel;
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kChar && packed.is_contiguous(),
               "packed: expected a contiguous int8 CPU tensor (int8_pack_weight's)");
   TORCH_CHECK(packed.dim() == 4 && packed.size(0) == panels && packed.size(1) == Kp / 4 && packed.size(2) == kPanel &&
                   packed.size(3) == 4,
-              "packed: expected shape (", panels, ", ", Kp / 4, ", ", kPanel, ", 4) for x with ", K,
-              " features and ", N, " out_features, got ", packed.sizes());
+              "packed: expected shape (", panels, ", ", Kp / 4, ", ", kPanel, ", 4) for x with ", K, " ", what,
+              " and ", N, " outputs, got ", packed.sizes());
   TORCH_CHECK(correction.device().is_cpu() && correction.scalar_type() == at::kInt && correction.is_contiguous() &&
                   correction.dim() == 1 && correction.size(0) == panels * kPanel,
               "correction: expected a contiguous int32 CPU vector of ", panels * kPanel, " (int8_pack_weight's)");
@@ -299,26 +331,23 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   if (bias)
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N,
                 "bias: expected a float32 CPU vector of ", N, ", got ", bias->scalar_type(), " ", bias->sizes());
-  at::Tensor out = new_output({M, N}, x_in.options());
+  at::Tensor out = new_output({M, N}, at::TensorOptions().dtype(at::kFloat));
   if (M == 0) return out;
-  TORCH_CHECK(K > 0, "x: expected in_features > 0");
-  const at::Tensor x = x_in.contiguous();
   const at::Tensor sw = w_scale.contiguous();
   std::optional<at::Tensor> b;
   if (bias) b = bias->contiguous();
 
-  at::Tensor scratch = at::empty({M, Kp}, x.options().dtype(at::kChar));
-  at::Tensor row_scale = at::empty({M}, x.options());
+  at::Tensor scratch = at::empty({M, Kp}, at::TensorOptions().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
   const Int8Path path = int8_path();
   auto quantize = path == Int8Path::kAvx512Vnni ? quantize_rows_vnni
                   : path == Int8Path::kAvx2     ? quantize_rows_avx2
                                                 : quantize_rows_scalar;
   auto tile = path == Int8Path::kAvx512Vnni ? tile_vnni : path == Int8Path::kAvx2 ? tile_avx2 : tile_scalar;
-  const float* xp = x.const_data_ptr<float>();
   int8_t* sp = scratch.data_ptr<int8_t>();
   float* rs = row_scale.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
-    quantize(xp, K, Kp, begin, end, sp, rs);
+    quantize(rows, Kp, begin, end, sp, rs);
   });
 
   const Epilogue e{rs, sw.const_data_ptr<float>(), b ? b->const_data_ptr<float>() : nullptr,
@@ -335,6 +364,53 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return out;
 }
 
+void check_x(const at::Tensor& x, int64_t dim, const char* shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x: expected a float32 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() == dim, "x: expected ", shape, ", got shape ", x.sizes());
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& correction,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t out_features) {
+  check_x(x_in, 2, "a (tokens, in_features) matrix");
+  TORCH_CHECK(out_features > 0, "out_features: expected a positive int, got ", out_features);
+  TORCH_CHECK(x_in.size(0) == 0 || x_in.size(1) > 0, "x: expected in_features > 0");
+  const at::Tensor x = x_in.contiguous();
+  return gemm(Rows{x.const_data_ptr<float>(), x.size(1)}, x.size(0), packed, correction, w_scale, bias, out_features,
+              "features");
+}
+
+std::array<int64_t, 2> pair(const std::vector<int64_t>& value, const char* name, int64_t least) {
+  TORCH_CHECK(value.size() == 2 && value[0] >= least && value[1] >= least, name, ": expected two ints >= ", least,
+              ", got ", c10::IntArrayRef(value));
+  return {value[0], value[1]};
+}
+
+// x: (B, H, W, C), a channels-last map's NHWC view; the packed weight's K in (ky, kx, c) order.
+// Returns (B, OH, OW, out_channels).
+at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& correction,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t out_channels,
+                       const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& stride,
+                       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  check_x(x_in, 4, "a (batch, height, width, channels) map");
+  TORCH_CHECK(out_channels > 0, "out_channels: expected a positive int, got ", out_channels);
+  const auto [kh, kw] = pair(kernel_size, "kernel_size", 1);
+  const auto [sh, sw] = pair(stride, "stride", 1);
+  const auto [ph, pw] = pair(padding, "padding", 0);
+  const auto [dh, dw] = pair(dilation, "dilation", 1);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  TORCH_CHECK(C > 0, "x: expected channels > 0");
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= dh * (kh - 1) + 1 && W + 2 * pw >= dw * (kw - 1) + 1, "x: a ", H, "x", W,
+              " map padded by (", ph, ", ", pw, ") is smaller than the (", kh, ", ", kw, ") kernel");
+  TORCH_CHECK(kh * kw * C <= kMaxK, "x: kh * kw * channels must be at most ", kMaxK, " (int32 sums), got ",
+              kh * kw * C);
+  const Rows rows{x.const_data_ptr<float>(), kh * kw * C, H, W, C, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw};
+  return gemm(rows, B * OH * OW, packed, correction, w_scale, bias, out_channels, "kh * kw * channels")
+      .view({B, OH, OW, out_channels});
+}
+
 FASTDIFF_BIND([](pybind11::module_& m) {
   m.def("int8_path", &int8_path_name,
         "The int8 GEMM path on this CPU: avx512_vnni, avx2 or scalar (capped by FASTDIFF_SIMD).");
@@ -345,6 +421,12 @@ FASTDIFF_BIND([](pybind11::module_& m) {
         pybind11::arg("w_scale"), pybind11::arg("bias"), pybind11::arg("out_features"),
         "x (M, K) fp32 quantized per row to int8, times the packed int8 weight, scaled by row scale x w_scale, "
         "plus bias: (M, out_features) fp32.");
+  m.def("int8_conv2d", &int8_conv2d, pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("correction"),
+        pybind11::arg("w_scale"), pybind11::arg("bias"), pybind11::arg("out_channels"), pybind11::arg("kernel_size"),
+        pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+        "x (B, H, W, C) fp32 (NHWC): a zero-padded convolution whose every output pixel's patch, gathered in "
+        "(ky, kx, c) order, is quantized as a row (int8_linear's); the packed weight's K in that order. "
+        "Returns (B, OH, OW, out_channels) fp32.");
 });
 
 }  // namespace

@@ -104,6 +104,9 @@ for case in t.CASES:
         assert error <= t.KERNEL_BOUND, (case.name, error)
 error = t._tile_edges_error("cpp")
 assert error <= t.KERNEL_BOUND, ("tile edges", error)
+for conv in t.CONVS:
+    error = t._conv_kernel_error(*conv, "cpp", channels=160)
+    assert error <= t.KERNEL_BOUND, (conv, error)
 """
     env = dict(os.environ, FASTDIFF_SIMD=level)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -137,26 +140,70 @@ def test_special_rows_and_inputs(backend):
                           rtol=1e-2, atol=1e-2)
 
 
+CONVS = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 2)]  # (kernel, stride, padding)
+
+
+def _conv_case(kernel, stride, padding, channels=24):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, channels, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(70, channels, kernel, kernel, generator=g) / (channels * kernel**2) ** 0.5
+    return x, weight, torch.randn(70, generator=g)
+
+
+def _conv_kernel_error(kernel, stride, padding, backend, channels=24):
+    """ops.conv2d on an Int8Weight against the twin (linear_int8 on F.unfold's patches), as
+    _kernel_error_of: max |kernel - twin| / the terms' magnitude, outputs poisoned."""
+    x, weight, bias = _conv_case(kernel, stride, padding, channels)
+    qweight = ops.quantize_weight(weight)
+    with ops.use_backend(backend), ops.poison_outputs():
+        out = ops.conv2d(x, qweight, bias, stride=stride, padding=padding)
+    patches = F.unfold(x, kernel, padding=padding, stride=stride).transpose(1, 2)  # (N, L, C*k*k)
+    twin = reference.linear_int8(patches.double(), qweight, bias.double())
+    q, row_scale = reference.quantize_rows_int8(patches)
+    magnitude = (q.abs().double() @ qweight.qweight.abs().double().T) * (row_scale.double() * qweight.scale.double())
+    magnitude = magnitude + bias.double().abs()
+    rows = out.permute(0, 2, 3, 1).reshape(twin.shape)
+    assert torch.isfinite(rows).all(), "unwritten (NaN) outputs"
+    return ((rows.double() - twin).abs() / magnitude.clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+@pytest.mark.parametrize("kernel, stride, padding", CONVS)
+def test_conv2d_kernel_matches_twin(kernel, stride, padding, backend):
+    """24 channels (a 216-wide patch) and 160 (1440: four K blocks), to fp32 rounding."""
+    errors = [_conv_kernel_error(kernel, stride, padding, backend, channels) for channels in (24, 160)]
+    assert max(errors) <= KERNEL_BOUND, f"{errors} of the terms' magnitude"
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_conv2d_kernel_makes_no_float_patches(backend, monkeypatch):
+    """The C++ convolution gathers each output pixel's patch itself: F.unfold is never called."""
+    monkeypatch.setattr(F, "unfold", lambda *args, **kwargs: pytest.fail("the C++ int8 convolution called F.unfold"))
+    x, weight, bias = _conv_case(3, 1, 1)
+    with ops.use_backend(backend):
+        assert ops.conv2d(x, ops.quantize_weight(weight), bias, padding=1).shape == (3, 70, 9, 7)
+
+
 @pytest.mark.parametrize("backend", ["reference", backend_param("cpp")])
 @pytest.mark.parametrize("kernel, stride, padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
 def test_conv2d_int8(kernel, stride, padding, backend):
-    """A 1x1 convolution is a linear over the pixels; a 3x3 one runs on F.unfold's patches (one row
-    each); a residual is added; the result is channels_last."""
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 24, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(40, 24, kernel, kernel, generator=g) / (24 * kernel**2) ** 0.5
-    bias = torch.randn(40, generator=g)
+    """A residual is added; the result is channels_last (from either memory format of x) and
+    within the quantization error of the float64 convolution; bf16 x comes back bf16."""
+    x, weight, bias = _conv_case(kernel, stride, padding)
     qweight = ops.quantize_weight(weight)
     exact = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=padding)
-    residual = torch.randn(exact.shape, generator=g)
+    residual = torch.randn(exact.shape, generator=torch.Generator().manual_seed(5))
     with ops.use_backend(backend), ops.poison_outputs():
         out = ops.conv2d(x, qweight, bias, residual=residual, stride=stride, padding=padding)
+        plain = ops.conv2d(x.contiguous(), qweight, bias, stride=stride, padding=padding)
+        low = ops.conv2d(x.bfloat16(), qweight, bias.bfloat16(), stride=stride, padding=padding)
     assert out.shape == exact.shape and out.is_contiguous(memory_format=torch.channels_last)
-    patches = F.unfold(x, kernel, padding=padding, stride=stride).transpose(1, 2)  # (N, L, C*k*k)
-    twin = reference.linear_int8(patches.double(), qweight, bias.double()).transpose(1, 2).reshape(exact.shape)
-    assert torch.allclose(out.double(), twin + residual.double(), rtol=1e-5, atol=1e-5)
+    assert plain.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, plain + residual, rtol=0, atol=1e-6 * plain.abs().max().item())
     error = ((out.double() - residual.double() - exact).norm() / exact.norm()).item()
     assert error <= WHOLE_OP_BOUND, f"relative L2 error {error:.2e}"
+    assert low.dtype == torch.bfloat16
+    assert ((low.double() - exact).norm() / exact.norm()).item() <= WHOLE_OP_BOUND
 
 
 def test_int8_errors():
@@ -208,6 +255,24 @@ def test_binding_checks_its_arguments(backend):
         C.int8_linear(x, packed, correction, scale, torch.randn(7), 70)
     with pytest.raises(RuntimeError, match="correction: expected a contiguous int32"):
         C.int8_linear(x, packed, correction.float(), scale, None, 70)
+    conv = ops.quantize_weight(torch.randn(70, 4, 3, 3))
+    conv_packed, conv_correction = C.int8_pack_weight(conv.qweight)
+    pixels = torch.randn(1, 5, 5, 4)
+
+    def conv2d(x=pixels, stride=(1, 1), padding=(1, 1)):
+        return C.int8_conv2d(x, conv_packed, conv_correction, conv.scale, None, 70, (3, 3), stride, padding, (1, 1))
+
+    assert conv2d().shape == (1, 5, 5, 70)
+    with pytest.raises(RuntimeError, match=r"x: expected a \(batch, height, width, channels\) map"):
+        conv2d(pixels[0])
+    with pytest.raises(RuntimeError, match="stride: expected two ints >= 1"):
+        conv2d(stride=(0, 1))
+    with pytest.raises(RuntimeError, match="padding: expected two ints >= 0"):
+        conv2d(padding=(1,))
+    with pytest.raises(RuntimeError, match=r"x: a 1x1 map padded by \(0, 0\) is smaller"):
+        conv2d(torch.randn(1, 1, 1, 4), padding=(0, 0))
+    with pytest.raises(RuntimeError, match=r"packed: expected shape .* kh \* kw \* channels"):
+        conv2d(torch.randn(1, 5, 5, 5))
 
 
 def _tiny_unet():

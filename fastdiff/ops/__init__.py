@@ -297,8 +297,9 @@ def conv2d(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation
     x: (N, C, H, W), either memory format; weight: (O, C / groups, kh, kw); bias: (O,) or None;
     stride, padding, dilation: an int or a pair; residual: the output's shape, or None.
     weight may be an Int8Weight (quantize_weight; groups=1): a 1x1 convolution is a linear over
-    the pixels, a larger one runs on F.unfold's patches (im2col, kh*kw times x's size in memory),
-    each pixel's or patch's input quantized as a row.
+    the pixels, a larger one quantizes each output pixel's patch as a row (the C++ kernel gathers
+    the patches itself, an int8 copy of kh*kw bytes per input value and output pixel; the reference
+    runs on F.unfold's float patches).
     Returns (N, O, H', W') in channels_last memory format. Differentiable (plain torch).
     """
     _tensor("x", x, rank=4)
@@ -343,11 +344,14 @@ def _conv2d_int8(x, weight: Int8Weight, bias, residual, *, stride, padding, dila
     if residual is not None:
         _tensor("residual", residual, rank=4)
         _residual(residual, (x.shape[0], out_channels, *out_hw))
+    if (kh, kw) != (1, 1) or stride != (1, 1) or padding != (0, 0):
+        _vector("bias", bias, out_channels)
+        _same_kind("x", x, bias=bias, residual=residual)
+        if x.device != weight.device:
+            raise ValueError(f"weight: the int8 weight is on {weight.device}, x on {x.device}")
+        return _int8_backend(x).conv2d_int8(x, weight, bias, residual, stride=stride, padding=padding, dilation=dilation)
     N = x.shape[0]
-    if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of a channels_last x
-    else:
-        rows = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of a channels_last x
     rows_residual = None if residual is None else residual.permute(0, 2, 3, 1).reshape(N, -1, out_channels)
     out = _linear_int8(rows.reshape(N, -1, rows.shape[-1]), weight, bias, rows_residual)  # (N, H'W', O)
     return out.view(N, *out_hw, out_channels).permute(0, 3, 1, 2)  # channels_last (N, O, H', W')

@@ -66,6 +66,26 @@ def linear_int8(x, weight, bias=None, residual=None):
     return out if residual is None else out + residual
 
 
+def _pack_patch_weight(qweight, shape):
+    """A convolution's (O, C*kh*kw) qweight, in F.unfold's (c, ky, kx) order, packed in
+    int8_conv2d's (ky, kx, c) order: its patches are gathered from the pixels' channel vectors."""
+    out_channels, channels, kh, kw = shape
+    return _C.int8_pack_weight(qweight.view(shape).permute(0, 2, 3, 1).reshape(out_channels, -1))
+
+
+def conv2d_int8(x, weight, bias=None, residual=None, *, stride, padding, dilation):
+    """x (N, C, H, W) against an ops.Int8Weight convolution (groups 1, zero padding; stride,
+    padding, dilation: pairs): csrc/int8_linear.cpp's int8_conv2d, which gathers and quantizes each
+    output pixel's patch itself (no F.unfold matrix). Returns channels_last (N, O, H', W')."""
+    packed, correction = weight.layout("cpp_conv", lambda q: _pack_patch_weight(q, weight.shape))
+    pixels = x.permute(0, 2, 3, 1).float()  # (N, H, W, C): a view of a channels_last x
+    out = _C.int8_conv2d(pixels, packed, correction, weight.scale, None if bias is None else bias.float(),
+                         weight.out_features, weight.kernel_size, stride, padding, dilation).to(x.dtype)
+    if residual is not None:
+        out = out + residual.permute(0, 2, 3, 1)
+    return out.permute(0, 3, 1, 2)
+
+
 def int8_path() -> str:
     """The int8 GEMM of csrc/int8_linear.cpp on this CPU: "avx512_vnni", "avx2" or "scalar"."""
     return _C.int8_path()

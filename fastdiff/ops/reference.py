@@ -146,3 +146,17 @@ def linear_int8(x, weight, bias=None, residual=None):
         out = out + bias.double()
     out = out.to(x.dtype)
     return out if residual is None else out + residual
+
+
+def conv2d_int8(x, weight, bias=None, residual=None, *, stride, padding, dilation):
+    """x: (N, C, H, W) float; weight: an ops.Int8Weight of an (O, C, kh, kw) convolution (groups 1,
+    zero padding; stride, padding, dilation: pairs). linear_int8 on F.unfold's patches, each output
+    pixel's patch a row (the im2col twin of the kernels' gathered patches). Returns channels_last
+    (N, O, H', W') in x's dtype."""
+    N, (kh, kw) = x.shape[0], weight.kernel_size
+    out_hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * ((kh, kw)[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride).transpose(1, 2)  # (N, H'W', C*kh*kw)
+    out = linear_int8(patches, weight, bias).view(N, *out_hw, weight.out_features)
+    if residual is not None:
+        out = out + residual.permute(0, 2, 3, 1)
+    return out.permute(0, 3, 1, 2)
