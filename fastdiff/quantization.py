@@ -16,8 +16,19 @@ fastdiff's fused separable convolutions (ops.separable_conv2d takes float weight
 other grouped convolutions, and any module that is not an nn.Linear / nn.Conv2d (attention
 matrices, norms, embeddings).
 
-Quantize last: Int8Weights are not parameters, so a later model.to(...), load_state_dict or
-set_ip_adapters does not reach them (state_dict() no longer lists the quantized weights).
+A quantized module keeps its int8 weight as two buffers, `qweight` (int8, (out, in * kh * kw))
+and `weight_scale` (float32, (out,)), and `module.weight` is the ops.Int8Weight made from them
+(made again, and repacked, when they are replaced or changed in place). So:
+- model.to(device) moves them; a dtype change (model.to(torch.bfloat16), .half()) reaches the
+  bias, never the int8 weight or its float32 scales;
+- state_dict() lists `<name>.qweight` and `<name>.weight_scale` instead of `<name>.weight`, and
+  load_state_dict() takes them back into a model quantized the same way (strict as usual);
+  a float `<name>.weight` for a quantized module is refused with an error naming it: load float
+  weights before quantizing, or quantize the model they load into after loading;
+- the weight cannot be replaced (`module.weight = ...` raises; changing the buffers in place
+  yourself is not seen by a packed copy already made), and IP-Adapters cannot be set on
+  a quantized cross-attention layer (UNet2DCondition.set_ip_adapters raises TypeError naming it):
+  set them first, then quantize (their K/V projections are then quantized too).
 """
 from __future__ import annotations
 
@@ -31,15 +42,59 @@ DTYPES = ("int8",)
 EXCLUDE = ("conv_in", "conv_out", "time_embedding", "time_emb_proj", "add_embedding", "class_embedding")
 
 
-class Int8Linear(nn.Linear):
+class _Int8Module:
+    """The int8 weight as buffers (qweight, weight_scale) and `weight` as their ops.Int8Weight."""
+
+    @property
+    def weight(self) -> ops.Int8Weight:
+        qweight, scale = self.qweight, self.weight_scale
+        cached = self.__dict__.get("_int8_weight")
+        # the Int8Weight holds both tensors, so the ids stay theirs while it is cached; in-place
+        # changes are not seen (inference tensors keep no version): _apply and loading drop it
+        if cached is None or cached[0] != (id(qweight), id(scale)):
+            cached = ((id(qweight), id(scale)), ops.Int8Weight(qweight, scale, self._float_weight_shape()))
+            self.__dict__["_int8_weight"] = cached
+        return cached[1]
+
+    @weight.setter
+    def weight(self, value):
+        raise AttributeError(f"weight: this {type(self).__name__} is quantized (fastdiff.quantize); its int8 weight "
+                             f"cannot be replaced: set float weights before quantizing")
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.weight_scale.device)  # the scales stay float32 whatever the dtype
+        self.__dict__.pop("_int8_weight", None)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" in state_dict:
+            error_msgs.append(f"state_dict: {prefix}weight is a float weight, but {prefix[:-1] or 'the module'} is "
+                              f"quantized (fastdiff.quantize): load float weights before quantizing (a quantized "
+                              f"model's state_dict has {prefix}qweight and {prefix}weight_scale)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.__dict__.pop("_int8_weight", None)  # the buffers took new values in place
+
+
+class Int8Linear(_Int8Module, nn.Linear):
     """An nn.Linear whose weight is an ops.Int8Weight; its call goes through ops.linear."""
+
+    def _float_weight_shape(self):
+        return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
 
 
-class Int8Conv2d(nn.Conv2d):
+class Int8Conv2d(_Int8Module, nn.Conv2d):
     """An nn.Conv2d (zero padding) whose weight is an ops.Int8Weight; its call goes through ops.conv2d."""
+
+    def _float_weight_shape(self):
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation)
@@ -61,8 +116,8 @@ def quantize(model: nn.Module, dtype: str = "int8", *, exclude=EXCLUDE, conv3x3:
 
     dtype: "int8" (W8A8, the only one). exclude: name parts whose modules, and everything under
     them, stay float (default EXCLUDE: conv_in, conv_out and the time / class / added embeddings).
-    conv3x3: also the ungrouped convolutions with larger kernels (im2col: kh*kw times the input's
-    memory per call). Returns the qualified names of the modules quantized, in order.
+    conv3x3: also the ungrouped convolutions with larger kernels (each output pixel's patch
+    quantized as a row: an int8 copy of kh*kw bytes per input value and output pixel per call). Returns the qualified names of the modules quantized, in order.
 
         names = fastdiff.quantize(pipe.unet)   # pipe.generate(...) then runs its UNet on int8 GEMMs
     """
@@ -82,8 +137,9 @@ def quantize(model: nn.Module, dtype: str = "int8", *, exclude=EXCLUDE, conv3x3:
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"model: {name}'s weight is {weight.dtype}; expected a float model")
         quantized = ops.quantize_weight(weight.detach().float())
-        del module.weight  # the parameter goes; the Int8Weight is a plain attribute
-        module.weight = quantized
+        del module.weight  # the parameter goes; the class's `weight` is the buffers' Int8Weight
         module.__class__ = Int8Linear if isinstance(module, nn.Linear) else Int8Conv2d
+        module.register_buffer("qweight", quantized.qweight)
+        module.register_buffer("weight_scale", quantized.scale)
         done.append(name)
     return done

@@ -175,6 +175,10 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
         raise CheckpointError("state_dict", f"expected a mapping of names to tensors, got {type(state_dict).__name__}")
     state_dict = _strip_wrapper_prefixes(_as_state_dict(state_dict, "state_dict"), expected)
     problems = []
+    quantized = sorted(k for k in state_dict if k.endswith(".weight") and k.removesuffix("weight") + "qweight" in expected)
+    if quantized:  # fastdiff.quantize's layers keep qweight and weight_scale instead
+        problems.append(_listing("float weights for layers quantized by fastdiff.quantize (load float weights before "
+                                 "quantizing)", quantized))
     if strict:
         missing = sorted(k for k in expected if k not in state_dict)
         unexpected = sorted(k for k in state_dict if k not in expected)

@@ -299,6 +299,9 @@ class Attention(nn.Module):
         if not (len(keys) == len(values) == len(scales)):
             raise ValueError(f"keys, values, scales: one each per adapter, got {len(keys)}, {len(values)}, {len(scales)}")
         kv_weight = (self.to_kv if self.shared_kv else self.to_k).weight
+        if keys and not isinstance(kv_weight, torch.Tensor):
+            raise TypeError("keys, values: this attention layer is quantized (fastdiff.quantize); set IP-Adapters "
+                            "before quantizing")
         inner, context_dim = kv_weight.shape
         projections = []
         for name, weights in (("keys", keys), ("values", values)):

@@ -376,6 +376,9 @@ class UNet2DCondition(ConditionalUNet):
         if len(counts) > 1:
             raise ValueError(f"layers: every layer needs the same number of IP-Adapters, got {sorted(counts)}")
         for name, layer in targets.items():  # shapes first: a bad one leaves every layer as it was
+            if layers.get(name) and not isinstance((layer.to_kv if layer.shared_kv else layer.to_k).weight, torch.Tensor):
+                raise TypeError(f"layers[{name!r}]: this layer is quantized (fastdiff.quantize); set IP-Adapters "
+                                f"before quantizing")
             inner, context_dim = layer.to_q.weight.shape[0], self.cross_attention_dim
             for k, v, _ in layers.get(name, []):
                 if tuple(k.shape) != (inner, context_dim) or tuple(v.shape) != (inner, context_dim):

@@ -5,7 +5,8 @@ in [-127, 127] (fastdiff.ops.reference.quantize_weight_int8). The activations ar
 row (per token) on every call, so nothing is calibrated. Make one with ops.quantize_weight; pass it
 where the float weight went. A backend that runs int8 packs qweight into its kernel's layout on
 first use and keeps that copy here (`layout`): ~2 bytes per weight in all, against fp32's 4.
-Not a tensor and not a parameter: module.to(), state_dict() and autograd do not see it.
+Not a tensor and not a parameter: module.to(), state_dict() and autograd do not see it (the
+modules of fastdiff.quantize keep its two tensors as buffers and make it from them).
 """
 from __future__ import annotations
 
