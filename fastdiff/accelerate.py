@@ -32,6 +32,8 @@ import torch.nn as nn
 
 from fastdiff.models.unet_2d_condition import UNet2DCondition
 from fastdiff.models.vae import AutoencoderKL
+from fastdiff.quantization import check_quantize, is_quantized
+from fastdiff.quantization import quantize as quantize_model
 from fastdiff.requests import resolve_dtype
 
 __all__ = ["accelerate", "UnsupportedError", "DiffusersUNet", "DiffusersVAE"]
@@ -50,23 +52,29 @@ class UnsupportedError(NotImplementedError):
     """A diffusers feature fastdiff.accelerate does not run; the message names it."""
 
 
-def accelerate(pipe, *, dtype=None):
+def accelerate(pipe, *, dtype=None, quantize=None):
     """Replace `pipe.unet` and `pipe.vae` with fastdiff-backed modules; returns `pipe` (changed in place).
 
     dtype: None (the UNet's own dtype), a torch.dtype or a name ("bf16", "fp32", ...): what the
-    fastdiff models compute in. Raises TypeError if `pipe` has no `unet` and `vae`, UnsupportedError
+    fastdiff models compute in. quantize: None, or "int8": the fastdiff UNet's linear and 1x1
+    convolution weights in int8 (fastdiff.quantize; also on an already accelerated pipe). A quantized
+    UNet is not saved back to diffusers (its float weights were not kept), and IP-Adapters must be
+    loaded before accelerating with quantize. Raises TypeError if `pipe` has no `unet` and `vae`, UnsupportedError
     for a feature fastdiff does not run (a UNet or VAE class other than diffusers' UNet2DConditionModel
     and AutoencoderKL among them).
     """
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers import UNet2DConditionModel
 
+    check_quantize(quantize)
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if isinstance(unet, DiffusersUNet) and isinstance(vae, DiffusersVAE):  # again: a no-op unless the dtype changes
+    if isinstance(unet, DiffusersUNet) and isinstance(vae, DiffusersVAE):  # again: a no-op unless dtype/quantize change
         wanted = unet.model.dtype if dtype is None else resolve_dtype(dtype, unet.device)
         if wanted != unet.model.dtype:
             raise UnsupportedError(f"dtype: pipe is already accelerated in {unet.model.dtype}; accelerate the plain "
                                    f"pipeline to run in {wanted}")
+        if quantize and not is_quantized(unet.model):
+            quantize_model(unet.model, quantize)
         _wrap_pipeline_methods(pipe)  # e.g. a pipeline built from an accelerated one's components
         return pipe
     if unet is None or vae is None:
@@ -80,6 +88,8 @@ def accelerate(pipe, *, dtype=None):
     compute_dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, unet.device)
     new_unet = DiffusersUNet.from_diffusers(unet, compute_dtype)
     new_vae = DiffusersVAE.from_diffusers(vae, compute_dtype)
+    if quantize:
+        quantize_model(new_unet.model, quantize)
     pipe.unet, pipe.vae = new_unet, new_vae
     _wrap_pipeline_methods(pipe)
     return pipe
@@ -408,6 +418,9 @@ class DiffusersUNet(_Adapter):
         self.model.set_ip_adapters(_ip_layers(processors, "set_attn_processor"))
 
     def _check_saveable(self, what: str):
+        if is_quantized(self.model):
+            raise UnsupportedError(f"{what}: saving a UNet that fastdiff.accelerate(quantize=...) quantized is not "
+                                   f"supported (its float weights were not kept); save the pipeline before accelerating it")
         if self.encoder_hid_proj is not None or self.model.num_ip_adapters:
             raise UnsupportedError(f"{what}: saving a UNet with an IP-Adapter loaded is not supported by "
                                    f"fastdiff.accelerate (diffusers keeps IP-Adapter weights apart: "
@@ -573,8 +586,8 @@ class _CallableModule(types.ModuleType):
     the function the package exports lazily; calling the module calls the function, so
     fastdiff.accelerate(pipe) works whichever of the two the name holds."""
 
-    def __call__(self, pipe, *, dtype=None):
-        return accelerate(pipe, dtype=dtype)
+    def __call__(self, pipe, *, dtype=None, quantize=None):
+        return accelerate(pipe, dtype=dtype, quantize=quantize)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -13,6 +13,7 @@ import torch
 import fastdiff
 import fastdiff.ops as ops
 from fastdiff import hardware
+from fastdiff.quantization import DTYPES as QUANTIZE_DTYPES
 from fastdiff.requests import EditRequest, GenerateRequest, PipelineError
 
 
@@ -127,8 +128,8 @@ def _run(args, kind: str, request) -> int:
 
     from fastdiff.api import get_pipeline
 
-    pipe = get_pipeline(args.model, kind, args.dtype)
-    print(f"model: {pipe.name}")
+    pipe = get_pipeline(args.model, kind, args.dtype, args.quantize)
+    print(f"model: {pipe.name}" + (f", UNet on {pipe.quantized} weights" if pipe.quantized else ""))
     start = time.perf_counter()
     paths = _save(pipe.run(request), args.output)
     print(f"wrote {', '.join(paths)} in {time.perf_counter() - start:.2f} s")
@@ -172,6 +173,8 @@ def _edit_mgie(args) -> int:
             raise PipelineError(f"--{flag}", "needed for an MGIE edit (--mgie MGIE_DIR --llava LLAVA_DIR --ip2p IP2P_DIR)")
     if args.model is not None:
         raise PipelineError("--model", "not with --mgie (MGIE's editor is the --ip2p folder)")
+    if args.quantize is not None:
+        raise PipelineError("--quantize", "not with --mgie (fastdiff.MGIE runs float weights)")
     check_instruction(args.instruction)
     start = time.perf_counter()
     # 7B weights: bf16 unless asked otherwise (fp32 would need ~27 GB)
@@ -270,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[common], help="version, backends, CPU features, devices").set_defaults(run=_info)
     model_help = ("a diffusers-format folder, or an embedded default: toyworld (default, trained on fastdiff.toyworld), "
                   "or the UNTRAINED mobilediffusion or small, for timing ($FASTDIFF_MODEL)")
+    quantize_help = "int8: the UNet's linear and 1x1 convolution weights in int8 (W8A8; default: float)"
     gen = sub.add_parser("generate", parents=[common], help="text to image")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, ...)")
@@ -283,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", help="euler_ancestral, euler, ddim, dpmpp_2m or x0 (default: the model's)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), default="fp32", help="fp16 runs on CUDA only")
+    gen.add_argument("--quantize", choices=QUANTIZE_DTYPES, help=quantize_help)
     _add_cache_arguments(gen)
     gen.set_defaults(run=_generate)
     ed = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
@@ -296,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--sampler", help="euler_ancestral, euler, ddim or dpmpp_2m (default: the model's)")
     ed.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), help="default fp32 (bf16 with --mgie); fp16 runs on CUDA only")
+    ed.add_argument("--quantize", choices=QUANTIZE_DTYPES, help=quantize_help)
     _add_cache_arguments(ed)
     ed.add_argument("--mgie", metavar="MGIE_DIR", help="MGIE end to end: its unet.pt and mllm.pt (with --llava, --ip2p)")
     ed.add_argument("--llava", metavar="LLAVA_DIR", help="MGIE: the LLaVA-7B-v1 folder")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.pipeline import Pipeline
+from fastdiff.quantization import check_quantize
 from fastdiff.requests import Defaults, PipelineError
 
 SEED = 0
@@ -96,24 +97,29 @@ def _tiny_vae(fields, dtype):
 MODELS = (TRAINED, *SIZES)  # the names model=/FASTDIFF_MODEL/--model accept besides a folder
 
 
-def _trained_pipeline(kind: str, dtype: torch.dtype) -> Pipeline:
+def _trained_pipeline(kind: str, dtype: torch.dtype, quantize: str | None) -> Pipeline:
     folder = WEIGHTS / kind
     if not (folder / "model_index.json").is_file():
         raise PipelineError("model", f"the trained default's weights are missing from {folder}; "
                             f"`make train-default` trains and writes them")
-    pipe = Pipeline.from_pretrained(folder, dtype=dtype)
+    pipe = Pipeline.from_pretrained(folder, dtype=dtype, quantize=quantize)
     pipe.name = f"fastdiff-{TRAINED}-{kind} (trained on fastdiff.toyworld)"
     return pipe
 
 
-@functools.lru_cache(maxsize=4)
 def default_pipeline(kind: str = "generate", size: str = TRAINED, dtype: torch.dtype = torch.float32,
-                     vae: str | None = None) -> Pipeline:
+                     vae: str | None = None, quantize: str | None = None) -> Pipeline:
     """A default pipeline (cached): kind "generate" (MobileDiffusion) or "edit" (the editor); size
     "toyworld" (TRAINED, 128x128, from WEIGHTS), or UNTRAINED "mobilediffusion" (paper size,
     512x512) or "small" (128x128, for quick runs); vae (untrained only) "tiny" (AutoencoderTiny,
     text-to-image's default) or "kl" (AutoencoderKL, the editor's: its UNet takes the KL VAE's
-    unscaled image latents); the trained models have their own KL VAE."""
+    unscaled image latents); the trained models have their own KL VAE. quantize: None or "int8"
+    (Pipeline.quantize: the UNet's linear and 1x1 convolution weights)."""
+    return _default_pipeline(kind, size, dtype, vae, check_quantize(quantize))  # one cache key per pipeline
+
+
+@functools.lru_cache(maxsize=4)
+def _default_pipeline(kind: str, size: str, dtype: torch.dtype, vae: str | None, quantize: str | None) -> Pipeline:
     if kind not in ("generate", "edit"):
         raise ValueError(f"kind: expected 'generate' or 'edit', got {kind!r}")
     if size not in MODELS:
@@ -121,7 +127,7 @@ def default_pipeline(kind: str = "generate", size: str = TRAINED, dtype: torch.d
     if size == TRAINED:
         if vae is not None:
             raise ValueError(f"vae: the {TRAINED} models have their own VAE, got {vae!r}")
-        return _trained_pipeline(kind, dtype)
+        return _trained_pipeline(kind, dtype, quantize)
     vae = vae or ("tiny" if kind == "generate" else "kl")
     allowed = ("tiny", "kl") if kind == "generate" else ("kl",)
     if vae not in allowed:
@@ -157,4 +163,10 @@ def default_pipeline(kind: str = "generate", size: str = TRAINED, dtype: torch.d
                             size=64 * vae.config.downscale if size == "mobilediffusion" else 128)
         scheduler = {"_class_name": "EulerAncestralDiscreteScheduler", **SD_SCHEDULE}
     name = f"fastdiff-default-{'mobilediffusion' if kind == 'generate' else 'editor'}{'-small' if size == 'small' else ''} ({LABEL})"
-    return Pipeline(unet=unet, vae=vae, scheduler_config=scheduler, text_encoder=text_encoder, defaults=defaults, name=name)
+    pipe = Pipeline(unet=unet, vae=vae, scheduler_config=scheduler, text_encoder=text_encoder, defaults=defaults, name=name)
+    if quantize:
+        pipe.quantize(quantize)
+    return pipe
+
+
+default_pipeline.cache_clear = _default_pipeline.cache_clear  # forget every built pipeline

@@ -26,6 +26,8 @@ import torch
 from fastdiff import loading
 from fastdiff.images import image_to_tensor, load_image, tensor_to_images
 from fastdiff.jobs import Job, StepCache, step_jobs
+from fastdiff.quantization import check_quantize
+from fastdiff.quantization import quantize as quantize_model
 from fastdiff.requests import (DEFAULT_MAX_PIXELS, Defaults, EditRequest, GenerateRequest, Guidance, PipelineError, Request,
                                build_request, choose_guidance, describe, max_pixels_limit, resolve_dtype)
 from fastdiff.samplers import Sampler, make_sampler
@@ -149,6 +151,7 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config)
         self.edit_head, self.img_token_embeddings = edit_head, img_token_embeddings
         self.name = name
+        self.quantized = None  # "int8" once quantize() ran
         self.max_pixels = max_pixels_limit(max_pixels)
         self.latent_channels = vae.config.latent_channels
         self.vae_scale = vae.config.downscale
@@ -211,13 +214,14 @@ class Pipeline:
 
     def __repr__(self):
         kind = "editor" if self.is_editor else "text-to-image"
-        return f"Pipeline({self.name or type(self.unet).__name__}, {kind}, {self.dtype}, {self.device})"
+        quantized = f", {self.quantized} weights" if self.quantized else ""
+        return f"Pipeline({self.name or type(self.unet).__name__}, {kind}, {self.dtype}{quantized}, {self.device})"
 
     # -- loading ------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder, *, dtype=None, device=None, mgie=None, vae=None,
-                        max_pixels=DEFAULT_MAX_PIXELS) -> "Pipeline":
+                        max_pixels=DEFAULT_MAX_PIXELS, quantize=None) -> "Pipeline":
         """Load a diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
 
         dtype: None (float32), a torch.dtype or "fp32"/"float32"/"bf16"/"bfloat16" ("fp16"/"float16"
@@ -230,11 +234,25 @@ class Pipeline:
         (vae/ must be an AutoencoderTiny; nothing is downloaded, so otherwise PipelineError) or a
         diffusers VAE folder used instead of vae/, e.g. a TAESD (AutoencoderTiny) folder: its latents
         are already in the UNet's space (scaling_factor 1.0), so text-to-image only. Problems raise
-        PipelineError naming the folder part.
+        PipelineError naming the folder part. quantize: None, or "int8" to run the UNet's linear and
+        1x1 convolution weights in int8 (Pipeline.quantize).
         """
+        check_quantize(quantize)
         dtype = resolve_dtype(dtype, device)
         parts = loading.load_pipeline_parts(Path(folder), dtype=dtype, device=device, mgie=mgie, vae=vae)
-        return cls(**parts, max_pixels=max_pixels)
+        pipe = cls(**parts, max_pixels=max_pixels)
+        if quantize:
+            pipe.quantize(quantize)
+        return pipe
+
+    def quantize(self, dtype: str = "int8") -> list[str]:
+        """The UNet's nn.Linear and 1x1 convolution weights to int8 (W8A8, fastdiff.quantize's
+        defaults: conv_in/conv_out, the time and added embeddings, the 3x3 and separable convolutions
+        stay in float), in place; the text encoder, the VAE and an edit head stay float (they run
+        once per image). Returns the quantized modules' names."""
+        names = quantize_model(self.unet, dtype)
+        self.quantized = dtype
+        return names
 
     # -- checking a request against this model ------------------------------------------------
 

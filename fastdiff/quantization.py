@@ -39,6 +39,19 @@ from fastdiff import ops
 from fastdiff.models.layers import SeparableConv2d
 
 DTYPES = ("int8",)
+
+
+def check_quantize(value, name: str = "quantize"):
+    """A `quantize=` argument (loading, accelerate, the CLI): None (float weights) or one of DTYPES;
+    anything else raises ValueError naming `name`."""
+    if value is not None and (not isinstance(value, str) or value not in DTYPES):
+        raise ValueError(f"{name}: expected None or one of {DTYPES}, got {value!r}")
+    return value
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether fastdiff.quantize converted any of `model`'s modules."""
+    return any(isinstance(m, _Int8Module) for m in model.modules())
 EXCLUDE = ("conv_in", "conv_out", "time_embedding", "time_emb_proj", "add_embedding", "class_embedding")
 
 
@@ -121,7 +134,7 @@ def quantize(model: nn.Module, dtype: str = "int8", *, exclude=EXCLUDE, conv3x3:
 
         names = fastdiff.quantize(pipe.unet)   # pipe.generate(...) then runs its UNet on int8 GEMMs
     """
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -1,16 +1,26 @@
 """fastdiff.quantize's modules as torch modules: the int8 weight as buffers that .to(),
 state_dict() and load_state_dict() carry; float weights and IP-Adapters refused by name once
-quantized."""
+quantized. And the user's doors: quantize="int8" in Pipeline.from_pretrained, the embedded
+defaults, fastdiff.generate/edit and fastdiff.accelerate, and the CLI's --quantize."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import fastdiff
 import fastdiff.ops as ops
+from fastdiff import cli
+from fastdiff.accelerate import UnsupportedError
+from fastdiff.api import get_pipeline
+from fastdiff.default_model import default_pipeline
+from fastdiff.loading import save_pipeline
 from fastdiff.models.checkpoint import CheckpointError
 from fastdiff.models.unet_2d_condition import UNet2DCondition, UNet2DConditionConfig
+from fastdiff.pipeline import Pipeline
+from fastdiff.quantization import is_quantized
 
 
 def _unet(seed):
@@ -98,3 +108,87 @@ def test_ip_adapters_set_before_quantizing_are_quantized():
     model.set_ip_adapters({layer_name: [(torch.randn(inner, 32), torch.randn(inner, 32), 1.0)]})
     names = fastdiff.quantize(model)
     assert f"{layer_name}.to_k_ip.0" in names and f"{layer_name}.to_v_ip.0" in names
+
+
+# -- the doors: quantize="int8" where pipelines are loaded, accelerate, the CLI -------------------
+
+BAD_QUANTIZE = r"quantize: expected None or one of \('int8',\), got 'int4'"
+# The small (untrained) default text-to-image pipeline's 8-bit image, int8 against fp32: 1.8e-2
+# relative L2 measured (seed 0).
+SMALL_IMAGE_BOUND = 3e-2
+
+
+def _image(pipe):
+    return torch.from_numpy(np.asarray(pipe.generate("a red circle", seed=0, progress=False)[0], dtype=np.float64) / 255)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pipelines_load_quantized(tmp_path):
+    """default_pipeline / fastdiff.generate's get_pipeline and Pipeline.from_pretrained take
+    quantize="int8": the UNet is quantized (not the cached float pipeline), the image stays close."""
+    plain = default_pipeline("generate", "small")
+    quantized = get_pipeline("small", "generate", quantize="int8")
+    assert quantized is not plain and not is_quantized(plain.unet) and is_quantized(quantized.unet)
+    assert quantized.quantized == "int8" and "int8 weights" in repr(quantized)
+    assert not is_quantized(quantized.vae) and not is_quantized(quantized.text_encoder.model)
+    reference, image = _image(plain), _image(quantized)
+    error = ((image - reference).norm() / reference.norm()).item()
+    assert 0 < error <= SMALL_IMAGE_BOUND, f"relative L2 error {error:.2e} of the int8 image"
+
+    save_pipeline(plain, tmp_path / "small")
+    loaded = Pipeline.from_pretrained(tmp_path / "small", quantize="int8")
+    assert is_quantized(loaded.unet) and torch.equal(_image(loaded), image)
+
+
+def test_bad_quantize_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match=BAD_QUANTIZE):
+        Pipeline.from_pretrained(tmp_path / "missing", quantize="int4")  # before looking at the folder
+    with pytest.raises(ValueError, match=BAD_QUANTIZE):
+        fastdiff.generate("a cat", model="small", quantize="int4")
+    with pytest.raises(ValueError, match=BAD_QUANTIZE):
+        fastdiff.accelerate(object(), quantize="int4")
+    with pytest.raises(ValueError, match=r"quantize: expected None or one of \('int8',\), got True"):
+        default_pipeline("edit", "small", quantize=True)
+
+
+def test_cli_quantize_flag(tmp_path, capsys):
+    out = tmp_path / "int8.png"
+    assert cli.main(["generate", "a cat", "-o", str(out), "--model", "small", "--quantize", "int8"]) == 0
+    assert Image.open(out).size == (default_pipeline("generate", "small").defaults.size,) * 2
+    assert ", UNet on int8 weights" in capsys.readouterr().out
+    for command in (["generate", "a cat"], ["edit", "in.png", "make it blue"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "-o", str(out), "--quantize", "int4"])
+        assert "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    assert cli.main(["edit", str(tmp_path / "in.png"), "make it snowy", "-o", str(out), "--quantize", "int8",
+                     "--mgie", "m", "--llava", "l", "--ip2p", "i"]) == 1
+    assert "--quantize: not with --mgie" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_accelerate_quantizes_the_unet(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from test_pipeline import SD_SCHEDULER, tiny_parts, tiny_unet
+
+    tokenizer, text_encoder, vae = tiny_parts(tmp_path)
+    diffusers.StableDiffusionPipeline(
+        unet=tiny_unet(4, 2), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=diffusers.PNDMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(tmp_path / "t2i")
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return torch.from_numpy(pipe("a red cat", num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images).double()
+
+    plain = fastdiff.accelerate(diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "t2i"))
+    reference = run(plain)
+    assert not is_quantized(plain.unet.model)
+    quantized = fastdiff.accelerate(diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "t2i"), quantize="int8")
+    assert is_quantized(quantized.unet.model)
+    assert ((run(quantized) - reference).norm() / reference.norm()).item() <= SMALL_IMAGE_BOUND
+    fastdiff.accelerate(plain, quantize="int8")  # an accelerated pipe is quantized in place
+    assert is_quantized(plain.unet.model)
+    with pytest.raises(UnsupportedError, match="saving a UNet that fastdiff.accelerate\\(quantize=...\\) quantized"):
+        plain.save_pretrained(tmp_path / "saved")
