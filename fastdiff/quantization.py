@@ -18,15 +18,17 @@ matrices, norms, embeddings).
 
 A quantized module keeps its int8 weight as two buffers, `qweight` (int8, (out, in * kh * kw))
 and `weight_scale` (float32, (out,)), and `module.weight` is the ops.Int8Weight made from them
-(made again, and repacked, when they are replaced or changed in place). So:
+(made again when they are replaced; repacked when qweight is changed in place: ops.Int8Weight
+keeps its packed copy only while qweight's version counter is unchanged). So:
 - model.to(device) moves them; a dtype change (model.to(torch.bfloat16), .half()) reaches the
   bias, never the int8 weight or its float32 scales;
 - state_dict() lists `<name>.qweight` and `<name>.weight_scale` instead of `<name>.weight`, and
   load_state_dict() takes them back into a model quantized the same way (strict as usual);
   a float `<name>.weight` for a quantized module is refused with an error naming it: load float
   weights before quantizing, or quantize the model they load into after loading;
-- the weight cannot be replaced (`module.weight = ...` raises; changing the buffers in place
-  yourself is not seen by a packed copy already made), and IP-Adapters cannot be set on
+- the weight cannot be replaced (`module.weight = ...` raises; new values copied into the
+  buffers in place are used from the next call, as torch sees them: through the buffers, not
+  through `.data`: fastdiff.ops._packing), and IP-Adapters cannot be set on
   a quantized cross-attention layer (UNet2DCondition.set_ip_adapters raises TypeError naming it):
   set them first, then quantize (their K/V projections are then quantized too).
 """
@@ -62,8 +64,8 @@ class _Int8Module:
     def weight(self) -> ops.Int8Weight:
         qweight, scale = self.qweight, self.weight_scale
         cached = self.__dict__.get("_int8_weight")
-        # the Int8Weight holds both tensors, so the ids stay theirs while it is cached; in-place
-        # changes are not seen (inference tensors keep no version): _apply and loading drop it
+        # the Int8Weight holds both tensors, so the ids stay theirs while it is cached; it repacks
+        # qweight after in-place changes itself (ops.Int8Weight.layout)
         if cached is None or cached[0] != (id(qweight), id(scale)):
             cached = ((id(qweight), id(scale)), ops.Int8Weight(qweight, scale, self._float_weight_shape()))
             self.__dict__["_int8_weight"] = cached
@@ -90,7 +92,7 @@ class _Int8Module:
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self.__dict__.pop("_int8_weight", None)  # the buffers took new values in place
+        self.__dict__.pop("_int8_weight", None)  # with assign=True the old buffers would stay held by it
 
 
 class Int8Linear(_Int8Module, nn.Linear):

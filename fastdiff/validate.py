@@ -176,7 +176,7 @@ def compare_models(folder=None, backends=("reference", "cpp")) -> list[dict]:
         runs["unet"] = (lambda m, dt: m(sample.to(dt), 500, context.to(dt)), lambda: d_unet(sample, 500, context).sample,
                         lambda dt: UNet2DCondition.from_diffusers(d_unet, dtype=dt))
     rows = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the bf16 copies made in it would be packed again on every call
         for name, (run_fast, run_ref, build) in sorted(runs.items(), key=lambda item: not item[0].startswith("unet")):
             ref = run_ref().double()
             if name.startswith("unet (MobileDiffusion)"):

@@ -157,6 +157,54 @@ def test_a_changed_weight_is_repacked(backend):
                                        rtol=1e-5, atol=1e-5)
 
 
+MODES = [pytest.param(torch.inference_mode, id="inference_mode"), pytest.param(torch.no_grad, id="no_grad")]
+LAYERS = {"linear": (lambda: torch.nn.Linear(48, 40), (5, 48), lambda layer, x: ops.linear(x, layer.weight, layer.bias)),
+          "conv2d": (lambda: torch.nn.Conv2d(24, 16, 3, padding=1), (1, 24, 7, 7),
+                     lambda layer, x: ops.conv2d(x, layer.weight, layer.bias, padding=1))}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", sorted(LAYERS))
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_load_state_dict_after_a_call_is_seen(backend, op, dtype, mode):
+    """A layer made, run, given another layer's weights by load_state_dict (an in-place copy into the
+    same storage) and run again, all under inference_mode or no_grad: the output is the other
+    layer's. Under inference_mode the weights are inference tensors, which keep no version counter:
+    their packed copy used to be reused, stale."""
+    make, shape, call = LAYERS[op]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ops.reset_warnings()
+    with warnings.catch_warnings(record=True) as record, mode(), ops.use_backend(backend):
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        layer = make().to(dtype)
+        torch.manual_seed(1)
+        other = make().to(dtype)
+        first = call(layer, x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(call(layer, x), call(other, x))
+        assert not torch.equal(first, call(other, x))
+    packed_every_call = [w for w in record if "packed copy is made again on every call" in str(w.message)]
+    assert len(packed_every_call) == (1 if mode is torch.inference_mode else 0), [str(w.message) for w in record]
+
+
+@pytest.mark.parametrize("backend", [backend_param("cpp")])
+def test_a_swapped_storage_is_repacked_even_at_a_reused_address(backend):
+    """`weight.data = ...` (as module.to() does) keeps the version counter; a new storage that the
+    allocator places where the packed one was must not pass for it."""
+    g = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(1024, 1024)
+    x = torch.randn(4, 1024, generator=g)
+    with torch.no_grad(), ops.use_backend(backend):
+        for _ in range(8):  # freed and allocated alternately: glibc hands the first address back after a few rounds
+            ops.linear(x, linear.weight, linear.bias)
+            linear.weight.data = torch.randn(1024, 1024, generator=g)
+            linear.weight.data = torch.randn(1024, 1024, generator=g)
+            torch.testing.assert_close(ops.linear(x, linear.weight, linear.bias),
+                                       reference.linear(x, linear.weight, linear.bias), rtol=1e-4, atol=1e-3)
+
+
 @pytest.fixture
 def cpp_missing():
     """Pretend the C++ extension failed to build."""

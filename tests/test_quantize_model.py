@@ -37,7 +37,7 @@ def _inputs():
     return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g)
 
 
-@torch.no_grad()  # not inference_mode: its tensors keep no version, and the fp32 oneDNN layers' packed weights would go stale
+@torch.no_grad()
 def test_state_dict_round_trip():
     """A quantized model's state_dict (int8 qweight and float32 weight_scale per quantized layer)
     loads into another model quantized the same way, already run once (its packed weights are made
@@ -55,6 +55,65 @@ def test_state_dict_round_trip():
     after = other(*_inputs())
     assert not torch.equal(before, after)
     assert torch.equal(after, model(*_inputs()))
+
+
+MODES = [pytest.param(torch.inference_mode, id="inference_mode"), pytest.param(torch.no_grad, id="no_grad")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_load_state_dict_after_a_call_is_seen(mode):
+    """Two models made, quantized (3x3 convolutions too) and run under inference_mode or no_grad;
+    one loads the other's state_dict: it then gives the other's output. Under inference_mode the
+    float layers (conv_in, conv_out, the time embedding) hold inference tensors, which keep no
+    version counter: their packed copies used to be reused, stale."""
+    with mode():
+        model, other = _unet(0), _unet(1)
+        fastdiff.quantize(model, conv3x3=True)
+        fastdiff.quantize(other, conv3x3=True)
+        first = model(*_inputs())
+        model.load_state_dict(other.state_dict())
+        expected = other(*_inputs())
+        assert torch.equal(model(*_inputs()), expected)
+        assert not torch.equal(first, expected)
+
+
+def _int8_layer(kind, seed):
+    torch.manual_seed(seed)
+    layer = nn.Sequential(nn.Linear(48, 40) if kind == "linear" else nn.Conv2d(24, 16, 3, padding=1))
+    assert fastdiff.quantize(layer, conv3x3=True) == ["0"]
+    return layer[0], torch.randn((5, 48) if kind == "linear" else (1, 24, 7, 7), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_values_copied_into_the_int8_buffers_are_used(kind, mode):
+    """New values copied in place into a quantized layer's qweight and weight_scale (through the
+    buffers, as load_state_dict does) are used from the next call: the packed qweight is made again."""
+    with mode():
+        layer, x = _int8_layer(kind, 0)
+        other, _ = _int8_layer(kind, 1)
+        first = layer(x)
+        for name in ("qweight", "weight_scale", "bias"):
+            getattr(layer, name).copy_(getattr(other, name))
+        assert torch.equal(layer(x), other(x))
+        assert not torch.equal(first, other(x))
+
+
+def test_an_int8_weight_of_inference_tensors_is_packed_on_every_call():
+    """An ops.Int8Weight made by hand from inference tensors: no version counter tells whether its
+    qweight changed, so its kernel layout is made on every call (warned once), never kept stale."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 32, generator=g)
+    new = ops.quantize_weight(torch.randn(8, 32, generator=g))
+    ops.reset_warnings()
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="packed copy is made again on every call"):
+        old = ops.quantize_weight(torch.randn(8, 32, generator=g))
+        weight = ops.Int8Weight(old.qweight.clone(), old.scale.clone(), old.shape)
+        assert weight.qweight.is_inference()
+        torch.testing.assert_close(ops.linear(x, weight), ops.linear(x, old), rtol=0, atol=0)
+        weight.qweight.copy_(new.qweight)
+        weight.scale.copy_(new.scale)
+        torch.testing.assert_close(ops.linear(x, weight), ops.linear(x, new), rtol=0, atol=0)
 
 
 @torch.inference_mode()

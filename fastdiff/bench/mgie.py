@@ -157,7 +157,7 @@ def run(args) -> int:
     rows = [[name, *(f"{v:.3g}" for v in values)] for name, values in mllm]
     print(format_table(["MLLM", "prefill tok/s", "decode tok/s", "prefill tok/s @32L", "decode tok/s @32L"], rows))
     if not args.skip_diffusion:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the UNet's weights made in it would be packed again on every call
             steps = _diffusion_rows(args, dtype)
         fast = steps[0][1]
         print()

@@ -168,7 +168,7 @@ def run(args) -> int:
     backend = ops.selected_name("cpu")
     print(f"UNet step: {args.model} at {args.res}x{args.res}, batch {args.batch}, fastdiff {args.dtype} on the {backend} "
           f"backend, {torch.get_num_threads()} threads; median of {args.repeats}; speedup = baseline / fastdiff")
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: weights made in it would be packed again on every call
         flops, results = (_mobilediffusion_rows if args.model == "mobilediffusion" else _sd_rows)(args, dtype)
     peaks = {name: compute_peak(_DTYPES[name]) for name in dict.fromkeys(d for _, d, _ in results)}
     print(f"{flops / 1e9:.4g} GFLOP per step (fastdiff.models.flops); % of peak against "

@@ -212,7 +212,8 @@ def quantize_weight(weight) -> Int8Weight:
     if weight.dim() not in (2, 4) or weight.numel() == 0:
         raise ValueError(f"weight: expected a non-empty (out_features, in_features) or (out, in, kh, kw) tensor, "
                          f"got shape {tuple(weight.shape)}")
-    qweight, scale = reference.quantize_weight_int8(weight.detach().flatten(1))
+    with torch.inference_mode(False):  # qweight with a version counter, so its packed copy can be kept
+        qweight, scale = reference.quantize_weight_int8(weight.detach().flatten(1))
     return Int8Weight(qweight, scale, tuple(weight.shape))
 
 

@@ -131,9 +131,7 @@ def select(op: str, device_type: str):
     why = _runnable_on(auto, device_type)
     if why is None:
         return _modules[auto]
-    if auto not in _warned:
-        _warned.add(auto)
-        warnings.warn(f"fastdiff: {auto} backend unavailable ({why}); using the reference backend", RuntimeWarning, stacklevel=3)
+    warn_once(auto, f"fastdiff: {auto} backend unavailable ({why}); using the reference backend", stacklevel=4)
     return _import("reference")
 
 
@@ -144,12 +142,17 @@ def reference_for(op: str, module, reason: str):
     reference = _import("reference")
     if module is reference:
         return module
-    key = f"{op}: {reason}"
+    warn_once(f"{op}: {reason}", f"fastdiff.ops.{op}: {reason}; running it on the reference backend (plain PyTorch)",
+              stacklevel=4)
+    return reference
+
+
+def warn_once(key: str, message: str, stacklevel: int = 3):
+    """A RuntimeWarning with `message` the first time `key` comes up in this process (again after
+    reset_warnings)."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"fastdiff.ops.{op}: {reason}; running it on the reference backend (plain PyTorch)",
-                      RuntimeWarning, stacklevel=3)
-    return reference
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def selected_name(device_type: str) -> str:
@@ -160,8 +163,8 @@ def selected_name(device_type: str) -> str:
 
 def reset_warnings():
     """Forget which fallbacks were warned about (a backend unavailable, a call the kernels do not
-    cover): each warns again, once, the next time it happens. For an application that reports
-    warnings per job, or a test that expects one."""
+    cover, a weight packed on every call): each warns again, once, the next time it happens. For
+    an application that reports warnings per job, or a test that expects one."""
     _warned.clear()
 
 

@@ -4,7 +4,9 @@ Per output channel, symmetric: scale[o] = max|w[o]| / 127 (float32), qweight = r
 in [-127, 127] (fastdiff.ops.reference.quantize_weight_int8). The activations are quantized per
 row (per token) on every call, so nothing is calibrated. Make one with ops.quantize_weight; pass it
 where the float weight went. A backend that runs int8 packs qweight into its kernel's layout on
-first use and keeps that copy here (`layout`): ~2 bytes per weight in all, against fp32's 4.
+first use and keeps that copy here (`layout`): ~2 bytes per weight in all, against fp32's 4. The
+copy is made again when qweight changed in place (its version counter, fastdiff.ops._packing); the
+scales are read on every call.
 Not a tensor and not a parameter: module.to(), state_dict() and autograd do not see it (the
 modules of fastdiff.quantize keep its two tensors as buffers and make it from them).
 """
@@ -14,6 +16,8 @@ import threading
 from typing import Callable
 
 import torch
+
+from ._packing import stamp
 
 
 class Int8Weight:
@@ -26,7 +30,7 @@ class Int8Weight:
         if scale.dtype != torch.float32 or tuple(scale.shape) != (qweight.shape[0],):
             raise TypeError(f"scale: expected a float32 vector of {qweight.shape[0]}, got {scale.dtype} {tuple(scale.shape)}")
         self.qweight, self.scale, self.shape = qweight, scale, tuple(shape)
-        self._layouts: dict[str, object] = {}
+        self._layouts: dict[str, tuple[tuple, object]] = {}  # key -> (qweight's stamp, layout)
         self._lock = threading.Lock()
 
     @property
@@ -51,11 +55,16 @@ class Int8Weight:
         return (self.qweight.float() * self.scale[:, None]).reshape(self.shape)
 
     def layout(self, key: str, make: Callable[[torch.Tensor], object]):
-        """The kernel layout `key`, made from qweight by `make` on the first call and kept."""
+        """The kernel layout `key`, made from qweight by `make` on the first call and kept while
+        qweight is unchanged (made on every call for an inference tensor: no version counter)."""
+        qweight_stamp = stamp(self.qweight)
+        if qweight_stamp is None:
+            return make(self.qweight)
         with self._lock:
-            if key not in self._layouts:
-                self._layouts[key] = make(self.qweight)
-            return self._layouts[key]
+            kept = self._layouts.get(key)
+            if kept is None or kept[0] != qweight_stamp:
+                kept = self._layouts[key] = (qweight_stamp, make(self.qweight))
+            return kept[1]
 
     def __getstate__(self):  # copy.deepcopy / pickle: the tensors, not the lock
         return {"qweight": self.qweight, "scale": self.scale, "shape": self.shape}

@@ -8,10 +8,12 @@ fp32 Linear goes through MKL, about half oneDNN's speed on AMD Zen 4. torch has 
 prepacked oneDNN weights, so these are its `torch.ops.mkldnn` entry points (those torch.compile's
 CPU freezing pass uses).
 
-The cache holds each weight weakly, keyed by its storage, version, dtype, device and shape (and the
-convolution's geometry), so `.to()`, `load_state_dict` or an in-place update repack on the next
-call; the packed copy is extra memory and lives outside the modules (oneDNN's opaque tensors cannot
-be deep-copied or pickled, so a copy.deepcopy(model) must not see them). Dtypes oneDNN does not run
+The cache holds each weight weakly, keyed by its stamp (fastdiff.ops._packing: storage, place in
+it, version counter), dtype, device and shape (and the convolution's geometry), so `.to()`,
+`load_state_dict` or an in-place update repack on the next call; a weight without a stamp (an
+inference tensor: no version counter) is packed on every call. The packed copy is extra memory and
+lives outside the modules (oneDNN's opaque tensors cannot be deep-copied or pickled, so a
+copy.deepcopy(model) must not see them). Dtypes oneDNN does not run
 here (fp16; bf16 without a oneDNN bf16 path: hardware.onednn_dtypes) run on the reference twin.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from fastdiff import hardware
 
 from . import reference
+from ._packing import stamp
 
 if not hardware.onednn_dtypes():
     raise ImportError("this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)")
@@ -35,17 +38,12 @@ def _runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype in hardware.onednn_dtypes() and weight.dtype == x.dtype and x.numel() > 0
 
 
-def _weight_key(weight: torch.Tensor, geometry: tuple) -> tuple:
-    try:
-        version = weight._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be updated in place)
-        version = -1
-    return weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape), geometry
-
-
 def _packed(weight: torch.Tensor, geometry: tuple, pack) -> torch.Tensor:
     """`weight` in oneDNN's layout, packed on first use and again whenever it changed."""
-    key = _weight_key(weight, geometry)
+    weight_stamp = stamp(weight)
+    if weight_stamp is None:
+        return pack(weight.detach())
+    key = (weight_stamp, weight.dtype, weight.device, tuple(weight.shape), geometry)
     entry = _packed_weights.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == key:
         return entry[2]
