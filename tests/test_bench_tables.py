@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastdiff
+import fastdiff.bench.unet as unet_table
 from fastdiff import shapes
 from fastdiff.bench.__main__ import main
 from fastdiff.bench.kernels import kernel_run, measure
@@ -114,6 +115,43 @@ def test_unet_table_tiny_mobilediffusion(tmp_path, capsys):
     assert all(r["percent_of_peak"] > 0 for r in report["rows"])
     with pytest.raises(ValueError, match="--preset"):
         main(["unet", "--model", "sd15", "--preset", "tiny"])
+
+
+TINY_SD = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, attention_head_dim=4)
+
+
+def test_unet_table_int8_rows(tmp_path, capsys, monkeypatch):
+    """--dtype int8: the quantized UNet's row first, fastdiff fp32 beside it, the baselines after;
+    under the table the time ratio and the int8 output's PSNR and relative L2 error against fp32 (a
+    plausible, finite accuracy; not a timing check). The SD path on a tiny SD-like UNet (the
+    table's SD1.5 config swapped for it), MobileDiffusion's tiny preset with the 3x3 convs too."""
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(unet_table, "SD15_CONFIG", {**unet_table.SD15_CONFIG, **TINY_SD})
+    reports = {}
+    for model, extra in (("sd15", []), ("mobilediffusion", ["--preset", "tiny", "--int8-conv3x3"])):
+        out = tmp_path / f"{model}.json"
+        assert main(["unet", "--model", model, *extra, "--res", "64", "--dtype", "int8", "--repeats", "1", "--no-openvino",
+                     "--json", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "int8 / fp32 step time: " in text and " dB (peak = max |fp32 output|), relative L2 error " in text
+        assert ("issue 21's target for SD1.5: <= 0.6" in text) == (model == "sd15")
+        reports[model] = report = json.loads(out.read_text())
+        int8_row, fp32_row = report["rows"][:2]
+        assert int8_row["run"].startswith("fastdiff int8 (") and int8_row["percent_of_peak"] is None
+        assert fp32_row["run"] == "fastdiff fp32" and fp32_row["percent_of_peak"] > 0
+        accuracy = report["int8"]
+        assert accuracy["time_ratio"] == pytest.approx(int8_row["ms"] / fp32_row["ms"])
+        # measured: 61 / 40 dB, 2.9e-3 / 2.9e-2 relative L2 (int8's error, far above float rounding's ~1e-6)
+        assert math.isfinite(accuracy["psnr_db"]) and 25 < accuracy["psnr_db"] < 90, accuracy
+        assert 1e-4 < accuracy["relative_l2"] < 0.1, accuracy
+    assert [r["run"] for r in reports["sd15"]["rows"]] == [
+        "fastdiff int8 (linear, 1x1 conv)", "fastdiff fp32", "diffusers eager fp32", "diffusers bf16 autocast channels_last"]
+    assert [r["run"] for r in reports["mobilediffusion"]["rows"]] == [
+        "fastdiff int8 (linear, 1x1 and 3x3 conv)", "fastdiff fp32", "fastdiff fp32, reference backend"]
+    assert reports["mobilediffusion"]["int8"]["conv3x3"] and not reports["sd15"]["int8"]["conv3x3"]
+    with pytest.raises(ValueError, match="--int8-conv3x3: only with --dtype int8, got --dtype fp32"):
+        main(["unet", "--model", "mobilediffusion", "--preset", "tiny", "--dtype", "fp32", "--int8-conv3x3"])
 
 
 def test_deepcache_table_at_tiny_settings(tmp_path, capsys, monkeypatch):
