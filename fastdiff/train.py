@@ -98,6 +98,18 @@ SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.01
             "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
             "clip_sample": False}  # as SD's: DDIM's default clip of x0 to [-1, 1] would cut these latents (std 1, offsets per channel)
 VAE_KL_WEIGHT = 1e-4
+# The latent's mean is pulled towards an opponent-colour thumbnail of the image (luminance, blue -
+# yellow, red - green of each 8x8 cell, x2). Without it the VAE learned a nearly one-dimensional
+# colour code (red, orange, yellow and a gray background within 0.2-0.5 of each other in the
+# scaled latent: the UNet's colours were then off by a word); with it the palette's closest pair
+# is ~1.4 apart and the round trip reads 99 % of colours (BENCHMARKS.md, issue 17).
+VAE_ANCHOR_WEIGHT = 0.1
+
+
+def colour_thumbnail(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 3, H/8, W/8): the VAE latent's anchor."""
+    r, g, b = F.avg_pool2d(images, 8).unbind(1)
+    return 2 * torch.stack([(r + g + b) / 3, b - (r + g) / 2, r - g], 1)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -371,7 +383,8 @@ def stage_vae(work: Path, config: StageConfig) -> None:
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
         out = vae.decode(z)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return F.l1_loss(out, images) + F.mse_loss(out, images) + VAE_KL_WEIGHT * kl
+        return (F.l1_loss(out, images) + F.mse_loss(out, images) + VAE_KL_WEIGHT * kl
+                + VAE_ANCHOR_WEIGHT * F.mse_loss(mean, colour_thumbnail(images)))
 
     state = run_stage("vae", work, {"vae": vae}, loss_fn, config=config)
     if "scaling_factor" not in state:  # 1 / std of the latent modes of 256 fresh scenes (SD's recipe)

@@ -158,3 +158,17 @@ def test_check_scenes_vary_only_in_colour():
     assert {s.shapes[0].color for s in scenes} == set(toyworld.SHAPE_COLORS)
     assert {(s.shapes[0].kind, s.shapes[0].size, s.shapes[0].row, s.shapes[0].col, s.background) for s in scenes} == \
         {("circle", "big", 1, 1, ("white",))}
+
+
+def test_vae_anchor_keeps_the_palette_apart():
+    """The VAE latent's anchor: a flat 8x8 cell of each palette colour maps to its own point (the
+    closest pair, white and pink, 1.3 apart)."""
+    flats = torch.stack([torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1 for rgb in toyworld.PALETTE.values()])
+    images = flats[:, :, None, None].expand(-1, -1, 8, 8)
+    points = train.colour_thumbnail(images)[:, :, 0, 0]  # (colours, 3)
+    assert points.shape == (len(toyworld.PALETTE), 3)
+    distances = torch.cdist(points, points) + 10 * torch.eye(len(points))
+    assert distances.min() > 1.0
+    # luminance leads: white above gray above black
+    names = list(toyworld.PALETTE)
+    assert points[names.index("white"), 0] > points[names.index("gray"), 0] > points[names.index("black"), 0]
