@@ -74,7 +74,7 @@ class StageConfig:
 # averaged in the first thousand.
 CONFIGS = {
     "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
-    "generate": StageConfig(steps=2100, batch=32, lr=1e-3, ema=0.995),
+    "generate": StageConfig(steps=2100, batch=32, lr=3e-4, ema=0.995),  # 1e-3 learned colour and cell far slower (BENCHMARKS.md)
     "edit": StageConfig(steps=1300, batch=32, lr=1e-3, ema=0.992),
     "decoder": StageConfig(steps=600, batch=8, lr=3e-4, warmup=50, ema=0.0),
     "check": StageConfig(steps=1800, batch=32, lr=1e-3, warmup=50, ema=0.99),
