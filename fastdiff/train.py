@@ -7,7 +7,8 @@ same command again to continue where it stopped; a finished stage is skipped):
 
     tokenizer   a CLIP BPE tokenizer (vocab.json + merges.txt) whose tokens are the world's words
     vae         AutoencoderKL, 3-channel latent, 8x down (128x128 -> 16x16x3), trained on 64x64
-                crops (fully convolutional: no mid-block attention); L1 + L2 + a small KL term
+                crops (fully convolutional: no mid-block attention); L1 + L2 + a small KL term +
+                the latent mean anchored to an opponent-colour thumbnail (colours kept apart)
     decoder     the VAE's decoder fine-tuned on whole images with the encoder frozen (the latents,
                 and so the UNets trained on them, stay valid: SD's ft-MSE decoder recipe)
     generate    a MobileDiffusionUNet ("toyworld" preset: every design choice of the paper on)
