@@ -172,20 +172,26 @@ def _random_background(rng: random.Random) -> tuple[str, ...]:
     return tuple(rng.sample(list(BACKGROUND_COLORS), 2))
 
 
-def draw_scene(rng: random.Random, max_shapes: int = 2) -> Scene:
-    """A random scene of 1..max_shapes shapes, of either split (sample_scene keeps to one)."""
+def draw_scene(rng: random.Random, max_shapes: int = 2, background: tuple[str, ...] | None = None) -> Scene:
+    """A random scene of 1..max_shapes shapes on `background` (None: a random one), of either
+    split (sample_scene keeps to one)."""
+    if max_shapes not in (1, 2):
+        raise ValueError(f"max_shapes: expected 1 or 2, got {max_shapes!r}")
+    if background is not None and (not 1 <= len(background) <= 2 or not set(background) <= set(BACKGROUND_COLORS)):
+        raise ValueError(f"background: expected one or two of {sorted(BACKGROUND_COLORS)}, got {background!r}")
     shapes: list[Shape] = []
     for _ in range(rng.randint(1, max_shapes)):
         shapes.append(_random_shape(rng, colors_taken={s.color for s in shapes}, cells_taken={(s.row, s.col) for s in shapes}))
-    return Scene(tuple(shapes), _random_background(rng))
+    return Scene(tuple(shapes), background if background is not None else _random_background(rng))
 
 
-def sample_scene(rng: random.Random, split: str = "train") -> Scene:
-    """A random scene whose caption belongs to `split` ("train" or "test")."""
+def sample_scene(rng: random.Random, split: str = "train", *, max_shapes: int = 2,
+                 background: tuple[str, ...] | None = None) -> Scene:
+    """A random scene (as draw_scene's) whose caption belongs to `split` ("train" or "test")."""
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     while True:
-        scene = draw_scene(rng)
+        scene = draw_scene(rng, max_shapes, background)
         if split_of(scene.caption()) == split:
             return scene
 

@@ -13,12 +13,16 @@ same command again to continue where it stopped; a finished stage is skipped):
                 and so the UNets trained on them, stay valid: SD's ft-MSE decoder recipe)
     generate    a MobileDiffusionUNet ("toyworld" preset: every design choice of the paper on)
                 and a CLIP text encoder, jointly, on (caption, image latent) pairs; v-prediction,
-                10% empty captions for classifier-free guidance
+                10% empty captions for classifier-free guidance; a curriculum: the first
+                CURRICULUM_FRACTION of its steps on one shape on white, then the whole world
     edit        an InstructPix2Pix-style UNet2DCondition (6 input channels: noisy latent + source
                 image latent) and its own text encoder on edit triplets; 5% empty instruction,
                 5% no image, 5% neither (InstructPix2Pix's dropout for 3-way guidance)
     export      the EMA weights as two diffusers-layout folders (out/generate, out/edit), fp16
                 safetensors, read back by Pipeline.from_pretrained
+    curve       (not part of `all`) learning curves: the EMA snapshots the generate and edit
+                stages keep every SNAPSHOT_EVERY steps, judged on the quality bench's quick
+                held-out samples (work/curve.json, work/curve.csv)
     check       the conditioning check (not part of `all`; minutes): a fresh generator and text
                 encoder on one-circle scenes whose only variable is the colour the caption names,
                 then held-out samples judged: does the caption reach the image? Exit code 1 below
@@ -57,7 +61,7 @@ import torch.nn.functional as F
 
 from fastdiff import hardware, ops, toyworld
 
-STAGES = ("tokenizer", "vae", "generate", "edit", "decoder", "export", "check")  # order fixes step_generator seeds
+STAGES = ("tokenizer", "vae", "generate", "edit", "decoder", "export", "check", "curve")  # order fixes step_generator seeds
 TEXT_LENGTH = 32  # tokens: the longest caption is 24
 SEED = 0
 
@@ -71,16 +75,20 @@ class StageConfig:
     ema: float = 0.999
 
 
-# EMA decays give a horizon of ~10% of a stage's steps (1 / (1 - decay)): 0.999 over 2100 steps
-# averaged in the first thousand.
+# EMA horizons (1 / (1 - decay)) of ~1/7 of a stage's steps, so the exported average is of late weights.
 CONFIGS = {
     "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
-    "generate": StageConfig(steps=2100, batch=32, lr=3e-4, ema=0.995),  # 1e-3 learned colour and cell far slower (BENCHMARKS.md)
-    "edit": StageConfig(steps=1300, batch=32, lr=1e-3, ema=0.992),
+    "generate": StageConfig(steps=7000, batch=32, lr=3e-4, ema=0.999),  # 1e-3 learned colour and cell far slower (BENCHMARKS.md)
+    "edit": StageConfig(steps=3500, batch=32, lr=3e-4, ema=0.998),
     "decoder": StageConfig(steps=600, batch=8, lr=3e-4, warmup=50, ema=0.0),
     "check": StageConfig(steps=1800, batch=32, lr=1e-3, warmup=50, ema=0.99),
 }
-CACHE_SIZES = {"generate": 16384, "edit": 16384, "check": 2048}  # samples encoded once per stage (at most steps x batch)
+CACHE_SIZES = {"generate": 16384, "generate-first": 8192, "edit": 16384, "check": 2048}  # samples encoded once (at most steps x batch)
+# The generator's first steps see one shape on white: there colour and cell words reach the image
+# within ~1000 steps, where the whole world (two shapes, any background) took >1500 steps to
+# separate the colour words at all (BENCHMARKS.md, issue 17). Then the whole world.
+CURRICULUM_FRACTION = 0.2
+SNAPSHOT_EVERY = 1000  # the UNet stages keep their EMA weights every this many steps (learning curves)
 CHECK_TARGET = 0.95  # held-out colour accuracy the conditioning check must reach
 CHECK_SAMPLES = 48
 # Classifier-free guidance of the exported generator and the check. At 5 the guided prediction
@@ -166,8 +174,8 @@ def cached_latents(work: Path, name: str, vae, count: int, draw) -> dict:
     return cache
 
 
-def _cache_size(stage: str, config: StageConfig) -> int:
-    return min(CACHE_SIZES[stage], config.steps * config.batch)
+def _cache_size(stage: str, config: StageConfig, steps: int | None = None) -> int:
+    return min(CACHE_SIZES[stage], (config.steps if steps is None else steps) * config.batch)
 
 
 def cached_batch(cache: dict, generator: torch.Generator, batch: int) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
@@ -263,6 +271,7 @@ def _lr(config: StageConfig, step: int) -> float:
 
 
 def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -296,10 +305,12 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConfig, checkpoint_every: int = 250,
-              flops_per_step: float | None = None) -> dict:
+              flops_per_step: float | None = None, snapshot_every: int = 0) -> dict:
     """Train `models` (name -> module) with AdamW on loss_fn(step) from the stage's last checkpoint
     to config.steps; keeps an EMA of each model when config.ema > 0. With flops_per_step, the
-    GFLOP/s the steps achieved are printed and kept in the state ("gflops"). Returns the final state."""
+    GFLOP/s the steps achieved are printed and kept in the state ("gflops"). With snapshot_every,
+    the EMA weights every that many steps go to work/<name>/snapshots/<step>.pt (with the training
+    seconds so far: learning curves). Returns the final state."""
     from tqdm import tqdm
 
     folder = work / name
@@ -353,6 +364,9 @@ def run_stage(name: str, work: Path, models: dict, loss_fn, *, config: StageConf
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}", refresh=False)
             if flops_per_step and state["step"] > first_step:
                 state["gflops"] = flops_per_step * (state["step"] - first_step) / (state["seconds"] - first_second) / 1e9
+            if snapshot_every and state["step"] % snapshot_every == 0:
+                _save(folder / "snapshots" / f"{state['step']}.pt",
+                      {"ema": {k: m.state_dict() for k, m in ema.items()}, "step": state["step"], "seconds": state["seconds"]})
             if state["step"] % checkpoint_every == 0 or state["step"] == config.steps:
                 checkpoint()
     bar.close()
@@ -431,11 +445,13 @@ def _caption_sample(scene: toyworld.Scene):
     return scene.caption(), None, scene
 
 
-def _generator_loss(stage: str, cache: dict, config: StageConfig, text_model, unet, tokenizer, schedule):
-    """The text-to-image step: v-prediction on cached latents, 10% empty captions (for guidance)."""
+def _generator_loss(stage: str, cache: dict, config: StageConfig, text_model, unet, tokenizer, schedule,
+                    first: tuple[dict, int] | None = None):
+    """The text-to-image step: v-prediction on cached latents, 10% empty captions (for guidance).
+    first = (cache, steps): the steps before `steps` draw from that cache instead (a curriculum)."""
     def loss_fn(step):
         rng, generator = step_rng(stage, step), step_generator(stage, step)
-        captions, x0, _ = cached_batch(cache, generator, config.batch)
+        captions, x0, _ = cached_batch(first[0] if first and step < first[1] else cache, generator, config.batch)
         context = text_model(tokenize(tokenizer, _text_dropout(rng, captions, 0.1))).last_hidden_state
         x_t, t, v = schedule.noisy(x0, generator)
         return F.mse_loss(unet(x_t, t, context).float(), v)
@@ -456,10 +472,14 @@ def _step_flops(text_model, unet, tokenizer, sample: torch.Tensor) -> float:
 
 def stage_generate(work: Path, config: StageConfig) -> None:
     tokenizer, vae, text_model, unet, schedule = _diffusion_parts(work, SEED + 1, new_generator_unet)
+    first_steps = math.ceil(CURRICULUM_FRACTION * config.steps)
+    first = cached_latents(work, "generate-first", vae, _cache_size("generate-first", config, first_steps),
+                           lambda rng: _caption_sample(toyworld.sample_scene(rng, max_shapes=1, background=("white",))))
     cache = cached_latents(work, "generate", vae, _cache_size("generate", config), lambda rng: _caption_sample(toyworld.sample_scene(rng)))
     run_stage("generate", work, {"text_encoder": text_model, "unet": unet},
-              _generator_loss("generate", cache, config, text_model, unet, tokenizer, schedule), config=config,
-              flops_per_step=_step_flops(text_model, unet, tokenizer, cache["target"][:config.batch]))
+              _generator_loss("generate", cache, config, text_model, unet, tokenizer, schedule, (first, first_steps)),
+              config=config, flops_per_step=_step_flops(text_model, unet, tokenizer, cache["target"][:config.batch]),
+              snapshot_every=SNAPSHOT_EVERY)
 
 
 def stage_edit(work: Path, config: StageConfig) -> None:
@@ -484,7 +504,8 @@ def stage_edit(work: Path, config: StageConfig) -> None:
 
     run_stage("edit", work, {"text_encoder": text_model, "unet": unet}, loss_fn, config=config,
               flops_per_step=_step_flops(text_model, unet, tokenizer,
-                                         torch.cat([cache["target"][:config.batch], cache["source"][:config.batch]], dim=1)))
+                                         torch.cat([cache["target"][:config.batch], cache["source"][:config.batch]], dim=1)),
+              snapshot_every=SNAPSHOT_EVERY)
 
 
 def check_scene(rng: random.Random) -> toyworld.Scene:
@@ -513,10 +534,6 @@ def _check_parts(work: Path):
 def stage_check(work: Path, config: StageConfig) -> dict:
     """Train a fresh generator on check_scene, judge CHECK_SAMPLES held-out samples (new seeds and
     jitter) by colour; writes work/check/result.json and returns it."""
-    from fastdiff.models.text_encoder import CLIPTextEncoder
-    from fastdiff.pipeline import Pipeline
-    from fastdiff.requests import Defaults
-
     torch.manual_seed(SEED + 4)
     tokenizer, vae = _check_parts(work)
     text_model, unet, schedule = new_text_model(len(tokenizer), tokenizer), new_generator_unet(), Schedule()
@@ -524,12 +541,7 @@ def stage_check(work: Path, config: StageConfig) -> dict:
     state = run_stage("check", work, {"text_encoder": text_model, "unet": unet},
                       _generator_loss("check", cache, config, text_model, unet, tokenizer, schedule), config=config,
                       flops_per_step=_step_flops(text_model, unet, tokenizer, cache["target"][:config.batch]))
-    for name, model in (("text_encoder", text_model), ("unet", unet)):
-        model.load_state_dict(state["ema"][name])
-        model.eval().trainable = False
-    pipe = Pipeline(unet=unet, vae=vae, scheduler_config={"_class_name": "EulerDiscreteScheduler", **SCHEDULE},
-                    defaults=Defaults(steps=20, guidance_scale=GUIDANCE, size=toyworld.SIZE),
-                    text_encoder=CLIPTextEncoder(text_model, tokenizer), name="toyworld-check")
+    pipe = _pipeline("generate", state["ema"], tokenizer, vae)
     held_out = random.Random(f"{SEED}-check-held-out")  # seeds and jitters the cache never drew from
     scenes = [check_scene(held_out) for _ in range(CHECK_SAMPLES)]
     images = pipe.generate([s.caption() for s in scenes], seed=10_000, progress=False)
@@ -544,30 +556,35 @@ def stage_check(work: Path, config: StageConfig) -> dict:
     return result
 
 
+def _pipeline(kind: str, ema: dict, tokenizer, vae):
+    """The `kind` ("generate" or "edit") pipeline of EMA weights {"text_encoder", "unet"}, its defaults as exported."""
+    from fastdiff.models.text_encoder import CLIPTextEncoder
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.requests import Defaults
+
+    if kind == "generate":
+        unet, defaults = new_generator_unet(), Defaults(steps=20, guidance_scale=GUIDANCE, size=toyworld.SIZE)
+    else:
+        unet, defaults = new_editor_unet(), Defaults(steps=20, guidance_scale=5.0, image_guidance_scale=1.5, size=toyworld.SIZE)
+    text_model = new_text_model(len(tokenizer), tokenizer)
+    text_model.load_state_dict(ema["text_encoder"])
+    unet.load_state_dict(ema["unet"])
+    return Pipeline(unet=unet.eval(), vae=vae, scheduler_config={"_class_name": "EulerDiscreteScheduler", **SCHEDULE},
+                    defaults=defaults, text_encoder=CLIPTextEncoder(text_model.eval(), tokenizer), name=f"toyworld-{kind}")
+
+
 def stage_export(work: Path, out: Path) -> None:
     """EMA weights -> out/generate and out/edit (diffusers layout, fp16 safetensors)."""
     from safetensors.torch import load_file, save_file
 
     from fastdiff.loading import save_pipeline
-    from fastdiff.models.text_encoder import CLIPTextEncoder
-    from fastdiff.pipeline import Pipeline
-    from fastdiff.requests import Defaults
 
     tokenizer = load_tokenizer(work)
     vae = trained_vae(work, fine_tuned_decoder=True)
-    scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULE}
-    for kind, unet, defaults in (
-        ("generate", new_generator_unet(), Defaults(steps=20, guidance_scale=GUIDANCE, size=toyworld.SIZE)),
-        ("edit", new_editor_unet(), Defaults(steps=20, guidance_scale=5.0, image_guidance_scale=1.5, size=toyworld.SIZE)),
-    ):
+    for kind in ("generate", "edit"):
         state = _finished(work, kind)
-        text_model = new_text_model(len(tokenizer), tokenizer)
-        text_model.load_state_dict(state["ema"]["text_encoder"])
-        unet.load_state_dict(state["ema"]["unet"])
-        pipe = Pipeline(unet=unet.eval(), vae=vae, scheduler_config=scheduler, defaults=defaults,
-                        text_encoder=CLIPTextEncoder(text_model.eval(), tokenizer), name=f"toyworld-{kind}")
         folder = out / kind
-        save_pipeline(pipe, folder)
+        save_pipeline(_pipeline(kind, state["ema"], tokenizer, vae), folder)
         for name in ("vocab.json", "merges.txt"):  # CLIP's own format beside transformers' tokenizer.json
             shutil.copyfile(work / "tokenizer" / name, folder / "tokenizer" / name)
         for weights in folder.glob("*/*.safetensors"):
@@ -576,6 +593,43 @@ def stage_export(work: Path, out: Path) -> None:
         meta = {"trained_steps": state["step"], "training_seconds": round(state["seconds"]),
                 **{f"{stage}_training_seconds": round(_finished(work, stage)["seconds"]) for stage in ("vae", "decoder")}}
         (folder / "training.json").write_text(json.dumps(meta, indent=2))
+
+
+def stage_curve(work: Path) -> list[dict]:
+    """Learning curves: every snapshot of the generate and edit stages judged on the quality
+    bench's quick held-out samples at the exported defaults (fine-tuned decoder when that stage is
+    finished). Writes work/curve.json and work/curve.csv; returns the rows."""
+    from tqdm import tqdm
+
+    from fastdiff.bench import quality
+
+    tokenizer = load_tokenizer(work)
+    decoder_done = (work / "decoder" / "state.pt").exists() and torch.load(work / "decoder" / "state.pt", weights_only=True)["step"] >= CONFIGS["decoder"].steps
+    vae = trained_vae(work, fine_tuned_decoder=decoder_done)
+    scenes, edits = quality.held_out(quality.QUICK)
+    rows = []
+    for kind in ("generate", "edit"):
+        snapshots = sorted((work / kind / "snapshots").glob("*.pt"), key=lambda path: int(path.stem))
+        for path in snapshots:
+            snapshot = torch.load(path, weights_only=True)
+            pipe = _pipeline(kind, snapshot["ema"], tokenizer, vae)
+            samples = scenes if kind == "generate" else edits
+            with tqdm(total=len(samples), desc=f"{kind} at step {snapshot['step']}", mininterval=10, file=sys.stdout) as bar:
+                if kind == "generate":
+                    images = quality.generate_images(pipe, scenes, sampler="euler", steps=20, seed=quality.QUICK.seed, bar=bar)
+                    figures = quality.generate_figures([toyworld.judge(im, s) for im, s in zip(images, scenes)])
+                else:
+                    images = quality.edit_images(pipe, edits, sampler="euler", steps=20, seed=quality.QUICK.seed, bar=bar)
+                    figures = quality.edit_figures([toyworld.judge_edit(im, e) for im, e in zip(images, edits)])
+            figures.pop("by_kind", None)
+            rows.append({"stage": kind, "step": snapshot["step"], "minutes": round(snapshot["seconds"] / 60, 1), **figures})
+            print(json.dumps(rows[-1]))
+    (work / "curve.json").write_text(json.dumps(rows, indent=2))
+    columns = ("stage", "step", "minutes", "color", "kind", "position", "background", "all", "success", "preservation")
+    (work / "curve.csv").write_text(",".join(columns) + "\n" + "".join(
+        ",".join("" if row.get(c) is None else f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + "\n"
+        for row in rows))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -614,6 +668,8 @@ def main(argv=None) -> int:
         stage_decoder(args.work, config("decoder"))
     elif args.stage == "check":
         return 0 if stage_check(args.work, config("check"))["colour_accuracy"] >= CHECK_TARGET else 1
+    elif args.stage == "curve":
+        stage_curve(args.work)
     else:
         stage_export(args.work, args.out)
     return 0

@@ -51,6 +51,18 @@ def test_splits_are_disjoint():
         toyworld.sample_edit(random.Random(0), "valid")
 
 
+def test_scene_options():
+    """max_shapes and background narrow the scenes drawn (the training curriculum's world)."""
+    scenes = [toyworld.sample_scene(random.Random(seed), "test", max_shapes=1, background=("white",)) for seed in range(40)]
+    assert {len(s.shapes) for s in scenes} == {1} and {s.background for s in scenes} == {("white",)}
+    assert all(toyworld.split_of(s.caption()) == "test" for s in scenes)
+    assert {len(toyworld.draw_scene(random.Random(seed)).shapes) for seed in range(40)} == {1, 2}
+    with pytest.raises(ValueError, match="max_shapes: expected 1 or 2, got 3"):
+        toyworld.draw_scene(random.Random(0), max_shapes=3)
+    with pytest.raises(ValueError, match="background: expected one or two of"):
+        toyworld.sample_scene(random.Random(0), background=("teal",))
+
+
 def test_caption_grammar():
     red = Shape("circle", "red", "big", 0, 0)
     blue = Shape("star", "blue", "small", 1, 2)

@@ -25,6 +25,7 @@ def trained(tmp_path_factory, one_thread):
     common = ["--steps", str(STEPS), "--work", str(work), "--out", str(out)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "CONFIGS", {k: dataclasses.replace(c, batch=4) for k, c in train.CONFIGS.items()})
+        patch.setattr(train, "SNAPSHOT_EVERY", 1)
         for stage in ("tokenizer", "vae", "generate", "edit", "decoder"):
             assert train.main([stage, *common]) == 0
         assert train.main(["all", *common]) == 0
@@ -48,6 +49,42 @@ def test_stage_folders(trained):
         assert Image.open(work / stage / "loss.png").size == (640, 360)
     assert state(work, "vae")["scaling_factor"] > 0
     assert set(state(work, "generate")["ema"]) == {"text_encoder", "unet"}
+
+
+def test_generator_curriculum_starts_on_one_shape_on_white(trained):
+    """The generate stage's first steps draw from their own cache: one shape on white, train split."""
+    work, _ = trained
+    firsts, worlds = (list((work / "cache").glob(pattern)) for pattern in ("generate-first-*.pt", "generate-[0-9]*.pt"))
+    assert firsts and worlds
+    for first in firsts:
+        texts = torch.load(first, weights_only=True)["texts"]
+        assert texts and all(t.endswith("on a white background") and " and a " not in t for t in texts)
+        assert all(toyworld.split_of(t) == "train" for t in texts)
+    for world in worlds:
+        assert any(not t.endswith("on a white background") for t in torch.load(world, weights_only=True)["texts"])
+
+
+def test_snapshots_and_learning_curve(trained, tmp_path, monkeypatch):
+    """Every SNAPSHOT_EVERY steps the UNet stages keep their EMA weights; `curve` judges each on
+    held-out samples and writes the rows as JSON and CSV."""
+    from fastdiff.bench import quality
+
+    work = tmp_path / "work"
+    shutil.copytree(trained[0], work)
+    for stage in ("generate", "edit"):
+        steps = sorted(int(p.stem) for p in (work / stage / "snapshots").glob("*.pt"))
+        assert steps == list(range(1, STEPS + 1))
+        snapshot = torch.load(work / stage / "snapshots" / f"{STEPS}.pt", weights_only=True)
+        assert snapshot["ema"]["unet"].keys() == state(work, stage)["ema"]["unet"].keys() and snapshot["seconds"] > 0
+    monkeypatch.setattr(quality, "QUICK", dataclasses.replace(quality.QUICK, n_generate=3, n_edit=2))
+    assert train.main(["curve", "--work", str(work)]) == 0
+    rows = json.loads((work / "curve.json").read_text())
+    assert [(r["stage"], r["step"]) for r in rows] == [(s, i) for s in ("generate", "edit") for i in range(1, STEPS + 1)]
+    for row in rows:
+        figures = ("color", "kind", "position") if row["stage"] == "generate" else ("success",)
+        assert all(0 <= row[f] <= 1 for f in figures) and row["minutes"] >= 0
+    lines = (work / "curve.csv").read_text().splitlines()
+    assert lines[0].startswith("stage,step,minutes,color") and len(lines) == len(rows) + 1
 
 
 def test_decoder_stage_keeps_the_encoder(trained):
