@@ -236,7 +236,7 @@ def _serve(args) -> int:
     if args.ray:
         from fastdiff.serving.ray_serve import ServeArgs, serve_forever
 
-        options = ServeArgs(model=args.model, dtype=args.dtype, max_batch=args.max_batch, threads=args.threads,
+        options = ServeArgs(model=args.model, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch, threads=args.threads,
                             api_key=args.api_key, **limits)
         return serve_forever(options, host=args.host, port=args.port, replicas=args.replicas, autoscale=args.autoscale,
                              num_cpus=args.num_cpus, num_gpus=args.num_gpus, drain_timeout_s=args.drain_timeout)
@@ -246,9 +246,9 @@ def _serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipes = load_pipelines(args.model, args.dtype)
+    pipes = load_pipelines(args.model, args.dtype, args.quantize)
     app = create_app(pipes, api_key=args.api_key, max_batch=args.max_batch, limits=Limits(**limits))
-    print(f"fastdiff serve: {', '.join(p.name for p in pipes)} on http://{args.host}:{args.port}", flush=True)
+    print(f"fastdiff serve: {', '.join(p.name + (f' ({p.quantized} UNet)' if p.quantized else '') for p in pipes)} on http://{args.host}:{args.port}", flush=True)
     return serve_forever(app, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout)
 
 
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", parents=[common], help="HTTP service: POST /v1/generate, /v1/edit (needs fastdiff[serve])")
     srv.add_argument("--model", help=model_help)
     srv.add_argument("--dtype", choices=list(hardware.DTYPE_NAMES), default="fp32", help="fp16 runs on CUDA only")
+    srv.add_argument("--quantize", choices=QUANTIZE_DTYPES, help=quantize_help)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on all but /healthz ($FASTDIFF_API_KEY)")

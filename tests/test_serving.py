@@ -251,6 +251,22 @@ def test_queue_limit_refuses_with_retry_after(pipes):
     engine.close()
 
 
+def test_quantized_service_reports_and_serves_int8():
+    """`fastdiff serve --quantize int8`'s pipelines: int8 UNets, named in /healthz, answering."""
+    from fastdiff.serving import load_pipelines
+
+    pipes = load_pipelines("small", quantize="int8")
+    assert [p.quantized for p in pipes] == ["int8", "int8"]
+    app = create_app(pipes, max_wait_ms=0)
+    with serve_in_thread(app) as url:
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["quantized"] == {"generate": "int8", "edit": "int8"}
+        made = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "height": 32, "width": 32, "steps": 1}, timeout=TIMEOUT_S)
+        assert made.status_code == 200 and decode_png(made.content).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="quantize: expected None or one of"):
+        load_pipelines("small", quantize="int4")
+
+
 def test_cli_refuses_replicas_without_ray(capsys):
     assert cli_main(["serve", "--replicas", "2"]) == 1
     assert "--replicas/--autoscale: only with --ray" in capsys.readouterr().err

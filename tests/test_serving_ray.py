@@ -149,3 +149,6 @@ def test_config_file_builds_the_application():
     assert spec.deployments[0].name == FastdiffServer.name
     with pytest.raises(ValueError, match="modle"):  # an arg ServeArgs does not know is refused by name
         call_user_app_builder_with_args_if_necessary(import_attr(spec.import_path), {"modle": "small"})
+    with pytest.raises(ValueError, match="quantize"):  # int8 or nothing
+        ServeArgs(quantize="int4")
+    assert ServeArgs(quantize="int8").quantize == "int8"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -70,7 +71,8 @@ class ServeArgs(BaseModel):
     """The application's arguments (a config file's `args:`, or `serve run ... key=value`).
 
     model: a diffusers folder or an embedded default (toyworld: trained; mobilediffusion, small:
-    untrained; default $FASTDIFF_MODEL or toyworld). threads: torch threads per replica (default: Ray's
+    untrained; default $FASTDIFF_MODEL or toyworld). quantize: "int8" for int8 UNet weights (default
+float). threads: torch threads per replica (default: Ray's
     OMP_NUM_THREADS, the replica's num_cpus). api_key: default $FASTDIFF_API_KEY in the replica.
     The limits default to fastdiff.serving.Limits'.
     """
@@ -79,6 +81,7 @@ class ServeArgs(BaseModel):
 
     model: str | None = None
     dtype: str = "fp32"
+    quantize: Literal["int8"] | None = None
     max_batch: int = 8
     max_wait_ms: float = 10.0
     threads: int | None = None
@@ -100,7 +103,7 @@ class FastdiffServer:
         args = ServeArgs.model_validate(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.fastdiff_app = create_app(load_pipelines(args.model, args.dtype), api_key=args.api_key, limits=args.limits(),
+        self.fastdiff_app = create_app(load_pipelines(args.model, args.dtype, args.quantize), api_key=args.api_key, limits=args.limits(),
                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
     def __serve_build_asgi_app__(self):

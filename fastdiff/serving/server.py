@@ -489,7 +489,8 @@ def create_app(pipe_or_engine, *, api_key: str | None = None, limits: Limits | N
     async def healthz():
         status = 200 if service.healthy() else 503
         return JSONResponse({"status": "ok" if status == 200 else "unavailable",
-                             "models": {kind: engine.pipe.name for kind, engine in engines.items()}}, status_code=status)
+                             "models": {kind: engine.pipe.name for kind, engine in engines.items()},
+                             "quantized": {kind: engine.pipe.quantized for kind, engine in engines.items()}}, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -498,12 +499,13 @@ def create_app(pipe_or_engine, *, api_key: str | None = None, limits: Limits | N
     return app
 
 
-def load_pipelines(model, dtype=None) -> list[Pipeline]:
+def load_pipelines(model, dtype=None, quantize=None) -> list[Pipeline]:
     """The pipelines to serve for `model` (as fastdiff.api.get_pipeline: a diffusers folder, one
-    model; an embedded default name or None, its text-to-image model and its editor)."""
+    model; an embedded default name or None, its text-to-image model and its editor), their UNets
+    quantized to `quantize` ("int8") when given."""
     from fastdiff.api import get_pipeline
 
-    generator, editor = get_pipeline(model, "generate", dtype), get_pipeline(model, "edit", dtype)
+    generator, editor = get_pipeline(model, "generate", dtype, quantize), get_pipeline(model, "edit", dtype, quantize)
     return [generator] if editor is generator else [generator, editor]
 
 
