@@ -184,6 +184,33 @@ def test_parse_cache_grid_crosses_the_axes_without_the_uncached_interval():
     assert quality.parse_cache_grid("1") == ()
 
 
+def test_int8_verdict_holds_int8_within_two_points_of_fp32():
+    result = _result()
+    assert quality.int8_verdict(result) is None  # no int8 rows
+    base_g, base_e = result["generate"][0], result["edit"][0]
+    int8_g = {**base_g, "dtype": "int8", "figures": {**base_g["figures"], "color": 0.885, "kind": 0.75}}
+    int8_e = {**base_e, "dtype": "int8", "figures": {**base_e["figures"], "success": 0.89, "preservation": 29.0}}
+    result["generate"].append(int8_g)
+    result["edit"].append(int8_e)
+    line = quality.int8_verdict(result)
+    assert "generate color -1.5" in line and "generate kind -5.0" in line and "edit success -1.0" in line
+    assert "edit preservation -1.0 dB" in line and line.endswith("MISS (kind)")
+    int8_g["figures"]["kind"] = 0.79
+    assert quality.int8_verdict(result).endswith(": ok")
+
+
+def test_int8_rows_beside_fp32(tmp_path, capsys):
+    path = tmp_path / "quality.json"
+    assert main(["quality", "--n-generate", "2", "--n-edit", "2", "--n-bf16", "0", "--samplers", "", "--int8",
+                 "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["int8"] is True
+    for task in ("generate", "edit"):
+        [row] = [r for r in result[task] if r["dtype"] == "int8"]
+        assert row["backend"] == "cpp" and row["cache"] is None and 0 <= row["same_verdicts"] <= 1
+    assert "cpp int8" in capsys.readouterr().out and "int8 vs fp32, points" in quality.tables(result)
+
+
 def test_records_made_before_caching_still_match():
     """A record without the cache settings and row keys (made before step caching existed) matches a
     run without caching; a run with cached rows is another setting."""
@@ -206,7 +233,7 @@ def test_tables_and_json_on_two_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert result["settings"] == {"n_generate": 2, "n_edit": 2, "n_bf16": 1, "seed": 0, "grid": [["euler", 2]],
-                                  "cache_grid": [[2, 1]], "cache_samplers": [["euler", 2]]}
+                                  "cache_grid": [[2, 1]], "cache_samplers": [["euler", 2]], "int8": False}
     # the uncached euler 2 generate row is the grid's, measured once; the editor's is added for its cached row
     assert [(r["sampler"], r["steps"], r["backend"], r["dtype"], r["cache"]) for r in result["generate"]] == [
         ("euler", 20, "cpp", "fp32", None), ("euler", 20, "reference", "fp32", None), ("euler", 20, "cpp", "bf16", None),

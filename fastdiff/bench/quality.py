@@ -13,7 +13,9 @@ success rate per edit kind and overall, and the mean PSNR to the source outside 
 At the default settings also the reference backend (plain PyTorch) fp32 on the same samples and
 the C++ backend bf16 on the first --n-bf16, each beside C++ fp32 on those samples: the share of
 identical verdicts and the largest pixel difference. Figures are marked against the issue's
-targets (TARGETS).
+targets (TARGETS). With --int8 also the UNets quantized to int8 (W8A8, C++) on every sample at the
+default settings, beside C++ fp32, judged by issue 21's bar (int8_verdict: at most INT8_DROP below
+fp32 on every share).
 
 Step caching (DeepCache, issue 20): --cache-interval and --cache-depth are grid axes; each
 (interval, depth) with interval > 1 runs both tasks (C++ fp32) at each --cache-samplers setting
@@ -69,6 +71,7 @@ class Settings:
     grid: tuple[tuple[str, int], ...] = (("euler", 10), ("euler_ancestral", 20), ("ddim", 20), ("dpmpp_2m", 10))
     cache_grid: tuple[tuple[int, int], ...] = ()  # (cache_interval > 1, cache_depth) pairs; () measures no caching
     cache_samplers: tuple[tuple[str, int], ...] = ()  # where the cached rows run; (): each task's default setting
+    int8: bool = False  # also the UNets quantized to int8 (W8A8) on every sample, beside fp32 (issue 21's bar)
 
     def __post_init__(self):
         if self.n_generate < 1 or self.n_edit < 1 or self.n_bf16 < 0:
@@ -84,7 +87,8 @@ class Settings:
 
 # Settings added after records were made, at the value those records were made with: an older
 # record still matches a run without them.
-LATER_SETTINGS = {"cache_grid": [], "cache_samplers": []}
+LATER_SETTINGS = {"cache_grid": [], "cache_samplers": [], "int8": False}
+INT8_DROP = 0.02  # issue 21's bar: int8 at most 2 points below C++ fp32 on every share, on the same samples
 
 
 QUICK = Settings(n_generate=32, n_edit=32, n_bf16=0, grid=())  # tests/test_quality.py's run: under a minute on 2 cores
@@ -245,7 +249,7 @@ def cache_settings(settings: Settings, default: tuple[str, int]) -> tuple[tuple[
 
 def _task_rows(pipes, samples, settings, grid, *, draw, read, figures, bar) -> list[dict]:
     """One task's rows: at the default setting (grid[0]) C++ (the selected backend) fp32, the
-    reference backend fp32 and C++ bf16, the last two beside the first; then C++ fp32 per other
+    reference backend fp32, C++ bf16 and C++ int8 (settings.int8), the others beside the first; then C++ fp32 per other
     setting of `grid`; then per cache setting (cache_settings) C++ fp32 uncached unless already
     measured, and C++ fp32 per (interval, depth) of the cache grid beside it."""
     cpp = ops.selected_name("cpu")
@@ -258,7 +262,8 @@ def _task_rows(pipes, samples, settings, grid, *, draw, read, figures, bar) -> l
     uncached = {default: sample(pipes["fp32"], samples, default)}  # setting -> C++ fp32 (images, readings)
     base_images, base_readings = uncached[default]
     rows = [_row(default, cpp, "fp32", figures(base_readings))]
-    others = [("reference", "fp32", samples)] + ([(cpp, "bf16", samples[:settings.n_bf16])] if settings.n_bf16 else [])
+    others = ([("reference", "fp32", samples)] + ([(cpp, "bf16", samples[:settings.n_bf16])] if settings.n_bf16 else [])
+              + ([(cpp, "int8", samples)] if settings.int8 else []))
     for backend, dtype, subset in others:
         with _backend(backend):
             images, readings = sample(pipes[dtype], subset, default)
@@ -289,6 +294,9 @@ def measure(settings: Settings, *, progress: bool = True) -> dict:
     dtypes = ("fp32", "bf16") if settings.n_bf16 else ("fp32",)
     generators = {d: Pipeline.from_pretrained(GENERATE_WEIGHTS, dtype=d) for d in dtypes}
     editors = {d: Pipeline.from_pretrained(EDIT_WEIGHTS, dtype=d) for d in dtypes}
+    if settings.int8:
+        generators["int8"] = Pipeline.from_pretrained(GENERATE_WEIGHTS, quantize="int8")
+        editors["int8"] = Pipeline.from_pretrained(EDIT_WEIGHTS, quantize="int8")
     for pipe in (generators["fp32"], editors["fp32"]):
         deepest = max((depth for _, depth in settings.cache_grid), default=1)
         if deepest > pipe.unet.max_cache_depth:
@@ -303,8 +311,8 @@ def measure(settings: Settings, *, progress: bool = True) -> dict:
         where = cache_settings(settings, task_grid[0])
         return n * (len(where) * len(settings.cache_grid) + len(set(where) - set(task_grid)))
 
-    total = (len(scenes) * (len(grid) + 1) + min(settings.n_bf16, len(scenes)) + cache_images(len(scenes), grid)
-             + 2 * len(edits) + min(settings.n_bf16, len(edits)) + cache_images(len(edits), [edit_default]))
+    total = (len(scenes) * (len(grid) + 1 + settings.int8) + min(settings.n_bf16, len(scenes)) + cache_images(len(scenes), grid)
+             + (2 + settings.int8) * len(edits) + min(settings.n_bf16, len(edits)) + cache_images(len(edits), [edit_default]))
     with torch.inference_mode(), tqdm(total=total, desc="quality", unit="image", disable=not progress) as bar:
         generate = _task_rows(generators, scenes, settings, grid, draw=generate_images, read=toyworld.judge,
                               figures=generate_figures, bar=bar)
@@ -381,6 +389,27 @@ def _success_change(row, rows) -> str:
     return f"{100 * change:+.1f} {'ok' if change >= -CACHE_SUCCESS_DROP - 1e-9 else 'MISS'}"
 
 
+def int8_verdict(result: dict) -> str | None:
+    """A line judging the int8 rows against C++ fp32 at the same setting (INT8_DROP on every share;
+    preservation's change in dB), or None without int8 rows."""
+    changes, misses = [], []
+    for task, names in (("generate", GENERATE_FIGURES), ("edit", ("success",))):
+        for row in (r for r in result[task] if r["dtype"] == "int8"):
+            base = next(r for r in result[task] if r["dtype"] == "fp32" and r["backend"] == row["backend"]
+                        and _key(r)[:2] == _key(row)[:2] and r["cache"] is None)
+            for name in names:
+                change = row["figures"][name] - base["figures"][name]
+                changes.append(f"{task} {name} {100 * change:+.1f}")
+                if change < -INT8_DROP - 1e-9:
+                    misses.append(name)
+            if task == "edit":
+                changes.append(f"edit preservation {row['figures']['preservation'] - base['figures']['preservation']:+.1f} dB")
+    if not changes:
+        return None
+    verdict = "ok" if not misses else f"MISS ({', '.join(misses)})"
+    return f"int8 vs fp32, points (bar: >= -{100 * INT8_DROP:.0f} on every share): {', '.join(changes)}: {verdict}"
+
+
 def tables(result: dict) -> str:
     """The generate and edit tables of a measure() result, figures marked ok / MISS against TARGETS;
     with cached rows, their columns (cache_cells; edit success against CACHE_SUCCESS_DROP)."""
@@ -411,9 +440,10 @@ def tables(result: dict) -> str:
     caching = ("\n(cache N/depth: cache_interval/cache_depth; same verdicts, max |pixel diff| and PSNR to uncached (dB, "
                "per image, identical = {:.0f}) beside the uncached C++ fp32 row of the same setting)".format(PSNR_CAP)
                if cached else "")
+    int8 = int8_verdict(result)
     return (f"{generate}\n(shares of {result['generate'][0]['figures']['shapes']} shapes; background and all correct: "
             f"of images)\n\n{edit}\n(edits per kind: {counts}; PSNR: mean, to the source outside the edited region)"
-            f"{caching}")
+            f"{caching}" + (f"\n{int8}" if int8 else ""))
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -432,6 +462,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-samplers", metavar="SAMPLER:STEPS,...",
                         help="with --cache-interval: the settings the cached rows run at, each beside its uncached row "
                              "(default: each task's default setting), e.g. euler_ancestral:100")
+    parser.add_argument("--int8", action="store_true", default=None,
+                        help="also the UNets in int8 (W8A8, C++) on every sample, judged against fp32 (within "
+                             f"{100 * INT8_DROP:.0f} points on every share)")
     parser.add_argument("--seed", type=int, help=f"seed of the samples and of the noise (default {defaults.seed})")
     parser.add_argument("--quick", action="store_true", help=f"the reduced run tests/test_quality.py makes: {QUICK.n_generate} captions and "
                         f"{QUICK.n_edit} edits at the default settings, C++ and reference backends, fp32")
@@ -442,7 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args) -> Settings:
     """The run's Settings from the command line: --quick, or the defaults with the options given."""
-    options = {"n_generate": "--n-generate", "n_edit": "--n-edit", "n_bf16": "--n-bf16", "seed": "--seed"}
+    options = {"n_generate": "--n-generate", "n_edit": "--n-edit", "n_bf16": "--n-bf16", "seed": "--seed", "int8": "--int8"}
     given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     flags = {**options, "grid": "--samplers", "cache_grid": "--cache-interval", "cache_samplers": "--cache-samplers"}
     if args.samplers is not None:
