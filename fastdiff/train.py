@@ -79,7 +79,7 @@ class StageConfig:
 CONFIGS = {
     "vae": StageConfig(steps=2400, batch=16, lr=1e-3, ema=0.0),
     "generate": StageConfig(steps=7000, batch=32, lr=3e-4, ema=0.999),  # 1e-3 learned colour and cell far slower (BENCHMARKS.md)
-    "edit": StageConfig(steps=3500, batch=32, lr=3e-4, ema=0.998),
+    "edit": StageConfig(steps=6000, batch=32, lr=3e-4, ema=0.998),
     "decoder": StageConfig(steps=600, batch=8, lr=3e-4, warmup=50, ema=0.0),
     "check": StageConfig(steps=1800, batch=32, lr=1e-3, warmup=50, ema=0.99),
 }
