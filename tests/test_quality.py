@@ -247,9 +247,9 @@ def test_tables_and_json_on_two_samples(tmp_path, capsys):
         assert (row["psnr_to_uncached"] is not None) == (row["cache"] is not None)
         if beside:
             assert 0 <= row["same_verdicts"] <= 1 and 0 <= row["max_pixel_diff"] <= 255
-        if row["cache"] is not None:  # step 1 of 2 ran cached: the images moved, but not far
+        if row["cache"] is not None:  # the last of 2 steps ran cached: the images moved (how far is the bar's to judge)
             psnr = row["psnr_to_uncached"]
-            assert len(psnr["images"]) == 2 and 10 < psnr["min"] <= psnr["mean"] < quality.PSNR_CAP
+            assert len(psnr["images"]) == 2 and 0 < psnr["min"] <= psnr["mean"] < quality.PSNR_CAP
     generate = result["generate"][0]["figures"]
     assert generate["images"] == 2 and all(0 <= generate[n] <= 1 for n in quality.GENERATE_FIGURES)
     assert set(result["edit"][0]["figures"]["by_kind"]) == set(toyworld.EDIT_KINDS)
