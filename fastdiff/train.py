@@ -169,7 +169,6 @@ def cached_latents(work: Path, name: str, vae, count: int, draw) -> dict:
                 encoded["source"].append(vae.encode(to_tensor([src.render() for _, src, _ in part])))
     cache = {"texts": [text for text, _, _ in samples], "target": torch.cat(encoded["target"]),
              "source": torch.cat(encoded["source"]) if encoded["source"] else None, "vae": fingerprint}
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, cache)
     return cache
 
@@ -223,6 +222,12 @@ def load_tokenizer(work: Path):
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+
+def _done(work: Path, stage: str) -> bool:
+    """Whether `stage` has a checkpoint at its configured step count."""
+    path = work / stage / "state.pt"
+    return path.exists() and torch.load(path, weights_only=True)["step"] >= CONFIGS[stage].steps
 
 
 def _finished(work: Path, stage: str) -> dict:
@@ -523,8 +528,7 @@ def _check_parts(work: Path):
     from fastdiff.default_model import WEIGHTS
     from fastdiff.models.vae import AutoencoderKL
 
-    vae_state = work / "vae" / "state.pt"
-    if (work / "tokenizer").exists() and vae_state.exists() and torch.load(vae_state, weights_only=True)["step"] >= CONFIGS["vae"].steps:
+    if (work / "tokenizer").exists() and _done(work, "vae"):
         return load_tokenizer(work), trained_vae(work)
     shipped = WEIGHTS / "generate"
     tokenizer = CLIPTokenizer.from_pretrained(str(shipped / "tokenizer"), local_files_only=True)
@@ -604,8 +608,7 @@ def stage_curve(work: Path) -> list[dict]:
     from fastdiff.bench import quality
 
     tokenizer = load_tokenizer(work)
-    decoder_done = (work / "decoder" / "state.pt").exists() and torch.load(work / "decoder" / "state.pt", weights_only=True)["step"] >= CONFIGS["decoder"].steps
-    vae = trained_vae(work, fine_tuned_decoder=decoder_done)
+    vae = trained_vae(work, fine_tuned_decoder=_done(work, "decoder"))
     scenes, edits = quality.held_out(quality.QUICK)
     rows = []
     for kind in ("generate", "edit"):

@@ -72,8 +72,7 @@ class ServeArgs(BaseModel):
 
     model: a diffusers folder or an embedded default (toyworld: trained; mobilediffusion, small:
     untrained; default $FASTDIFF_MODEL or toyworld). quantize: "int8" for int8 UNet weights (default
-float). threads: torch threads per replica (default: Ray's
-    OMP_NUM_THREADS, the replica's num_cpus). api_key: default $FASTDIFF_API_KEY in the replica.
+    float). threads: torch threads per replica (default: Ray's OMP_NUM_THREADS, the replica's num_cpus). api_key: default $FASTDIFF_API_KEY in the replica.
     The limits default to fastdiff.serving.Limits'.
     """
 
